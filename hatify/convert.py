@@ -1,0 +1,76 @@
+"""The pipeline: capture -> shapes -> mask flow -> plan -> rewrite -> report. `explain` stops at the plan."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from .capture import capture
+from .config import HATConfig
+from .errors import HatifyError
+from .flow import analyse, find_producers
+from .model import HATModel
+from .plan import Plan, make_plan
+from .rewrite import rewrite
+from .rules import MODULE_LEAVES
+from .shapes import infer_example_inputs, propagate
+
+
+def _check(model: Any, num_tasks: Any, example_inputs: Any, config: Any) -> tuple:
+    if not isinstance(model, nn.Module):
+        raise HatifyError(f"hatify needs an nn.Module, got {type(model).__name__}")
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise HatifyError(f"num_tasks must be an int >= 1, got {num_tasks!r}")
+    config = config or HATConfig()
+    if not isinstance(config, HATConfig):
+        raise HatifyError(f"config must be a hatify.HATConfig, got {type(config).__name__}")
+    if example_inputs is None:
+        example_inputs = infer_example_inputs(model)
+    elif isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    elif not isinstance(example_inputs, (tuple, list)):
+        raise HatifyError(f"example_inputs must be a tuple of inputs, got {type(example_inputs).__name__}")
+    return model, num_tasks, tuple(example_inputs), config
+
+
+def explain(model: nn.Module, num_tasks: int, example_inputs: Any = None, config: HATConfig | None = None) -> Plan:
+    """Everything up to the plan, no rewrite: what hatify would do with `model`.
+
+    Example:
+        >>> plan = explain(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), 2, (torch.randn(2, 4),))
+        >>> [(layer.name, layer.role) for layer in plan.layers]
+        [('0', 'masked'), ('2', 'head')]
+    """
+    model, num_tasks, example_inputs, config = _check(model, num_tasks, example_inputs, config)
+    return _plan(model, num_tasks, example_inputs, config)[1]
+
+
+def _plan(model, num_tasks, example_inputs, config):
+    cap = capture(model, config, set(MODULE_LEAVES))
+    propagate(cap.graph_module, example_inputs)
+    flow = analyse(cap.graph_module, find_producers(cap.graph_module, config), config)
+    return cap, make_plan(cap, flow, num_tasks, config)
+
+
+def hatify(model: nn.Module, num_tasks: int, example_inputs: Any = None, config: HATConfig | None = None,
+           source: dict | None = None) -> HATModel:
+    """Convert any `nn.Module` into a HAT model with `num_tasks` tasks. The original is not modified.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+        >>> hat = hatify(net, num_tasks=5, example_inputs=(torch.randn(2, 3, 8, 8),))
+        >>> hat(torch.randn(4, 3, 8, 8), task_id=2).shape
+        torch.Size([4, 10])
+    """
+    from .report import Report
+
+    start = time.perf_counter()
+    model, num_tasks, example_inputs, config = _check(model, num_tasks, example_inputs, config)
+    was_training = model.training
+    cap, plan = _plan(model, num_tasks, example_inputs, config)
+    hat = HATModel(rewrite(cap, plan), plan, source)
+    hat.train(was_training)
+    hat.report = Report.build(hat, seconds=time.perf_counter() - start)
+    return hat

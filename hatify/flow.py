@@ -1,0 +1,263 @@
+"""Stage 3, mask flow: find the HAT producers, decide where each mask is applied and which masks
+cover every tensor of the graph (as unit maps), following the rule registry."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .config import HATConfig
+from .errors import source_line
+from .maps import UnitMap
+from .rules import PER_CHANNEL_MODULES, RuleContext, _canon, rule_for
+from .shapes import TensorSpec
+
+# Producer kinds: weight layout, output channel axis, input channel axis (None: the input is indices).
+_MODULE_PRODUCERS: dict[type, tuple[str, int, int | None]] = {
+    nn.Linear: ("linear", -1, -1),
+    nn.Conv1d: ("conv", 1, 1), nn.Conv2d: ("conv", 1, 1), nn.Conv3d: ("conv", 1, 1),
+    nn.ConvTranspose1d: ("conv_transpose", 1, 1), nn.ConvTranspose2d: ("conv_transpose", 1, 1),
+    nn.ConvTranspose3d: ("conv_transpose", 1, 1),
+    nn.Embedding: ("embedding", -1, None),
+}
+# Functional producers: kind, axes, and the argument positions of weight, bias and groups.
+_FUNCTION_PRODUCERS: dict[str, tuple[str, int, int | None, int, int | None, int | None]] = {
+    "linear": ("linear", -1, -1, 1, 2, None),
+    "conv1d": ("conv", 1, 1, 1, 2, 6), "conv2d": ("conv", 1, 1, 1, 2, 6), "conv3d": ("conv", 1, 1, 1, 2, 6),
+    "conv_transpose1d": ("conv_transpose", 1, 1, 1, 2, 6), "conv_transpose2d": ("conv_transpose", 1, 1, 1, 2, 6),
+    "conv_transpose3d": ("conv_transpose", 1, 1, 1, 2, 6),
+    "embedding": ("embedding", -1, None, 1, None, None),
+}
+
+
+@dataclass
+class CallSite:
+    node: str                 # the producer node
+    apply_after: str | None   # the node whose output the mask multiplies (None for heads)
+    input_node: str | None    # the node feeding the producer's input channels
+    line: str = ""
+
+
+@dataclass
+class Producer:
+    """A unit-producing layer: a module (possibly called several times) or a functional call on a parameter."""
+
+    name: str
+    op: str
+    kind: str                          # linear | conv | conv_transpose | embedding
+    units: int
+    out_axis: int
+    in_axis: int | None
+    weight: str                        # qualified parameter name
+    bias: str | None
+    groups: int = 1
+    module: bool = True                # called as a module (False: functional on a parameter)
+    weight_transformed: bool = False   # weight passes through ops before use (weight standardisation ...)
+    head: bool = False
+    offset: int | None = None
+    sites: list[CallSite] = field(default_factory=list)
+
+
+@dataclass
+class UnknownOp:
+    node: str
+    op: str
+    reason: str
+    line: str
+
+
+@dataclass
+class Flow:
+    producers: list[Producer]
+    maps: dict[str, Any]               # node name -> UnitMap (or nested tuple of them / None)
+    remask: dict[str, UnitMap]         # node name -> map re-applied after that node
+    unknown: list[UnknownOp]
+    total_units: int
+
+
+def _param_root(node: Any, gm: fx.GraphModule) -> tuple[str | None, bool]:
+    """The single parameter a weight argument comes from, and whether ops transform it on the way."""
+    if not isinstance(node, fx.Node):
+        return None, False
+    if node.op == "get_attr":
+        try:
+            gm.get_parameter(node.target)
+        except AttributeError:
+            return None, False
+        return node.target, False
+    seen, params, stack = set(), set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return None, False
+        if n.op == "get_attr":
+            try:
+                gm.get_parameter(n.target)
+                params.add(n.target)
+            except AttributeError:
+                pass
+        stack.extend(n.all_input_nodes)
+    return (params.pop(), True) if len(params) == 1 else (None, False)
+
+
+def _producer_of(node: fx.Node, gm: fx.GraphModule) -> Producer | None:
+    spec = node.meta.get("hat_spec")
+    if not isinstance(spec, TensorSpec):
+        return None
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        entry = _MODULE_PRODUCERS.get(type(module))
+        if entry is None:
+            return None
+        kind, out_axis, in_axis = entry
+        return Producer(node.target, type(module).__name__, kind, spec.shape[out_axis], out_axis, in_axis,
+                        f"{node.target}.weight", f"{node.target}.bias" if getattr(module, "bias", None) is not None
+                        else None, getattr(module, "groups", 1))
+    if node.op != "call_function":
+        return None
+    entry = _FUNCTION_PRODUCERS.get(_canon(node.target))
+    if entry is None:
+        return None
+    kind, out_axis, in_axis, w_pos, b_pos, g_pos = entry
+    arg = lambda i, name: node.args[i] if i is not None and i < len(node.args) else node.kwargs.get(name)
+    weight, transformed = _param_root(arg(w_pos, "weight"), gm)
+    if weight is None:
+        return None
+    bias_node = arg(b_pos, "bias")
+    bias = bias_node.target if isinstance(bias_node, fx.Node) and bias_node.op == "get_attr" else None
+    groups = arg(g_pos, "groups") or 1
+    name = weight[: -len(".weight")] if weight.endswith(".weight") else weight
+    return Producer(name, f"F.{_canon(node.target)}", kind, spec.shape[out_axis], out_axis, in_axis, weight, bias,
+                    groups if isinstance(groups, int) else 1, module=False, weight_transformed=transformed)
+
+
+def _chain_end(node: fx.Node, gm: fx.GraphModule, params: set[str]) -> fx.Node:
+    """Walk past trailing per-channel affine ops (BatchNorm, a bias add) that only this producer feeds,
+    so the mask lands where a masked unit is exactly zero for every later reader."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op == "call_module" and type(gm.get_submodule(user.target)) in PER_CHANNEL_MODULES \
+                and user.args[0] is node:
+            node = user
+        elif user.op in ("call_function", "call_method") and _canon(user.target) in ("add", "sub") \
+                and any(isinstance(a, fx.Node) and a.op == "get_attr" and a.target in params for a in user.args) \
+                and isinstance(user.meta.get("hat_spec"), TensorSpec) \
+                and user.meta["hat_spec"].shape == node.meta["hat_spec"].shape:
+            node = user
+        else:
+            break
+    return node
+
+
+def _reaches_output(start: fx.Node, producer_nodes: set[fx.Node]) -> bool:
+    stack, seen = [start], set()
+    while stack:
+        n = stack.pop()
+        for user in n.users:
+            if user.op == "output":
+                return True
+            if user not in producer_nodes and user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return False
+
+
+def find_producers(gm: fx.GraphModule, config: HATConfig) -> list[Producer]:
+    """Every HAT layer with its call sites, mask placement and head role; offsets into the unit vector."""
+    params = {name for name, _ in gm.named_parameters()}
+    by_name: dict[str, Producer] = {}
+    node_of: dict[fx.Node, Producer] = {}
+    for node in gm.graph.nodes:
+        found = _producer_of(node, gm)
+        if found is None:
+            continue
+        producer = by_name.setdefault(found.name, found)
+        node_of[node] = producer
+    for node, producer in node_of.items():
+        end = _chain_end(node, gm, params)
+        data = node.args[0] if node.args else node.kwargs.get("input")
+        producer.sites.append(CallSite(node.name, end.name, data.name if isinstance(data, fx.Node) else None,
+                                       source_line(node)))
+        if config.heads == "auto" and _reaches_output(end, set(node_of)):
+            producer.head = True
+    if isinstance(config.heads, (tuple, list)):
+        for producer in by_name.values():
+            producer.head = producer.name in config.heads
+    offset = 0
+    for producer in by_name.values():
+        if producer.head:
+            for site in producer.sites:
+                site.apply_after = None
+            continue
+        producer.offset = offset
+        offset += producer.units
+    return list(by_name.values())
+
+
+def analyse(gm: fx.GraphModule, producers: list[Producer], config: HATConfig) -> Flow:
+    """Propagate unit maps through the graph in topological order.
+
+    A node where a mask is applied starts a fresh map (the mask zeroes it whatever came before); every
+    other node gets its map from the rule of its op.
+    """
+    mask_at: dict[str, UnitMap] = {}
+    for p in producers:
+        if p.head:
+            continue
+        for site in p.sites:
+            spec = _spec_by_name(gm, site.apply_after)
+            mask_at[site.apply_after] = UnitMap.units(p.offset, p.units, spec.ndim, p.out_axis % spec.ndim)
+    producer_nodes = {site.node for p in producers for site in p.sites}
+    flows: dict[fx.Node, Any] = {}
+    remask: dict[str, UnitMap] = {}
+    unknown: list[UnknownOp] = []
+    for node in gm.graph.nodes:
+        spec = node.meta.get("hat_spec")
+        if node.name in mask_at:
+            flows[node] = mask_at[node.name]
+            continue
+        if node.op in ("placeholder", "get_attr", "output") or node.name in producer_nodes:
+            flows[node] = UnitMap.ones() if isinstance(spec, TensorSpec) else None
+            continue
+        if not _has_tensor(spec):
+            flows[node] = None
+            continue
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        rule = rule_for(node, module)
+        ctx = RuleContext(node, flows, module, config.max_union_terms)
+        if rule is None:
+            flows[node] = UnitMap.ones()
+            if ctx.tensor_inputs() and not all(ctx.map_of(n).is_ones for n in ctx.tensor_inputs()):
+                op = type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target))
+                unknown.append(UnknownOp(node.name, op, "no mask rule: output treated as all ones", source_line(node)))
+            continue
+        result = rule.fn(ctx)
+        flows[node] = result
+        if rule.remask and isinstance(result, UnitMap) and not result.is_ones:
+            remask[node.name] = result
+        if isinstance(result, UnitMap) and result.truncated:
+            unknown.append(UnknownOp(node.name, str(node.target), "too many union terms: all ones", source_line(node)))
+    return Flow(producers, {n.name: f for n, f in flows.items()}, remask, unknown,
+                sum(p.units for p in producers if not p.head))
+
+
+def _has_tensor(spec: Any) -> bool:
+    if isinstance(spec, TensorSpec):
+        return True
+    if isinstance(spec, (tuple, list)):
+        return any(_has_tensor(s) for s in spec)
+    if isinstance(spec, dict):
+        return any(_has_tensor(s) for s in spec.values())
+    return False
+
+
+def _spec_by_name(gm: fx.GraphModule, name: str) -> TensorSpec:
+    for node in gm.graph.nodes:
+        if node.name == name:
+            return node.meta["hat_spec"]
+    raise KeyError(name)

@@ -1,0 +1,193 @@
+"""Runtime modules of a converted model: the mask bank, gates, per-task copies and weight protection.
+
+Protection lives in the forward computation and in module state, never in tensor hooks, so it survives
+`copy.deepcopy`, `load_state_dict(..., assign=True)` and wrappers that bypass hooks:
+- a masked layer's weight is read through `Protect`: entries used by earlier tasks come from a frozen
+  buffer, so whatever an optimizer does to the parameter (momentum, weight decay) cannot reach them;
+- a finished task's own tensors (mask embedding, norm copy, head copy, loose parameters) are turned
+  from parameters into buffers, so no optimizer can move them again.
+"""
+from __future__ import annotations
+
+import copy
+import weakref
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+
+class CompensatedSigmoid(torch.autograd.Function):
+    """sigmoid(s * e) whose gradient to e carries HAT's compensation (Serra et al., eq. 6), in float32:
+    g_e <- g_e * s_max * (cosh(clamp(s e, -50, 50)) + 1) / (s * (cosh(e) + 1))."""
+
+    @staticmethod
+    def forward(ctx, e: torch.Tensor, s: float, s_max: float) -> torch.Tensor:
+        out = torch.sigmoid(s * e)
+        ctx.save_for_backward(e, out)
+        ctx.s, ctx.s_max = s, s_max
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        e, out = ctx.saved_tensors
+        e32 = e.float()
+        factor = ctx.s_max * (torch.cosh(torch.clamp(ctx.s * e32, -50, 50)) + 1) / (ctx.s * (torch.cosh(e32) + 1))
+        local = ctx.s * out.float() * (1 - out.float())
+        return (grad.float() * local * factor).to(e.dtype), None, None
+
+
+def compensation_factor(e: torch.Tensor, s: float, s_max: float) -> torch.Tensor:
+    e = e.float()
+    return s_max * (torch.cosh(torch.clamp(s * e, -50, 50)) + 1) / (s * (torch.cosh(e) + 1))
+
+
+# Mask embeddings of every live MaskBank by id, clamped after any optimizer step (`_clamp_after_step`);
+# the bound rides on the parameter as `_hat_clamp`.
+_CLAMPED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def _clamp_after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    if not _CLAMPED:
+        return
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if _CLAMPED.get(id(p)) is p:
+                    p.clamp_(-p._hat_clamp, p._hat_clamp)
+
+
+register_optimizer_step_post_hook(_clamp_after_step)
+
+
+def freeze_parameter(module: nn.Module, name: str) -> None:
+    """Turn `module.<name>` from a parameter into a buffer holding the same values."""
+    param = module._parameters.pop(name, None)
+    if param is None:
+        return
+    module.register_buffer(name, param.detach().clone())
+    if hasattr(module, "_init_flat_weights"):  # RNNs cache references to their weights
+        module._init_flat_weights()
+
+
+class MaskBank(nn.Module):
+    """One learnable embedding row per task over all mask units of the model; returns the mask vector
+    (units + 1: the trailing entry is the constant 1 that unknown inputs gather)."""
+
+    def __init__(self, num_tasks: int, units: int, init: str, dense_value: float, s_max: float, clamp: float,
+                 seed: int) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        for t in range(num_tasks):
+            row = torch.full((units,), dense_value) if init == "dense" else torch.randn(units, generator=gen)
+            self.register_parameter(f"task{t}", nn.Parameter(row))
+        self.num_tasks, self.units, self.s_max, self.clamp = num_tasks, units, s_max, clamp
+        self.open = False            # masks_open(): every mask exactly 1
+        self.override: torch.Tensor | None = None   # validate()'s probes
+        self.last: torch.Tensor | None = None       # soft masks of the last training forward
+
+    def embedding(self, t: int) -> torch.Tensor:
+        return getattr(self, f"task{t}")
+
+    def freeze(self, t: int) -> None:
+        freeze_parameter(self, f"task{t}")
+
+    def forward(self, task_id: int, mask_scale: float | None) -> torch.Tensor:
+        e = self.embedding(task_id)
+        if isinstance(e, nn.Parameter) and _CLAMPED.get(id(e)) is not e:
+            e._hat_clamp = self.clamp
+            _CLAMPED[id(e)] = e
+        if self.open:
+            m = torch.ones_like(e)
+        elif self.override is not None:
+            m = self.override
+        elif mask_scale is None:
+            m = (e > 0).to(e.dtype)
+        else:
+            m = CompensatedSigmoid.apply(e, float(mask_scale), self.s_max)
+            if self.training:
+                self.last = m
+        return torch.cat([m, m.new_ones(1)])
+
+
+class Gate(nn.Module):
+    """x * mask gathered through an index map (terms, *shape): max over the union terms."""
+
+    def __init__(self, index: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("index", index[0] if index.shape[0] == 1 else index, persistent=False)
+        self.union = index.shape[0] > 1
+
+    def forward(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        gate = masks[self.index]
+        if self.union:
+            gate = gate.amax(0)
+        return x * gate.to(x.dtype)
+
+
+class TaskIndexed(nn.Module):
+    """One copy of a module per task; a finished task's copy is frozen (buffers) and always in eval.
+    `shared`: a single copy, frozen after the first finished task."""
+
+    def __init__(self, module: nn.Module, num_tasks: int, shared: bool = False) -> None:
+        super().__init__()
+        self.copies = nn.ModuleList(copy.deepcopy(module) for _ in range(1 if shared else num_tasks))
+        self.shared = shared
+        self.frozen: set[int] = set()
+
+    def forward(self, *args, hat_task_id: int, **kwargs):
+        return self.copies[0 if self.shared else hat_task_id](*args, **kwargs)
+
+    def freeze(self, t: int) -> None:
+        t = 0 if self.shared else t
+        for module in self.copies[t].modules():
+            for name in list(module._parameters):
+                freeze_parameter(module, name)
+        self.frozen.add(t)
+        self.copies[t].train(False)
+
+    def train(self, mode: bool = True) -> "TaskIndexed":
+        super().train(mode)
+        for t in self.frozen:
+            self.copies[t].train(False)
+        return self
+
+
+class TaskParameter(nn.Module):
+    """A parameter read directly by the graph, one copy per task (or shared, then frozen after the first
+    finished task when `shared`)."""
+
+    def __init__(self, value: torch.Tensor, num_tasks: int, shared: bool) -> None:
+        super().__init__()
+        self.shared = shared
+        for t in range(1 if shared else num_tasks):
+            self.register_parameter(str(t), nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad))
+
+    def forward(self, hat_task_id: int) -> torch.Tensor:
+        return getattr(self, "0" if self.shared else str(hat_task_id))
+
+    def freeze(self, t: int) -> None:
+        freeze_parameter(self, "0" if self.shared else str(t))
+
+
+class Protect(nn.Module):
+    """Weight parametrization: entries used by earlier tasks are read from a frozen copy, so their value
+    and their gradient are fixed (gradient exactly zero) whatever the optimizer does."""
+
+    def __init__(self, weight: torch.Tensor, protect_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.register_buffer("frozen", weight.detach().clone())
+        self.register_buffer("protect", torch.zeros(protect_shape, dtype=torch.bool))
+        self.active = False
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return weight
+        return torch.where(self.protect, self.frozen.to(weight.dtype), weight)
+
+    @torch.no_grad()
+    def update(self, effective: torch.Tensor, protect: torch.Tensor) -> None:
+        """Freeze the entries `protect` marks at their current effective value (monotone: never unfreezes)."""
+        self.frozen.copy_(effective)
+        self.protect |= protect.reshape(self.protect.shape)
+        self.active = bool(self.protect.any())

@@ -1,0 +1,220 @@
+"""HATModel: the converted model, its forward with task ids, and the task lifecycle."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from .errors import HatifyError
+from .layers import MaskBank, Protect, TaskIndexed, TaskParameter
+from .plan import LayerPlan, Plan
+from .rewrite import SCALE_ARG, TASK_ARG, _owner
+
+
+class HATModel(nn.Module):
+    """A model converted by `hatify.hatify`: `hat(*inputs, task_id=t, mask_scale=s)`.
+
+    Example:
+        >>> hat = hatify.hatify(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), num_tasks=3,
+        ...                     example_inputs=(torch.randn(2, 4),))
+        >>> hat(torch.randn(5, 4), task_id=1).shape
+        torch.Size([5, 2])
+    """
+
+    def __init__(self, net: fx.GraphModule, plan: Plan, source: dict | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.plan = plan
+        self.source = source or {}
+        self.report: Any = None
+        self.num_tasks = plan.num_tasks
+        self.register_buffer("trained", torch.zeros(plan.num_tasks, dtype=torch.bool))
+        self.register_buffer("cumulative", torch.zeros(plan.total_units, dtype=torch.bool))
+        self.current_task: int | None = None
+
+    # ------------------------------------------------------------------------------ forward
+    @property
+    def masks(self) -> MaskBank:
+        return self.net.hat_masks
+
+    def forward(self, *inputs: Any, task_id: Any = None, mask_scale: float | None = None, **kwargs: Any) -> Any:
+        if task_id is None:
+            raise HatifyError("task_id is required: call hat(*inputs, task_id=t) with an int or one id per sample")
+        if mask_scale is not None and not isinstance(mask_scale, (int, float)):
+            if isinstance(mask_scale, torch.Tensor) and mask_scale.numel() == 1:
+                mask_scale = float(mask_scale)
+            else:
+                raise HatifyError(f"mask_scale must be a float or None, got {type(mask_scale).__name__}")
+        ids = self._task_ids(task_id, inputs, kwargs)
+        if isinstance(ids, int):
+            return self.net(*inputs, **kwargs, **{TASK_ARG: ids, SCALE_ARG: mask_scale})
+        return self._mixed(inputs, kwargs, ids, mask_scale)
+
+    def _task_ids(self, task_id: Any, inputs: tuple, kwargs: dict) -> int | torch.Tensor:
+        if isinstance(task_id, torch.Tensor):
+            if task_id.dtype in (torch.bool,) or task_id.is_floating_point() or task_id.is_complex():
+                raise HatifyError(f"task_id tensor must hold integers, got dtype {task_id.dtype}")
+            if task_id.ndim == 0:
+                task_id = int(task_id)
+            else:
+                if task_id.ndim != 1:
+                    raise HatifyError(f"task_id must be an int or a 1-D tensor of one id per sample, "
+                                      f"got shape {tuple(task_id.shape)}")
+                batch = _batch_size(inputs, kwargs)
+                if batch is not None and task_id.shape[0] != batch:
+                    raise HatifyError(f"task_id has {task_id.shape[0]} ids but the batch has {batch} samples")
+                bad = task_id[(task_id < 0) | (task_id >= self.num_tasks)]
+                if bad.numel():
+                    raise HatifyError(f"task_id {int(bad[0])} is out of range: this model has tasks "
+                                      f"0..{self.num_tasks - 1}")
+                unique = task_id.unique()
+                return int(unique[0]) if unique.numel() == 1 else task_id
+        if isinstance(task_id, bool) or not isinstance(task_id, int):
+            raise HatifyError(f"task_id must be an int or a 1-D integer tensor, got {type(task_id).__name__}")
+        if not 0 <= task_id < self.num_tasks:
+            raise HatifyError(f"task_id {task_id} is out of range: this model has tasks 0..{self.num_tasks - 1}")
+        return task_id
+
+    def _mixed(self, inputs: tuple, kwargs: dict, ids: torch.Tensor, mask_scale: float | None) -> Any:
+        """A batch of several tasks: run each task's samples together and put the outputs back in order."""
+        batch = ids.shape[0]
+        pieces = []
+        for t in ids.unique().tolist():
+            where = (ids == t).nonzero().squeeze(1)
+            take = lambda v: v.index_select(0, where.to(v.device)) if isinstance(v, torch.Tensor) \
+                and v.ndim and v.shape[0] == batch else v
+            out = self.net(*pytree.tree_map(take, inputs), **pytree.tree_map(take, kwargs),
+                           **{TASK_ARG: t, SCALE_ARG: mask_scale})
+            pieces.append((where, out))
+        leaves0, spec = pytree.tree_flatten(pieces[0][1])
+        merged = []
+        for i, leaf in enumerate(leaves0):
+            if not isinstance(leaf, torch.Tensor) or leaf.ndim == 0:
+                raise HatifyError("mixed-task batches need every output to be a batched tensor")
+            full = leaf.new_empty((batch, *leaf.shape[1:]))
+            for where, out in pieces:
+                full.index_copy_(0, where.to(full.device), pytree.tree_flatten(out)[0][i])
+            merged.append(full)
+        return pytree.tree_unflatten(merged, spec)
+
+    # ------------------------------------------------------------------------------ tasks
+    @property
+    def trained_tasks(self) -> list[int]:
+        return [t for t in range(self.num_tasks) if bool(self.trained[t])]
+
+    def begin_task(self, t: int) -> None:
+        """Start training task t (its heads, norm copies and mask embedding train; old tasks are frozen)."""
+        self._task_ids(t, (), {})
+        if bool(self.trained[t]):
+            raise HatifyError(f"task {t} was already trained; call hat.forget_task({t}) first to retrain it")
+        self.current_task = t
+        self.masks.last = None
+
+    def end_task(self) -> None:
+        """Finish the current task: its binary mask joins the cumulative mask, the weights it uses are frozen,
+        and its own embedding, norm copies, heads and loose parameters become buffers."""
+        t = self.current_task
+        if t is None:
+            raise HatifyError("end_task() without begin_task(t)")
+        with torch.no_grad():
+            used = self.masks.embedding(t).detach() > 0
+            self.cumulative |= used.to(self.cumulative.device)
+            self._protect_layers()
+            self._freeze_task(t)
+            self.trained[t] = True
+        self.current_task = None
+        self.masks.last = None
+
+    def _freeze_task(self, t: int) -> None:
+        self.masks.freeze(t)
+        for module in self.net.modules():
+            if isinstance(module, (TaskIndexed, TaskParameter)):
+                module.freeze(t)
+
+    def _protect_layers(self) -> None:
+        cum = self.cumulative
+        cum_ext = torch.cat([cum, cum.new_ones(1)])
+        for layer in self.plan.masked_layers:
+            out = cum[layer.offset: layer.offset + layer.units]
+            inp = cum_ext[layer.input_index.to(cum.device)].any(0) if layer.input_index is not None else None
+            owner, attr = _owner(self.net, layer.weight)
+            _update_protect(owner, attr, weight_protection(layer, out, inp, tuple(getattr(owner, attr).shape)))
+            if layer.bias is not None:
+                owner, attr = _owner(self.net, layer.bias)
+                _update_protect(owner, attr, out)
+
+    # ------------------------------------------------------------------------------ training helpers
+    def mask_scale(self, batch_index: int, num_batches: int) -> float:
+        """The annealed mask scale s for batch b of B (0-based) under the configured schedule."""
+        return mask_scale(self.plan.config.schedule, self.plan.config.s_max, batch_index, num_batches)
+
+    def regularization(self) -> torch.Tensor:
+        """HAT's attention regulariser for the current task, weighted by c, from the last training forward."""
+        last = self.masks.last
+        if last is None:
+            raise HatifyError("regularization() needs a training forward with a mask_scale first "
+                              "(hat.train(); hat(x, task_id=t, mask_scale=s))")
+        cfg = self.plan.config
+        free = 1.0 - self.cumulative.to(last.dtype)
+        if cfg.regularizer == "network":
+            return cfg.c * (last * free).sum() / free.sum().clamp_min(1e-12) * (free.sum() > 0)
+        ratios = []
+        for layer in self.plan.masked_layers:
+            sl = slice(layer.offset, layer.offset + layer.units)
+            f = free[sl]
+            if f.sum() > 0:
+                ratios.append((last[sl] * f).sum() / f.sum())
+        return cfg.c * torch.stack(ratios).mean() if ratios else last.sum() * 0.0
+
+    def capacity(self) -> dict[str, dict[str, Any]]:
+        """Per masked layer: units, units used by each trained task, units still free."""
+        result = {}
+        for layer in self.plan.masked_layers:
+            sl = slice(layer.offset, layer.offset + layer.units)
+            per_task = {t: int((self.masks.embedding(t)[sl] > 0).sum()) for t in self.trained_tasks}
+            result[layer.name] = {"units": layer.units, "used": per_task,
+                                  "free": int(layer.units - self.cumulative[sl].sum())}
+        return result
+
+
+def weight_protection(layer: LayerPlan, out: torch.Tensor, inp: torch.Tensor | None,
+                      shape: tuple[int, ...]) -> torch.Tensor:
+    """Which weight entries are frozen: output unit used and input unit used (HAT's min rule with binary
+    cumulative masks); grouped convolutions pair each output with its group's inputs."""
+    if inp is None or layer.kind == "embedding":
+        return out.view(1, -1) if layer.kind == "embedding" else out.view(-1, *([1] * (len(shape) - 1)))
+    g = layer.groups
+    if layer.kind == "linear":
+        return out[:, None] & inp[None, :]
+    if layer.kind == "conv":
+        per_out = inp.view(g, -1).repeat_interleave(shape[0] // g, 0)
+        grid = out[:, None] & per_out
+    else:  # conv_transpose: weight is (in, out / groups, ...)
+        per_in = out.view(g, -1).repeat_interleave(shape[0] // g, 0)
+        grid = inp[:, None] & per_in
+    return grid.view(*grid.shape, *([1] * (len(shape) - 2)))
+
+
+def _update_protect(owner: nn.Module, attr: str, protect: torch.Tensor) -> None:
+    parametrization: Protect = owner.parametrizations[attr][0]
+    parametrization.update(getattr(owner, attr).detach(), protect.to(parametrization.protect.device))
+
+
+def mask_scale(schedule: str, s_max: float, b: int, num_batches: int) -> float:
+    if schedule == "constant":
+        return float(s_max)
+    if schedule == "cosine":
+        return max(1.0, s_max / 2 * math.cos(2 * math.pi * b / num_batches) + s_max / 2)
+    if num_batches <= 1:
+        return float(s_max)
+    return 1 / s_max + (s_max - 1 / s_max) * b / (num_batches - 1)
+
+
+def _batch_size(inputs: tuple, kwargs: dict) -> int | None:
+    for leaf in pytree.tree_leaves((inputs, kwargs)):
+        if isinstance(leaf, torch.Tensor) and leaf.ndim:
+            return leaf.shape[0]
+    return None

@@ -1,0 +1,248 @@
+"""Stage 4, plan: per HAT layer its own mask, the masks feeding its input (index maps), where its mask
+is applied, its role, status and reason; per other parameter its policy. The single source of truth
+for the rewrite, the report, saving and reloading."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .capture import Capture
+from .config import HATConfig
+from .flow import Flow, Producer, UnknownOp
+from .maps import ONES, UnitMap, per_unit
+from .shapes import TensorSpec
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    op: str
+    kind: str
+    role: str                      # "masked" or "head"
+    units: int
+    offset: int | None             # first unit in the model-wide mask vector
+    weight: str
+    bias: str | None
+    groups: int
+    sites: list                    # CallSite per call of the layer
+    input_units: int | None
+    params: int = 0
+    input_index: torch.Tensor | None = None   # (rows, input_units) global unit ids, ONES = -1
+    input_producers: list[str] = field(default_factory=list)
+    input_map: str = "ones"
+    rule: str = ""
+    status: str = "converted"
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "op": self.op, "kind": self.kind, "role": self.role, "units": self.units,
+                "offset": self.offset, "weight": self.weight, "bias": self.bias, "groups": self.groups,
+                "calls": [vars(s) for s in self.sites], "input_units": self.input_units, "params": self.params,
+                "input_producers": self.input_producers, "input_map": self.input_map, "rule": self.rule,
+                "status": self.status, "reason": self.reason}
+
+
+@dataclass
+class ModulePlan:
+    """A leaf module kept whole and given one copy per task (norms, heads, opaque leaves)."""
+
+    name: str
+    op: str
+    policy: str                    # "task_indexed" | "head" | "per_task" | "freeze"
+    reason: str
+    params: int
+
+
+@dataclass
+class ParamPlan:
+    """A parameter read directly by the graph outside any HAT layer (position embedding, layer scale...)."""
+
+    name: str
+    shape: tuple
+    policy: str                    # "per_task" | "freeze" | "head"
+    reason: str
+
+
+@dataclass
+class Plan:
+    num_tasks: int
+    config: HATConfig
+    layers: list[LayerPlan]
+    modules: list[ModulePlan]
+    params: list[ParamPlan]
+    gates: dict[str, torch.Tensor]      # node name -> index map of the mask applied after it
+    remask: dict[str, torch.Tensor]     # node name -> index map re-applied after a norm
+    unknown: list[UnknownOp]
+    opaque: dict[str, str]
+    mode_leaves: list[str]
+    total_units: int
+    node_count: int
+
+    def layer(self, name: str) -> LayerPlan:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    @property
+    def masked_layers(self) -> list[LayerPlan]:
+        return [layer for layer in self.layers if layer.role == "masked"]
+
+    def to_dict(self) -> dict:
+        return {"num_tasks": self.num_tasks, "config": self.config.to_dict(),
+                "layers": [layer.to_dict() for layer in self.layers],
+                "modules": [vars(m) for m in self.modules], "params": [
+                    {**vars(p), "shape": list(p.shape)} for p in self.params],
+                "remask": sorted(self.remask), "unknown": [vars(u) for u in self.unknown],
+                "opaque": self.opaque, "mode_leaves": self.mode_leaves, "total_units": self.total_units,
+                "node_count": self.node_count}
+
+
+def stacked_index(unit_map: UnitMap, ones_index: int) -> torch.Tensor:
+    """(terms, *shape) long tensor for gathering from the mask vector; ONES points at the trailing 1."""
+    terms = list(unit_map.terms)
+    shape = torch.broadcast_shapes(*(t.shape for t in terms))
+    stacked = torch.stack([t.expand(shape) for t in terms])
+    return stacked.masked_fill(stacked == ONES, ones_index).contiguous()
+
+
+def _describe(index: torch.Tensor, producers: list[Producer]) -> tuple[list[str], str]:
+    """Names of the masks feeding an input, and a short description of the index map."""
+    used = index[index != ONES].unique()
+    names = [p.name for p in producers if p.offset is not None and
+             bool(((used >= p.offset) & (used < p.offset + p.units)).any())]
+    if not len(used):
+        return [], "ones (no mask known)"
+    partial = " + ones" if bool((index == ONES).any()) else ""
+    if index.shape[0] > 1:
+        return names, f"union of {index.shape[0]}{partial}"
+    row = index[0]
+    if len(names) == 1 and not partial:
+        p = next(p for p in producers if p.name == names[0])
+        local = row - p.offset
+        if torch.equal(local, torch.arange(p.units)):
+            return names, "identity"
+        if row.numel() % p.units == 0:
+            rep = row.numel() // p.units
+            if torch.equal(local, torch.arange(p.units).repeat_interleave(rep)):
+                return names, f"repeat_interleave({rep})"
+    if len(names) > 1:
+        return names, f"concat of {len(names)}{partial}"
+    return names, f"index map{partial}"
+
+
+def _input_units(producer: Producer, weight: torch.Tensor) -> int | None:
+    if producer.kind == "linear":
+        return weight.shape[1]
+    if producer.kind == "conv":
+        return weight.shape[1] * producer.groups
+    if producer.kind == "conv_transpose":
+        return weight.shape[0]
+    return None
+
+
+def make_plan(capture: Capture, flow: Flow, num_tasks: int, config: HATConfig) -> Plan:
+    gm = capture.graph_module
+    nodes = {n.name: n for n in gm.graph.nodes}
+    ones_index = flow.total_units
+    layers = []
+    for p in flow.producers:
+        weight = gm.get_parameter(p.weight)
+        layer = LayerPlan(p.name, p.op, p.kind, "head" if p.head else "masked", p.units, p.offset, p.weight,
+                          p.bias, p.groups, p.sites, _input_units(p, weight),
+                          weight.numel() + (gm.get_parameter(p.bias).numel() if p.bias else 0),
+                          rule=f"{p.kind}{'/module' if p.module else '/functional'}")
+        if p.head:
+            layer.status, layer.reason = "head", "reaches the model output: one copy per task"
+        elif layer.input_units is not None:
+            rows = []
+            for site in p.sites:
+                unit_map = flow.maps.get(site.input_node) if site.input_node else None
+                spec = nodes[site.input_node].meta.get("hat_spec") if site.input_node else None
+                if not isinstance(unit_map, UnitMap) or not isinstance(spec, TensorSpec):
+                    unit_map, spec = UnitMap.ones(), None
+                ndim = spec.ndim if spec is not None else 2
+                rows.append(per_unit(unit_map, p.in_axis % ndim, layer.input_units, ndim, config.max_union_terms))
+            index = torch.cat(rows).unique(dim=0)
+            index = index.masked_fill((index == ONES).any(0), ONES).unique(dim=0)
+            if p.weight_transformed:
+                index = torch.full((1, layer.input_units), ONES, dtype=torch.long)
+                layer.reason = "weight transformed before use: protected by output unit only"
+            layer.input_index = index
+            layer.input_producers, layer.input_map = _describe(index, flow.producers)
+        layers.append(layer)
+
+    gates = {}
+    for layer in layers:
+        for site in layer.sites:
+            if site.apply_after is not None:
+                spec = nodes[site.apply_after].meta["hat_spec"]
+                gates[site.apply_after] = stacked_index(
+                    UnitMap.units(layer.offset, layer.units, spec.ndim, flow_axis(layer, spec)), ones_index)
+    remask = {name: stacked_index(m, ones_index) for name, m in flow.remask.items() if name not in gates}
+    modules, params = _other_parameters(gm, layers, capture, config)
+    return Plan(num_tasks, config, layers, modules, params, gates, remask, flow.unknown, dict(capture.opaque),
+                list(capture.mode_leaves), flow.total_units, len(gm.graph.nodes))
+
+
+def flow_axis(layer: LayerPlan, spec: TensorSpec) -> int:
+    return (-1 if layer.kind in ("linear", "embedding") else 1) % spec.ndim
+
+
+def _other_parameters(gm: fx.GraphModule, layers: list[LayerPlan], capture: Capture,
+                      config: HATConfig) -> tuple[list[ModulePlan], list[ParamPlan]]:
+    """Policies for every parameter not owned by a masked HAT layer."""
+    from .rules import NORM_MODULES
+
+    layer_by_name = {layer.name: layer for layer in layers}
+    protected = {layer.weight for layer in layers if layer.role == "masked"} | \
+                {layer.bias for layer in layers if layer.role == "masked" and layer.bias}
+    head_params = {p for layer in layers if layer.role == "head" and not _is_module_layer(layer, gm)
+                   for p in (layer.weight, layer.bias) if p}
+    modules: list[ModulePlan] = []
+    seen_modules = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target in seen_modules:
+            continue
+        module = gm.get_submodule(node.target)
+        count = sum(p.numel() for p in module.parameters())
+        layer = layer_by_name.get(node.target)
+        if layer is not None and layer.role == "masked":
+            continue
+        seen_modules.add(node.target)
+        if layer is not None:
+            modules.append(ModulePlan(node.target, type(module).__name__, "head", layer.reason, count))
+        elif isinstance(module, NORM_MODULES) and type(module) in NORM_MODULES and count + _buffers(module):
+            modules.append(ModulePlan(node.target, type(module).__name__, "task_indexed",
+                                      "normalisation: affine parameters and statistics per task", count))
+        elif count:
+            why = capture.opaque.get(node.target, "leaf module with parameters hatify has no rule for")
+            modules.append(ModulePlan(node.target, type(module).__name__, config.loose_params,
+                                      f"opaque: {why}", count))
+    params: list[ParamPlan] = []
+    seen_params = set()
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target in protected or node.target in seen_params:
+            continue
+        try:
+            value = gm.get_parameter(node.target)
+        except AttributeError:
+            continue
+        seen_params.add(node.target)
+        if node.target in head_params:
+            params.append(ParamPlan(node.target, tuple(value.shape), "head", "parameter of a per-task head"))
+        else:
+            params.append(ParamPlan(node.target, tuple(value.shape), config.loose_params,
+                                    "parameter used outside any HAT layer"))
+    return modules, params
+
+
+def _buffers(module: nn.Module) -> int:
+    return sum(b.numel() for b in module.buffers())
+
+
+def _is_module_layer(layer: LayerPlan, gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_module" and n.target == layer.name for n in gm.graph.nodes)

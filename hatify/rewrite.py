@@ -1,0 +1,79 @@
+"""Stage 5, rewrite: turn the captured graph into the HAT graph the plan describes."""
+from __future__ import annotations
+
+from torch import fx, nn
+from torch.nn.utils import parametrize
+
+from .capture import Capture
+from .layers import Gate, MaskBank, Protect, TaskIndexed, TaskParameter
+from .plan import LayerPlan, Plan
+
+TASK_ARG, SCALE_ARG = "hat_task_id", "hat_mask_scale"
+
+
+def _owner(gm: nn.Module, qualname: str) -> tuple[nn.Module, str]:
+    path, _, name = qualname.rpartition(".")
+    return (gm.get_submodule(path) if path else gm), name
+
+
+def _protect_shape(layer: LayerPlan, weight_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of a layer's protection mask; it broadcasts over kernel positions."""
+    if layer.kind == "embedding":
+        return (1, weight_shape[1])
+    return tuple(weight_shape[:2]) + (1,) * (len(weight_shape) - 2)
+
+
+def rewrite(capture: Capture, plan: Plan) -> fx.GraphModule:
+    """Insert the mask bank, gates, per-task copies and weight protection into the captured graph."""
+    gm, graph, cfg = capture.graph_module, capture.graph_module.graph, plan.config
+    nodes = {n.name: n for n in graph.nodes}
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    anchor = placeholders[-1] if placeholders else next(iter(graph.nodes))
+    with graph.inserting_after(anchor):
+        task = graph.placeholder(TASK_ARG, default_value=0)
+    with graph.inserting_after(task):
+        scale = graph.placeholder(SCALE_ARG, default_value=None)
+    gm.add_module("hat_masks", MaskBank(plan.num_tasks, plan.total_units, cfg.init, cfg.dense_value, cfg.s_max,
+                                        cfg.clamp, cfg.seed))
+    with graph.inserting_after(scale):
+        masks = graph.call_module("hat_masks", (task, scale))
+    gates = nn.ModuleDict()
+    gm.add_module("hat_gates", gates)
+    for name, index in list(plan.gates.items()) + list(plan.remask.items()):
+        node = nodes[name]
+        gates[name] = Gate(index)
+        with graph.inserting_after(node):
+            gated = graph.call_module(f"hat_gates.{name}", (node, masks))
+        node.replace_all_uses_with(gated, delete_user_cb=lambda user: user is not gated)
+
+    for module_plan in plan.modules:
+        owner, attr = _owner(gm, module_plan.name)
+        original = owner.get_submodule(attr)
+        owner.add_module(attr, TaskIndexed(original, plan.num_tasks, shared=module_plan.policy == "freeze"))
+        for node in graph.nodes:
+            if node.op == "call_module" and node.target == module_plan.name:
+                node.kwargs = {**node.kwargs, TASK_ARG: task}
+
+    for param_plan in plan.params:
+        owner, attr = _owner(gm, param_plan.name)
+        value = owner._parameters.pop(attr)
+        owner.add_module(attr, TaskParameter(value, plan.num_tasks, shared=param_plan.policy == "freeze"))
+        for node in list(graph.nodes):
+            if node.op == "get_attr" and node.target == param_plan.name:
+                with graph.inserting_after(node):
+                    call = graph.call_module(param_plan.name, (), {TASK_ARG: task})
+                node.replace_all_uses_with(call)
+                graph.erase_node(node)
+
+    for layer in plan.masked_layers:
+        for qualname in (layer.weight, layer.bias):
+            if qualname is None:
+                continue
+            owner, attr = _owner(gm, qualname)
+            weight = getattr(owner, attr)
+            shape = _protect_shape(layer, tuple(weight.shape)) if qualname == layer.weight else tuple(weight.shape)
+            parametrize.register_parametrization(owner, attr, Protect(weight, shape), unsafe=True)
+
+    graph.lint()
+    gm.recompile()
+    return gm

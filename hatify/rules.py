@@ -1,0 +1,354 @@
+"""Mask-flow rules as data: one entry per canonical op, dispatched by `rule_for(node)`.
+
+`@mask_rule(keys...)` registers a rule for module classes (matched exactly), functions and method
+names. Functions and methods are canonicalised first (`torch.add`, `operator.add` and `"add"` are one
+op kind). A second rule for the same key is an error. Ops without a rule are unknown: all ones, and a
+report entry.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from . import maps
+from .maps import UnitMap
+from .shapes import TensorSpec
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    fn: Callable[["RuleContext"], Any]
+    # "remask": the op breaks zeros per element (norms); hatify re-applies the input's masks after it,
+    # so its output keeps the input's map exactly.
+    remask: bool = False
+
+
+RULES: dict[Any, Rule] = {}
+
+# Canonical op kinds for functions and methods: every alias maps to one name.
+_ALIASES: dict[Any, str] = {}
+
+
+def _canon(key: Any) -> Any:
+    if isinstance(key, str):
+        name = key[:-1] if key.endswith("_") and not key.startswith("__") else key
+        return {"__add__": "add", "__iadd__": "add", "__radd__": "add", "__mul__": "mul", "__rmul__": "mul",
+                "__sub__": "sub", "__rsub__": "rsub", "__truediv__": "div", "__matmul__": "matmul",
+                "__getitem__": "getitem", "true_divide": "div", "multiply": "mul", "subtract": "sub",
+                "concat": "cat", "concatenate": "cat", "swapaxes": "transpose", "swapdims": "transpose",
+                "moveaxis": "movedim", "absolute": "abs", "negative": "neg", "clip": "clamp",
+                "divide": "div", "truediv": "div", "iadd": "add", "imul": "mul", "isub": "sub",
+                "itruediv": "div", "matrix_multiply": "matmul"}.get(name, name)
+    return _ALIASES.get(key, key)
+
+
+def _function_aliases() -> None:
+    """Map torch, torch.nn.functional, Tensor and operator spellings of an op onto its method name."""
+    for name in dir(operator):
+        if not name.startswith("_"):
+            _ALIASES.setdefault(getattr(operator, name), _canon(name))
+    for namespace in (torch, F, torch.Tensor, torch.special):
+        for name in dir(namespace):
+            fn = getattr(namespace, name, None)
+            if callable(fn) and not isinstance(fn, type) and not name.startswith("_"):
+                try:
+                    _ALIASES.setdefault(fn, _canon(name))
+                except TypeError:  # unhashable
+                    pass
+
+
+_function_aliases()
+
+
+def canonical_key(node: fx.Node, module: nn.Module | None = None) -> Any:
+    if node.op == "call_module":
+        return type(module)
+    return _canon(node.target)
+
+
+def mask_rule(*keys: Any, remask: bool = False) -> Callable:
+    """Register `fn` as the mask-flow rule of `keys` (module classes, functions or method names)."""
+    def register(fn: Callable) -> Callable:
+        for key in keys:
+            canon = key if isinstance(key, type) else _canon(key)
+            if canon in RULES:
+                raise ValueError(f"a mask rule for {key!r} is already registered ({RULES[canon].id})")
+            RULES[canon] = Rule(fn.__name__, fn, remask)
+        return fn
+    return register
+
+
+def rule_for(node: fx.Node, module: nn.Module | None = None) -> Rule | None:
+    return RULES.get(canonical_key(node, module))
+
+
+class RuleContext:
+    """What a rule sees: the node, the maps and specs of its inputs, and its output spec."""
+
+    def __init__(self, node: fx.Node, flows: dict, module: nn.Module | None, max_terms: int) -> None:
+        self.node, self._flows, self.module, self.max_terms = node, flows, module, max_terms
+        self.out = node.meta.get("hat_spec")
+
+    def arg(self, i: int, name: str | None = None, default: Any = None) -> Any:
+        if i < len(self.node.args):
+            return self.node.args[i]
+        return self.node.kwargs.get(name, default) if name else default
+
+    def flow(self, a: Any) -> Any:
+        return self._flows.get(a) if isinstance(a, fx.Node) else None
+
+    @staticmethod
+    def spec(a: Any) -> Any:
+        return a.meta.get("hat_spec") if isinstance(a, fx.Node) else a
+
+    def is_tensor(self, a: Any) -> bool:
+        return isinstance(self.spec(a), TensorSpec)
+
+    def map_of(self, a: Any) -> UnitMap:
+        flow = self.flow(a)
+        return flow if isinstance(flow, UnitMap) else UnitMap.ones()
+
+    def tensor_inputs(self) -> list[fx.Node]:
+        return [n for n in self.node.all_input_nodes if self.is_tensor(n)]
+
+    def call(self, args: tuple, kwargs: dict) -> Any:
+        node = self.node
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return self.module(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------- rules
+
+def _fits(unit_map: UnitMap, ctx: RuleContext, source: Any) -> UnitMap:
+    """Keep a map through an op that preserves zeros per channel but may resize other axes: valid when
+    the map only varies along axes the op leaves alone."""
+    out, src = ctx.out, ctx.spec(source)
+    if not isinstance(out, TensorSpec) or not isinstance(src, TensorSpec) or out.ndim != src.ndim:
+        return UnitMap.ones() if not unit_map.is_ones else unit_map
+    for term in unit_map.terms:
+        t_shape = (1,) * (out.ndim - term.ndim) + tuple(term.shape)
+        for d, size in enumerate(t_shape):
+            if size != 1 and (src.shape[d] != out.shape[d]):
+                return UnitMap.ones()
+    return unit_map
+
+
+@mask_rule(nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+           nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardtanh, nn.Softsign,
+           nn.Tanhshrink, nn.Softshrink, nn.Hardshrink, nn.CELU, nn.SELU, nn.PReLU, nn.RReLU,
+           nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+           nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+           nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
+           nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
+           "relu", "relu6", "gelu", "silu", "hardswish", "tanh", "dropout", "dropout1d", "dropout2d", "dropout3d",
+           "alpha_dropout", "feature_alpha_dropout", "leaky_relu", "elu", "mish", "hardtanh", "celu", "selu",
+           "prelu", "rrelu", "softsign", "softshrink", "hardshrink", "tanhshrink",
+           "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+           "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+           "adaptive_max_pool2d", "adaptive_max_pool3d", "lp_pool1d", "lp_pool2d", "interpolate", "upsample",
+           "upsample_nearest", "upsample_bilinear", "contiguous", "clone", "detach", "float", "half", "bfloat16",
+           "double", "to", "type", "type_as", "abs", "neg", "sqrt", "square", "sign", "normalize", "nan_to_num",
+           "max_pool2d_with_indices", "clamp", "clamp_min", "clamp_max", "sin", "tan", "arctan", "atan",
+           "arcsinh", "asinh", "erf", "sinh", "expm1", "log1p", "trunc", "round")
+def passthrough(ctx: RuleContext) -> Any:
+    """Zero in, zero out, per element (activations, dropout, pooling, casts)."""
+    src = ctx.arg(0, "input")
+    if ctx.node.op == "call_function" and _canon(ctx.node.target) == "clamp":
+        lo = ctx.arg(1, "min")
+        if isinstance(lo, (int, float)) and lo > 0:
+            return UnitMap.ones()
+    if isinstance(ctx.out, tuple):  # pooling with indices: values follow the input, indices are no data
+        return (_fits(ctx.map_of(src), ctx, src), None)
+    return _fits(ctx.map_of(src), ctx, src)
+
+
+@mask_rule("pad", nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
+def pad(ctx: RuleContext) -> UnitMap:
+    value = ctx.module.value if ctx.module is not None else ctx.arg(3, "value", 0)
+    mode = ctx.arg(2, "mode", "constant") if ctx.module is None else "constant"
+    if mode != "constant" or (value or 0) != 0:
+        return UnitMap.ones()
+    return _fits(ctx.map_of(ctx.arg(0, "input")), ctx, ctx.arg(0, "input"))
+
+
+_DATA_LIST_OPS = {"cat", "stack", "hstack", "vstack", "dstack"}
+
+
+@mask_rule(nn.Flatten, nn.Unflatten, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle,
+           "view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "unsqueeze", "squeeze",
+           "expand", "getitem", "split", "chunk", "unbind", "tensor_split", "movedim", "narrow",
+           "repeat", "repeat_interleave", "tile", "flip", "roll", "select", "pixel_shuffle", "pixel_unshuffle",
+           "channel_shuffle", "native_channel_shuffle", "view_as", "reshape_as", "expand_as", "split_with_sizes",
+           "unfold", "diagonal", "T", "mT", "cat", "stack", "hstack", "vstack", "dstack")
+def layout(ctx: RuleContext) -> Any:
+    """Data movement: run the very same op on the index maps."""
+    node, data = ctx.node, ctx.arg(0, "input")
+    if _canon(node.target) in _DATA_LIST_OPS and node.op != "call_module":
+        data = ctx.arg(0, "tensors")
+    data_nodes = list(data) if isinstance(data, (list, tuple)) else [data]
+    if not all(isinstance(n, fx.Node) for n in data_nodes):
+        return UnitMap.ones()
+    # A tensor elsewhere in the arguments (index tensors, `expand_as` targets) is used only for its shape.
+    others = [n for n in node.all_input_nodes if n not in data_nodes]
+    if any(ctx.is_tensor(n) and _canon(node.target) not in ("view_as", "reshape_as", "expand_as") for n in others):
+        return UnitMap.ones()
+    specs = [ctx.spec(n) for n in data_nodes]
+    if not all(isinstance(s, TensorSpec) for s in specs):
+        if node.target is operator.getitem:  # indexing a tuple or list: pick the element's flow
+            return _pick(ctx.flow(data), ctx.arg(1))
+        return UnitMap.ones()
+
+    def run(terms: list[torch.Tensor]) -> Any:
+        lookup = dict(zip(data_nodes, terms))
+
+        def value(n: fx.Node) -> Any:
+            if n in lookup:
+                return lookup[n]
+            s = ctx.spec(n)
+            return torch.empty(s.shape, dtype=torch.long) if isinstance(s, TensorSpec) else s
+        args = fx.node.map_arg(node.args, value)
+        kwargs = fx.node.map_arg(node.kwargs, value)
+        return ctx.call(tuple(args), dict(kwargs))
+
+    return maps.apply_layout(run, [ctx.map_of(n) for n in data_nodes], [s.shape for s in specs], ctx.max_terms)
+
+
+def _pick(flow: Any, index: Any) -> Any:
+    if isinstance(flow, (tuple, list)) and isinstance(index, (int, slice)):
+        return flow[index]
+    return UnitMap.ones()
+
+
+@mask_rule("add", "sub", "rsub", "where", "maximum", "minimum", "fmax", "fmin", "lerp", "addcmul", "addcdiv")
+def elementwise_union(ctx: RuleContext) -> UnitMap:
+    """Zero only where every tensor operand is zero: the union of their maps. A non-zero scalar or a
+    non-zero `alpha` term makes the result unknown."""
+    kind = _canon(ctx.node.target)
+    operands = [a for a in ctx.node.args if not (kind == "where" and a is ctx.node.args[0])]
+    for a in operands:
+        if isinstance(a, (int, float)) and a != 0:
+            return UnitMap.ones()
+    tensors = [a for a in operands if ctx.is_tensor(a)]
+    return maps.union([ctx.map_of(a) for a in tensors], ctx.max_terms)
+
+
+@mask_rule("mul", "div", "floordiv", "floor_divide", "fmod", "remainder", "mod", "bitwise_and", "logical_and")
+def product(ctx: RuleContext) -> UnitMap:
+    """Zero wherever the first factor is zero (and for mul, wherever any factor is): one factor's map is
+    exact enough and sound; prefer a known one. Broadcasting against the other operand is respected."""
+    a, b = ctx.arg(0), ctx.arg(1)
+    kind = _canon(ctx.node.target)
+    candidates = [a, b] if kind == "mul" else [a]
+    known = [c for c in candidates if ctx.is_tensor(c) and not ctx.map_of(c).is_ones]
+    if not known:
+        return UnitMap.ones()
+    out = ctx.out
+    for c in known:
+        unit_map = ctx.map_of(c)
+        if isinstance(out, TensorSpec) and unit_map.broadcastable_to(out.shape):
+            return unit_map
+    return UnitMap.ones()
+
+
+@mask_rule("matmul", "bmm", "mm")
+def matmul(ctx: RuleContext) -> UnitMap:
+    """out[..., i, k] = sum_j a[..., i, j] b[..., j, k]: zero when b's column k is zero for every j (b's
+    map constant along j), or when a's row i is zero for every j."""
+    a, b = ctx.arg(0), ctx.arg(1)
+    sa, sb, out = ctx.spec(a), ctx.spec(b), ctx.out
+    if not (isinstance(sa, TensorSpec) and isinstance(sb, TensorSpec) and sa.ndim >= 2 and sb.ndim >= 2):
+        return UnitMap.ones()
+    for unit_map, contract in ((ctx.map_of(b), -2), (ctx.map_of(a), -1)):
+        if unit_map.is_ones or any(t.ndim >= -contract and t.shape[contract] != 1 for t in unit_map.terms):
+            continue
+        if unit_map.broadcastable_to(out.shape):
+            return unit_map
+    return UnitMap.ones()
+
+
+@mask_rule("scaled_dot_product_attention")
+def attention(ctx: RuleContext) -> UnitMap:
+    """softmax(q k^T) v: the output's channels follow v when v's map is the same for every token."""
+    v = ctx.arg(2, "value")
+    unit_map = ctx.map_of(v)
+    if unit_map.is_ones or any(t.ndim >= 2 and t.shape[-2] != 1 for t in unit_map.terms):
+        return UnitMap.ones()
+    return unit_map if unit_map.broadcastable_to(ctx.out.shape) else UnitMap.ones()
+
+
+@mask_rule("mean", "sum", "amax", "amin", "nansum", "nanmean")
+def reduce(ctx: RuleContext) -> UnitMap:
+    """A reduction over axes along which the map is constant keeps the map (minus those axes)."""
+    src, out = ctx.spec(ctx.arg(0, "input")), ctx.out
+    unit_map = ctx.map_of(ctx.arg(0, "input"))
+    if unit_map.is_ones or not isinstance(src, TensorSpec) or not isinstance(out, TensorSpec):
+        return UnitMap.ones()
+    dims = ctx.arg(1, "dim")
+    keepdim = ctx.arg(2, "keepdim", False)
+    if dims is None:
+        return UnitMap.ones()
+    dims = [d % src.ndim for d in ((dims,) if isinstance(dims, int) else dims)]
+    terms = []
+    for t in unit_map.terms:
+        t = t.reshape((1,) * (src.ndim - t.ndim) + tuple(t.shape))
+        if any(t.shape[d] != 1 for d in dims):
+            return UnitMap.ones()
+        if not keepdim:
+            t = t.reshape([s for d, s in enumerate(t.shape) if d not in dims])
+        terms.append(t)
+    return maps.normalise(terms, ctx.max_terms)
+
+
+@mask_rule(nn.Softmax, nn.LogSoftmax, nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.Softmin, nn.LogSigmoid,
+           "softmax", "log_softmax", "sigmoid", "hardsigmoid", "softplus", "exp", "log", "cos", "cosh", "acos",
+           "arccos", "softmin", "logsigmoid", "reciprocal", "rsqrt", "exp2", "pow", "einsum",
+           "baddbmm", "addmm", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like", "logsumexp",
+           "cumsum", "var", "std", "norm")
+def unknown_by_design(ctx: RuleContext) -> UnitMap:
+    """Zeros are not preserved (sigmoid(0) = 0.5, softmax, exp): the result is all ones, knowingly."""
+    return UnitMap.ones()
+
+
+def _norm_keys() -> list:
+    keys: list = [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm,
+                  nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm,
+                  "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"]
+    if hasattr(nn, "RMSNorm"):
+        keys.append(nn.RMSNorm)
+    try:
+        from timm.layers import norm, norm_act
+        keys += [getattr(norm_act, n) for n in dir(norm_act)
+                 if isinstance(getattr(norm_act, n), type) and issubclass(getattr(norm_act, n), nn.Module)
+                 and getattr(norm_act, n).__module__ == norm_act.__name__ and "Norm" in n]
+        keys += [getattr(norm, n) for n in ("LayerNorm", "LayerNorm2d", "LayerNormFp32", "LayerNorm2dFp32",
+                                            "GroupNorm", "GroupNorm1", "RmsNorm", "RmsNorm2d", "SimpleNorm",
+                                            "SimpleNorm2d", "RmsNormFp32", "RmsNorm2dFp32") if hasattr(norm, n)]
+    except ImportError:
+        pass
+    return list(dict.fromkeys(keys))
+
+
+NORM_MODULES = tuple(k for k in _norm_keys() if isinstance(k, type))
+# Per-channel ops after which a producer's mask may be applied (no mixing across channels).
+PER_CHANNEL_MODULES = tuple(k for k in NORM_MODULES if "Batch" in k.__name__)
+
+
+@mask_rule(*_norm_keys(), remask=True)
+def norm(ctx: RuleContext) -> UnitMap:
+    """Normalisation: zeros are not kept, so hatify re-applies the input's masks right after the norm;
+    with that, the output's map is the input's."""
+    src = ctx.arg(0, "input")
+    return _fits(ctx.map_of(src), ctx, src)
+
+
+MODULE_LEAVES = frozenset(k for k in RULES if isinstance(k, type))

@@ -1,0 +1,63 @@
+"""Stage 2, shapes: run the captured graph once on example inputs and record every node's value spec."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from .errors import HatifyError, node_location
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def spec_of(value: Any) -> Any:
+    """Tensors become TensorSpec, everything else (ints, sizes, None, ...) is kept as the concrete value."""
+    return pytree.tree_map(lambda v: TensorSpec(tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v, value)
+
+
+def infer_example_inputs(model: nn.Module) -> tuple:
+    """A timm model knows its input size; anything else must be given explicitly."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if not size:
+        raise HatifyError(
+            f"example_inputs is needed for {type(model).__name__} (its input shape cannot be inferred): "
+            "pass hatify(model, num_tasks, example_inputs=(torch.randn(2, ...),))")
+    return (torch.randn(2, *size, generator=torch.Generator().manual_seed(0)),)
+
+
+class _Recorder(fx.Interpreter):
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as exc:
+            raise HatifyError(f"shape propagation failed at {node_location(n)}: {type(exc).__name__}: {exc}") from exc
+        n.meta["hat_spec"] = spec_of(result)
+        return result
+
+
+def propagate(gm: fx.GraphModule, example_inputs: tuple) -> Any:
+    """Record `node.meta["hat_spec"]` for every node; returns the example output.
+
+    Example:
+        >>> gm = fx.symbolic_trace(nn.Linear(4, 3))
+        >>> _ = propagate(gm, (torch.randn(2, 4),))
+        >>> [n.meta["hat_spec"] for n in gm.graph.nodes][1].shape
+        (2, 3)
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(example_inputs) > len(placeholders):
+        raise HatifyError(f"example_inputs has {len(example_inputs)} items but forward takes {len(placeholders)}")
+    with torch.no_grad():
+        return _Recorder(gm).run(*example_inputs)
