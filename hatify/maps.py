@@ -100,7 +100,7 @@ def apply_layout(fn: Callable[[list[torch.Tensor]], object], maps: Sequence[Unit
     `fn` takes one tensor per input map (the k-th term of each, expanded to the input's real shape) and
     returns a tensor or a (nested) tuple/list of tensors. Inputs with fewer terms repeat their first.
     """
-    expanded = [m.expanded(s) for m, s in zip(maps, shapes)]
+    expanded = [[t.contiguous() for t in m.expanded(s)] for m, s in zip(maps, shapes)]
     count = max(len(e) for e in expanded)
     outputs = [fn([e[k] if k < len(e) else e[0] for e in expanded]) for k in range(count)]
     return _collect(outputs, max_terms)

@@ -1,0 +1,259 @@
+"""Training with HAT: schedule, compensation, regulariser, and bit-exact protection of finished tasks."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hatify
+from hatify.layers import CompensatedSigmoid, compensation_factor
+from hatify.model import mask_scale
+
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
+    "sgd_momentum_wd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.5, weight_decay=1e-3),
+}
+
+
+class ConvNet(nn.Module):
+    """Conv + BN, a residual add, flatten into LayerNorm and Linear, a loose bias parameter, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.ln, self.fc = nn.LayerNorm(8 * 8 * 8), nn.Linear(8 * 8 * 8, 16)
+        self.loose = nn.Parameter(torch.zeros(16))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = F.relu(self.b1(self.c1(x)))
+        h = h + F.relu(self.c2(h))
+        return self.head(F.gelu(self.fc(self.ln(h.flatten(1)))) + self.loose)
+
+
+class TokenNet(nn.Module):
+    """Embedding, position embedding, opaque multi-head attention, mean pooling, per-task head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.pos = nn.Parameter(torch.randn(1, 6, 16) * 0.1)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, tokens):
+        h = self.emb(tokens) + self.pos
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.head(F.relu(self.fc(h)).mean(1))
+
+
+def _data(model_name: str, n: int = 16):
+    gen = torch.Generator().manual_seed(1)
+    if model_name == "conv":
+        return ConvNet(), torch.randn(n, 3, 8, 8, generator=gen), 4
+    return TokenNet(), torch.randint(0, 20, (n, 6), generator=gen), 3
+
+
+def train_tasks(hat, opt, x, classes, tasks, steps=6, clip=True, autocast=False, copy_between=False):
+    """The API.md loop; returns each task's eval output right after it ended, and the final model."""
+    gen = torch.Generator().manual_seed(2)
+    after = {}
+    for t in tasks:
+        hat.train()
+        hat.begin_task(t)
+        for b in range(steps):
+            y = torch.randint(0, classes, (x.shape[0],), generator=gen)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = hat(x, task_id=t, mask_scale=hat.mask_scale(b, steps))
+                loss = F.cross_entropy(out.float(), y) + hat.regularization()
+            opt.zero_grad()
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(hat.parameters(), 1.0)
+            opt.step()
+        hat.end_task()
+        hat.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            after[t] = hat(x, task_id=t)
+        if copy_between:
+            hat, opt = copy.deepcopy((hat, opt))
+    return after, hat
+
+
+def _assert_old_tasks_identical(after, hat, x, autocast=False):
+    hat.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        for t, expected in after.items():
+            assert torch.equal(hat(x, task_id=t), expected), f"task {t} changed"
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("model_name", ["conv", "tokens"])
+def test_old_tasks_bit_identical_with_any_optimizer(model_name, opt_name):
+    model, x, classes = _data(model_name)
+    hat = hatify.hatify(model, num_tasks=3, example_inputs=(x[:2],))
+    opt = OPTIMIZERS[opt_name](hat.parameters())  # one optimizer object, reused across tasks
+    after, hat = train_tasks(hat, opt, x, classes, range(3))
+    _assert_old_tasks_identical(after, hat, x)
+    assert hat.trained_tasks == [0, 1, 2]
+
+
+@pytest.mark.parametrize("model_name", ["conv", "tokens"])
+def test_protection_survives_deepcopy_between_tasks(model_name):
+    model, x, classes = _data(model_name)
+    hat = hatify.hatify(model, num_tasks=3, example_inputs=(x[:2],))
+    opt = OPTIMIZERS["adamw"](hat.parameters())
+    after, hat = train_tasks(hat, opt, x, classes, range(3), copy_between=True)
+    _assert_old_tasks_identical(after, hat, x)
+
+
+def test_protection_under_bfloat16_autocast():
+    model, x, classes = _data("conv")
+    hat = hatify.hatify(model, num_tasks=3, example_inputs=(x[:2],))
+    opt = OPTIMIZERS["adamw"](hat.parameters())
+    after, hat = train_tasks(hat, opt, x, classes, range(3), autocast=True)
+    _assert_old_tasks_identical(after, hat, x, autocast=True)
+
+
+def test_protection_survives_load_state_dict_assign():
+    model, x, classes = _data("conv")
+    hat = hatify.hatify(model, num_tasks=3, example_inputs=(x[:2],))
+    opt = OPTIMIZERS["sgd_momentum_wd"](hat.parameters())
+    after, hat = train_tasks(hat, opt, x, classes, range(2))
+    hat.load_state_dict(copy.deepcopy(hat.state_dict()), assign=True)
+    opt = OPTIMIZERS["sgd_momentum_wd"](hat.parameters())
+    more, hat = train_tasks(hat, opt, x, classes, [2])
+    _assert_old_tasks_identical({**after, **more}, hat, x)
+
+
+def test_every_task_learns_and_changes_outputs():
+    model, x, classes = _data("conv")
+    hat = hatify.hatify(model, num_tasks=3, example_inputs=(x[:2],))
+    opt = torch.optim.AdamW(hat.parameters(), lr=1e-2)
+    y = torch.arange(x.shape[0]) % classes
+    for t in range(3):
+        hat.train()
+        hat.begin_task(t)
+        hat.eval()
+        with torch.no_grad():
+            before = hat(x, task_id=t).clone()
+        hat.train()
+        losses = []
+        for b in range(30):
+            loss = F.cross_entropy(hat(x, task_id=t, mask_scale=hat.mask_scale(b, 30)), y)
+            losses.append(float(loss.detach()))
+            loss = loss + hat.regularization()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        hat.end_task()
+        hat.eval()
+        with torch.no_grad():
+            assert not torch.equal(hat(x, task_id=t), before), f"task {t} outputs did not change"
+        assert losses[-1] < losses[0], f"task {t} loss did not go down: {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+def test_finished_task_embeddings_are_buffers_and_clamped():
+    model, x, classes = _data("conv")
+    hat = hatify.hatify(model, num_tasks=2, example_inputs=(x[:2],))
+    opt = torch.optim.SGD(hat.parameters(), lr=0.1)
+    train_tasks(hat, opt, x, classes, [0])
+    names = {n for n, _ in hat.named_parameters()}
+    assert "net.hat_masks.task0" not in names and "net.hat_masks.task1" in names
+    # Any optimizer step clamps the live embeddings to [-6, 6], without the user asking.
+    hat.train()
+    hat.begin_task(1)
+    hat(x, task_id=1, mask_scale=1.0).sum().backward()
+    e1 = hat.masks.embedding(1)
+    e1.grad = torch.full_like(e1, -1000.0)
+    opt.step()
+    assert float(e1.max()) == 6.0
+
+
+def test_mask_scale_schedules_against_hand_values():
+    s_max, B = 400.0, 5
+    linear = [mask_scale("linear", s_max, b, B) for b in range(B)]
+    assert linear[0] == pytest.approx(1 / 400) and linear[-1] == pytest.approx(400)
+    assert linear[2] == pytest.approx(1 / 400 + (400 - 1 / 400) * 2 / 4)
+    assert mask_scale("cosine", 100.0, 0, 10) == pytest.approx(100.0)
+    assert mask_scale("cosine", 100.0, 5, 10) == pytest.approx(1.0)  # 50 cos(pi) + 50 = 0 -> floored at 1
+    assert mask_scale("cosine", 100.0, 2, 10) == pytest.approx(50 * math.cos(2 * math.pi * 0.2) + 50)
+    assert mask_scale("constant", 100.0, 3, 10) == 100.0
+    hat = hatify.hatify(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), 2,
+                        example_inputs=(torch.randn(2, 4),), config=hatify.HATConfig(s_max=10.0, schedule="linear"))
+    assert hat.mask_scale(0, 3) == pytest.approx(0.1) and hat.mask_scale(2, 3) == pytest.approx(10.0)
+
+
+def test_compensated_gradient_matches_hand_formula():
+    e = torch.tensor([-3.0, -0.5, 0.0, 0.7, 4.0], requires_grad=True)
+    s, s_max = 7.0, 400.0
+    CompensatedSigmoid.apply(e, s, s_max).sum().backward()
+    sig = torch.sigmoid(s * e.detach())
+    plain = s * sig * (1 - sig)
+    num = torch.cosh(torch.clamp(s * e.detach(), -50, 50)) + 1
+    den = torch.cosh(e.detach()) + 1
+    torch.testing.assert_close(e.grad, plain * s_max / s * num / den)
+    big = torch.tensor([10.0])
+    assert torch.isfinite(compensation_factor(big, 400.0, 400.0)).all()  # cosh argument clamped at 50
+
+
+def test_regularizer_against_hand_computation():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU(), nn.Linear(2, 2))
+    x = torch.randn(2, 3)
+    for form in ("network", "layer"):
+        hat = hatify.hatify(model, 2, example_inputs=(x,), config=hatify.HATConfig(c=0.5, regularizer=form))
+        with torch.no_grad():
+            hat.cumulative.copy_(torch.tensor([1, 0, 0, 1, 0, 1], dtype=torch.bool))
+        hat.train()
+        hat.begin_task(1)
+        hat(x, task_id=1, mask_scale=3.0)
+        a = torch.sigmoid(3.0 * hat.masks.embedding(1).detach())
+        free = torch.tensor([0, 1, 1, 0, 1, 0.0])
+        if form == "network":
+            expected = 0.5 * (a * free).sum() / free.sum()
+        else:
+            expected = 0.5 * ((a[:4] * free[:4]).sum() / free[:4].sum() + (a[4:] * free[4:]).sum() / free[4:].sum()) / 2
+        torch.testing.assert_close(hat.regularization().detach(), expected)
+
+
+class AlexNetLike(nn.Module):
+    """The official HAT AlexNet-like network (Serra et al. 2018), shrunk: 3 convs, 2 Linear, per-task heads."""
+
+    def __init__(self, classes=10) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 4), nn.Conv2d(8, 16, 3), nn.Conv2d(16, 12, 2)
+        self.drop1, self.drop2 = nn.Dropout(0.2), nn.Dropout(0.5)
+        self.fc1, self.fc2 = nn.Linear(12 * 2 * 2, 32), nn.Linear(32, 32)
+        self.last = nn.Linear(32, classes)
+
+    def forward(self, x):
+        h = self.drop1(F.max_pool2d(F.relu(self.c1(x)), 2))
+        h = self.drop1(F.max_pool2d(F.relu(self.c2(h)), 2))
+        h = self.drop2(F.max_pool2d(F.relu(self.c3(h)), 2))
+        h = self.drop2(F.relu(self.fc1(h.view(h.size(0), -1))))
+        h = self.drop2(F.relu(self.fc2(h)))
+        return self.last(h)
+
+
+def test_alexnet_fc1_conditioning_is_conv3_mask_repeated_channel_major():
+    x = torch.randn(2, 3, 32, 32)
+    hat = hatify.hatify(AlexNetLike(), num_tasks=2, example_inputs=(x,))
+    c3, fc1 = hat.plan.layer("c3"), hat.plan.layer("fc1")
+    assert hat.plan.layer("last").role == "head"
+    expected = (c3.offset + torch.arange(12)).repeat_interleave(4)  # H*W = 2*2 positions per channel
+    assert torch.equal(fc1.input_index, expected[None])
+    assert fc1.input_map == "repeat_interleave(4)"
+    # And the conditioning it produces: after task 0, fc1's frozen weight entries are exactly
+    # (fc1 unit used) x (conv3 unit used, repeated over the 4 positions).
+    opt = torch.optim.SGD(hat.parameters(), lr=0.1)
+    train_tasks(hat, opt, x, 10, [0], steps=2)
+    cum = hat.cumulative
+    want = cum[fc1.offset:fc1.offset + 32][:, None] & cum[c3.offset:c3.offset + 12].repeat_interleave(4)[None, :]
+    assert torch.equal(hat.net.fc1.parametrizations.weight[0].protect, want)
