@@ -15,7 +15,9 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/continual.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
