@@ -120,6 +120,7 @@ class HATModel(nn.Module):
         if t is None:
             raise HatifyError("end_task() without begin_task(t)")
         with torch.no_grad():
+            _sync_buffers(self)
             used = self.masks.embedding(t).detach() > 0
             self.cumulative |= used.to(self.cumulative.device)
             self._protect_layers()
@@ -211,6 +212,15 @@ def mask_scale(schedule: str, s_max: float, b: int, num_batches: int) -> float:
     if num_batches <= 1:
         return float(s_max)
     return 1 / s_max + (s_max - 1 / s_max) * b / (num_batches - 1)
+
+
+def _sync_buffers(module: nn.Module) -> None:
+    """Under DistributedDataParallel each replica updates running statistics with its own data after the last
+    buffer broadcast; take rank 0's before freezing so every replica freezes the same task."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer, src=0)
 
 
 def _batch_size(inputs: tuple, kwargs: dict) -> int | None:

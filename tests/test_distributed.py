@@ -1,0 +1,64 @@
+"""DistributedDataParallel: two real gloo processes on 127.0.0.1 train tasks one after another."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import hatify
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=60))
+    torch.set_num_threads(1)
+    hat = hatify.hatify(_model(), num_tasks=3, example_inputs=(torch.zeros(2, 3, 6, 6),))
+    ddp = DDP(hat, find_unused_parameters=True)  # per-task heads and norms: other tasks' copies get no gradient
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank sees its own shard of data
+    probe = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(7))
+    after = {}
+    for t in range(3):
+        ddp.train()
+        hat.begin_task(t)
+        for b in range(5):
+            x, y = torch.randn(8, 3, 6, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+            loss = F.cross_entropy(ddp(x, task_id=t, mask_scale=hat.mask_scale(b, 5)), y) + hat.regularization()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        hat.end_task()
+        hat.eval()
+        with torch.no_grad():
+            after[t] = hat(probe, task_id=t)
+            for u in range(t):
+                assert torch.equal(hat(probe, task_id=u), after[u]), f"rank {rank}: task {u} changed"
+    state = {k: v.clone() for k, v in hat.state_dict().items()}
+    torch.save(state, os.path.join(result_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ddp_two_gloo_processes_keep_old_tasks_and_agree(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"replicas disagree on {key}"
