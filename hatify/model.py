@@ -170,6 +170,18 @@ class HATModel(nn.Module):
                 ratios.append((last[sl] * f).sum() / f.sum())
         return cfg.c * torch.stack(ratios).mean() if ratios else last.sum() * 0.0
 
+    def forget_task(self, t: int) -> None:
+        """Release task t's exclusive capacity; every other task's outputs stay bit-identical."""
+        from .lifecycle import forget_task
+
+        forget_task(self, t)
+
+    def extract(self, t: int, prune: bool = False) -> fx.GraphModule:
+        """Task t as a plain module that takes the original model's inputs and needs only torch."""
+        from .lifecycle import extract
+
+        return extract(self, t, prune)
+
     def capacity(self) -> dict[str, dict[str, Any]]:
         """Per masked layer: units, units used by each trained task, units still free."""
         result = {}

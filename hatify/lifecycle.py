@@ -1,0 +1,122 @@
+"""After training: forget a task, and extract one task as a plain PyTorch module."""
+from __future__ import annotations
+
+import copy
+import math
+import operator
+
+import torch
+from torch import fx, nn
+from torch.nn.utils import parametrize
+
+from .errors import HatifyError
+from .layers import Gate, Protect, TaskIndexed, TaskParameter
+from .rewrite import SCALE_ARG, TASK_ARG, _owner
+
+
+def forget_task(hat, t: int) -> None:
+    """Release the units only task t used (their weights and t's embedding re-initialised); t is no longer
+    trained. Every other task's outputs stay bit-identical: they never read the released weights."""
+    from .model import weight_protection
+
+    if not (isinstance(t, int) and 0 <= t < hat.num_tasks) or not bool(hat.trained[t]):
+        raise HatifyError(f"forget_task({t!r}): task {t} is not a trained task (trained: {hat.trained_tasks})")
+    others = [u for u in hat.trained_tasks if u != t]
+    cum = torch.zeros_like(hat.cumulative)
+    for u in others:
+        cum |= (hat.masks.embedding(u) > 0).to(cum.device)
+    cum_ext = torch.cat([cum, cum.new_ones(1)])
+    gen = torch.Generator().manual_seed(hat.plan.config.seed + 1000 + t)
+    with torch.no_grad():
+        for layer in hat.plan.masked_layers:
+            out = cum[layer.offset: layer.offset + layer.units]
+            inp = cum_ext[layer.input_index.to(cum.device)].any(0) if layer.input_index is not None else None
+            for qualname in (layer.weight, layer.bias):
+                if qualname is None:
+                    continue
+                owner, attr = _owner(hat.net, qualname)
+                effective = getattr(owner, attr).detach().clone()
+                p: Protect = owner.parametrizations[attr][0]
+                keep = (weight_protection(layer, out, inp, tuple(effective.shape)) if qualname == layer.weight
+                        else out).reshape(p.protect.shape)
+                released = (p.protect & ~keep).expand_as(effective)
+                fresh = _fresh_like(effective, gen) if qualname == layer.weight else torch.zeros_like(effective)
+                raw = owner.parametrizations[attr].original
+                raw.copy_(torch.where(released, fresh, effective))
+                p.reset(effective, keep)
+        hat.masks.unfreeze(t)
+        e = hat.masks.embedding(t)
+        cfg = hat.plan.config
+        e.copy_(torch.full_like(e, cfg.dense_value) if cfg.init == "dense" else torch.randn(e.shape, generator=gen))
+        for module in hat.net.modules():
+            if isinstance(module, (TaskIndexed, TaskParameter)):
+                module.unfreeze(t)
+        hat.cumulative.copy_(cum)
+        hat.trained[t] = False
+
+
+def _fresh_like(weight: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """PyTorch's default init of Linear/Conv weights: kaiming_uniform(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), ...)."""
+    fan_in = weight[0].numel() if weight.ndim > 1 else weight.numel()
+    bound = 1 / math.sqrt(max(1, fan_in))
+    return (torch.rand(weight.shape, generator=gen) * 2 - 1).to(weight) * bound
+
+
+def _strip_parametrizations(module: nn.Module) -> None:
+    """Replace parametrized tensors by plain parameters holding their effective values. (torch's
+    remove_parametrizations edits the parametrized class, which a deepcopy shares with the original.)"""
+    values = {attr: getattr(module, attr).detach().clone() for attr in module.parametrizations}
+    module.__class__ = module.__class__.__bases__[0]
+    del module.parametrizations
+    for attr, value in values.items():
+        module.register_parameter(attr, nn.Parameter(value, requires_grad=False))
+
+
+def extract(hat, t: int, prune: bool = False) -> fx.GraphModule:
+    """Task t alone as a plain GraphModule: takes the original inputs (no task id), binary masks folded in as
+    constant multipliers, task t's norm copies, heads and parameters selected. Needs only torch to run."""
+    hat._task_ids(t, (), {})
+    if prune:
+        raise HatifyError("extract(t, prune=True) is not implemented yet: use prune=False (the unused units are "
+                          "zeroed by the folded masks, not removed)")
+    net = copy.deepcopy(hat.net).eval()
+    with torch.no_grad():
+        masks = net.hat_masks(t, None)
+    graph = net.graph
+    for module in list(net.modules()):
+        if parametrize.is_parametrized(module):
+            _strip_parametrizations(module)
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        target = net.get_submodule(node.target)
+        if isinstance(target, Gate):
+            const = masks[target.index]
+            const = const.amax(0) if target.union else const
+            name = f"hat_mask_{node.name}"
+            net.register_buffer(name, const.detach().clone())
+            with graph.inserting_before(node):
+                gate = graph.get_attr(name)
+            node.op, node.target, node.args = "call_function", operator.mul, (node.args[0], gate)
+        elif isinstance(target, TaskIndexed):
+            owner, attr = _owner(net, node.target)
+            owner.add_module(attr, target.copies[0 if target.shared else t])
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != TASK_ARG}
+        elif isinstance(target, TaskParameter):
+            owner, attr = _owner(net, node.target)
+            value = target(t).detach().clone()
+            delattr(owner, attr)
+            owner.register_parameter(attr, nn.Parameter(value, requires_grad=False))
+            node.op, node.args, node.kwargs = "get_attr", (), {}
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "hat_masks":
+            graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op == "placeholder" and node.target in (TASK_ARG, SCALE_ARG):
+            graph.erase_node(node)
+    del net.hat_masks, net.hat_gates
+    net._tracer_cls, net._tracer_extras = None, {}  # unpickling needs only torch, not hatify's tracer
+    graph.lint()
+    net.recompile()
+    net.requires_grad_(False)
+    return net

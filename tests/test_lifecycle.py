@@ -1,0 +1,59 @@
+"""forget_task, extract and mixed-task batches on trained models."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import hatify
+from test_training import OPTIMIZERS, _assert_old_tasks_identical, _data, train_tasks
+
+
+@pytest.mark.parametrize("model_name", ["conv", "tokens"])
+def test_forget_task_keeps_others_and_frees_units(model_name):
+    model, x, classes = _data(model_name)
+    hat = hatify.hatify(model, num_tasks=3, example_inputs=(x[:2],))
+    opt = OPTIMIZERS["adamw"](hat.parameters())
+    after, hat = train_tasks(hat, opt, x, classes, range(3))
+    free_before = sum(v["free"] for v in hat.capacity().values())
+    hat.forget_task(1)
+    assert hat.trained_tasks == [0, 2]
+    assert sum(v["free"] for v in hat.capacity().values()) > free_before
+    del after[1]
+    _assert_old_tasks_identical(after, hat, x)
+    more, hat = train_tasks(hat, opt, x, classes, [1])  # the same optimizer retrains task 1
+    _assert_old_tasks_identical({**after, **more}, hat, x)
+    with pytest.raises(hatify.HatifyError):
+        hat.forget_task(5)
+
+
+@pytest.mark.parametrize("model_name", ["conv", "tokens"])
+def test_extract_equals_hat_and_runs_without_hatify(model_name, tmp_path):
+    model, x, classes = _data(model_name)
+    hat = hatify.hatify(model, num_tasks=2, example_inputs=(x[:2],))
+    opt = OPTIMIZERS["adam"](hat.parameters())
+    _, hat = train_tasks(hat, opt, x, classes, range(2))
+    hat.eval()
+    for t in range(2):
+        plain = hat.extract(t)
+        with torch.no_grad():
+            torch.testing.assert_close(plain(x), hat(x, task_id=t), atol=1e-5, rtol=1e-5)
+    path = tmp_path / "task1.pt"
+    torch.save({"model": hat.extract(1), "x": x, "y": hat(x, task_id=1).detach()}, path)
+    code = (f"import sys, torch; d = torch.load({str(path)!r}, weights_only=False); "
+            "torch.testing.assert_close(d['model'](d['x']), d['y'], atol=1e-5, rtol=1e-5); "
+            "assert not any(m.startswith('hatify') for m in sys.modules), 'hatify was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
+def test_mixed_task_batch_equals_one_task_at_a_time():
+    model, x, classes = _data("conv")
+    hat = hatify.hatify(model, num_tasks=3, example_inputs=(x[:2],))
+    _, hat = train_tasks(hat, OPTIMIZERS["sgd"](hat.parameters()), x, classes, range(3))
+    ids = torch.arange(x.shape[0]) % 3
+    hat.eval()
+    with torch.no_grad():
+        mixed = hat(x, task_id=ids)
+        for t in range(3):
+            assert torch.equal(mixed[ids == t], hat(x[ids == t], task_id=t))
