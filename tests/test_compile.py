@@ -1,0 +1,65 @@
+"""torch.compile and float16 with a GradScaler keep the guarantee."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hatify
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+
+
+def test_compiled_training_matches_eager_and_keeps_old_tasks():
+    torch._dynamo.reset()
+    x = torch.randn(16, 12, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(16) % 3
+    eager = hatify.hatify(_mlp(), num_tasks=2, example_inputs=(x[:2],))
+    compiled_hat = hatify.hatify(_mlp(), num_tasks=2, example_inputs=(x[:2],))
+    compiled = torch.compile(compiled_hat)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (eager, compiled_hat)]
+    after = {}
+    for t in range(2):
+        for hat, fwd, opt in ((eager, eager, opts[0]), (compiled_hat, compiled, opts[1])):
+            hat.train()
+            hat.begin_task(t)
+            for b in range(4):
+                loss = F.cross_entropy(fwd(x, task_id=t, mask_scale=hat.mask_scale(b, 4)), y) + hat.regularization()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            hat.end_task()
+            hat.eval()
+        with torch.no_grad():
+            after[t] = compiled(x, task_id=t)
+            torch.testing.assert_close(after[t], eager(x, task_id=t), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        assert torch.equal(compiled(x, task_id=0), after[0])
+
+
+def test_float16_autocast_with_grad_scaler_keeps_old_tasks():
+    x = torch.randn(16, 12, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(16) % 3
+    hat = hatify.hatify(_mlp(), num_tasks=3, example_inputs=(x[:2],))
+    opt = torch.optim.AdamW(hat.parameters(), lr=1e-2, weight_decay=0.01)
+    scaler = torch.amp.GradScaler("cpu")
+    after = {}
+    for t in range(3):
+        hat.train()
+        hat.begin_task(t)
+        for b in range(5):
+            with torch.autocast("cpu", dtype=torch.float16):
+                out = hat(x, task_id=t, mask_scale=hat.mask_scale(b, 5))
+                loss = F.cross_entropy(out.float(), y) + hat.regularization()
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        hat.end_task()
+        hat.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+            after[t] = hat(x, task_id=t)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        for t, expected in after.items():
+            assert torch.equal(hat(x, task_id=t), expected)
