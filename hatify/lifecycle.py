@@ -74,11 +74,9 @@ def _strip_parametrizations(module: nn.Module) -> None:
 
 def extract(hat, t: int, prune: bool = False) -> fx.GraphModule:
     """Task t alone as a plain GraphModule: takes the original inputs (no task id), binary masks folded in as
-    constant multipliers, task t's norm copies, heads and parameters selected. Needs only torch to run."""
+    constant multipliers, task t's norm copies, heads and parameters selected. Needs only torch to run.
+    `prune=True` also removes the units task t does not use where shapes allow (`net.prune_summary`)."""
     hat._task_ids(t, (), {})
-    if prune:
-        raise HatifyError("extract(t, prune=True) is not implemented yet: use prune=False (the unused units are "
-                          "zeroed by the folded masks, not removed)")
     net = copy.deepcopy(hat.net).eval()
     with torch.no_grad():
         masks = net.hat_masks(t, None)
@@ -116,7 +114,11 @@ def extract(hat, t: int, prune: bool = False) -> fx.GraphModule:
             graph.erase_node(node)
     del net.hat_masks, net.hat_gates
     net._tracer_cls, net._tracer_extras = None, {}  # unpickling needs only torch, not hatify's tracer
+    net.requires_grad_(False)
+    if prune:
+        from .prune import prune as prune_units
+
+        net.prune_summary = prune_units(net, hat.plan, masks[:-1])
     graph.lint()
     net.recompile()
-    net.requires_grad_(False)
     return net

@@ -44,6 +44,7 @@ def rewrite(capture: Capture, plan: Plan) -> fx.GraphModule:
         gates[name] = Gate(index)
         with graph.inserting_after(node):
             gated = graph.call_module(f"hat_gates.{name}", (node, masks))
+        gated.meta["hat_spec"] = node.meta.get("hat_spec")
         node.replace_all_uses_with(gated, delete_user_cb=lambda user: user is not gated)
 
     for module_plan in plan.modules:
@@ -62,6 +63,7 @@ def rewrite(capture: Capture, plan: Plan) -> fx.GraphModule:
             if node.op == "get_attr" and node.target == param_plan.name:
                 with graph.inserting_after(node):
                     call = graph.call_module(param_plan.name, (), {TASK_ARG: task})
+                call.meta["hat_spec"] = node.meta.get("hat_spec")
                 node.replace_all_uses_with(call)
                 graph.erase_node(node)
 

@@ -57,3 +57,30 @@ def test_mixed_task_batch_equals_one_task_at_a_time():
         mixed = hat(x, task_id=ids)
         for t in range(3):
             assert torch.equal(mixed[ids == t], hat(x[ids == t], task_id=t))
+
+
+@pytest.mark.parametrize("arch", ["alexnet", "resnet18"])
+def test_extract_pruned_removes_unused_units_and_matches(arch):
+    from test_training import AlexNetLike
+
+    if arch == "alexnet":
+        model, x = AlexNetLike(classes=4), torch.randn(8, 3, 32, 32)
+    else:
+        import timm
+        model, x = timm.create_model("resnet18", num_classes=4), torch.randn(8, 3, 32, 32)
+    hat = hatify.hatify(model, num_tasks=2, example_inputs=(x[:2],))
+    _, hat = train_tasks(hat, OPTIMIZERS["adam"](hat.parameters()), x, 4, range(2), steps=4)
+    hat.eval()
+    for t in range(2):
+        pruned, plain = hat.extract(t, prune=True), hat.extract(t)
+        with torch.no_grad():
+            torch.testing.assert_close(pruned(x), hat(x, task_id=t), atol=1e-5, rtol=1e-5)
+        summary = pruned.prune_summary
+        masked = [layer for layer in hat.plan.masked_layers]
+        used = {layer.name: int((hat.masks.embedding(t)[layer.offset:layer.offset + layer.units] > 0).sum())
+                for layer in masked}
+        assert all(summary[name]["kept"] >= used[name] for name in used)
+        assert any(summary[name]["pruned"] and summary[name]["kept"] < summary[name]["units"] for name in used)
+        if arch == "alexnet":  # a plain chain: every masked layer shrinks to exactly the units task t uses
+            assert all(summary[name]["kept"] == max(1, used[name]) for name in used)
+        assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in plain.parameters())
