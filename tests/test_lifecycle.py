@@ -84,3 +84,25 @@ def test_extract_pruned_removes_unused_units_and_matches(arch):
         if arch == "alexnet":  # a plain chain: every masked layer shrinks to exactly the units task t uses
             assert all(summary[name]["kept"] == max(1, used[name]) for name in used)
         assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in plain.parameters())
+
+
+def test_capacity_table_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    from rich.console import Console
+
+    from hatify.capacity import capacity_table, plot_capacity
+
+    model, x, classes = _data("conv")
+    hat = hatify.hatify(model, num_tasks=2, example_inputs=(x[:2],))
+    _, hat = train_tasks(hat, OPTIMIZERS["adam"](hat.parameters()), x, classes, range(2))
+    cap = hat.capacity()
+    for name, row in cap.items():
+        layer = hat.plan.layer(name)
+        used_any = (hat.masks.embedding(0)[layer.offset:layer.offset + layer.units] > 0) | \
+                   (hat.masks.embedding(1)[layer.offset:layer.offset + layer.units] > 0)
+        assert row["free"] == layer.units - int(used_any.sum())
+    console = Console(record=True, width=120)
+    console.print(capacity_table(cap))
+    assert "task 1" in console.export_text()
+    png = plot_capacity(cap, tmp_path / "capacity.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
