@@ -31,10 +31,11 @@ class CompensatedSigmoid(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         e, out = ctx.saved_tensors
-        e32 = e.float()
-        factor = ctx.s_max * (torch.cosh(torch.clamp(ctx.s * e32, -50, 50)) + 1) / (ctx.s * (torch.cosh(e32) + 1))
-        local = ctx.s * out.float() * (1 - out.float())
-        return (grad.float() * local * factor).to(e.dtype), None, None
+        e32, out32 = e.float(), out.float()
+        # sigmoid'(s e) = s out (1 - out); its s cancels the compensation's 1 / s.
+        num = torch.cosh(torch.clamp(e32 * ctx.s, -50, 50)).add_(1)
+        g = (grad.float() * ctx.s_max) * out32 * (1 - out32) * num / torch.cosh(e32).add_(1)
+        return g.to(e.dtype), None, None
 
 
 def compensation_factor(e: torch.Tensor, s: float, s_max: float) -> torch.Tensor:
@@ -138,11 +139,21 @@ class Gate(nn.Module):
         super().__init__()
         self.register_buffer("index", index[0] if index.shape[0] == 1 else index, persistent=False)
         self.union = index.shape[0] > 1
+        # Most gates read one producer's own units in order: a slice view of the mask vector is the same
+        # gate without the gather and its scatter-add backward.
+        self.span: tuple[int, int] | None = None
+        if not self.union and self.index.numel():
+            start = int(self.index.reshape(-1)[0])
+            if torch.equal(self.index.reshape(-1), torch.arange(start, start + self.index.numel())):
+                self.span = (start, start + self.index.numel())
 
     def forward(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        gate = masks[self.index]
-        if self.union:
-            gate = gate.amax(0)
+        if self.span is not None:
+            gate = masks[self.span[0]:self.span[1]].view(self.index.shape)
+        else:
+            gate = masks[self.index]
+            if self.union:
+                gate = gate.amax(0)
         return x * gate.to(x.dtype)
 
 

@@ -158,17 +158,28 @@ class HATModel(nn.Module):
         if last is None:
             raise HatifyError("regularization() needs a training forward with a mask_scale first "
                               "(hat.train(); hat(x, task_id=t, mask_scale=s))")
-        cfg = self.plan.config
-        free = 1.0 - self.cumulative.to(last.dtype)
+        return torch.dot(last, self._regularizer_weights(last))
+
+    def _regularizer_weights(self, like: torch.Tensor) -> torch.Tensor:
+        """R = dot(a, w): w_i = c (1 - a_i^{<t}) / (free units of the network, or of i's layer times the number
+        of layers with free units). Derived from the cumulative mask, rebuilt whenever it is written."""
+        cum, cfg = self.cumulative, self.plan.config
+        key = (cum._version, like.dtype, like.device, cfg.c, cfg.regularizer)
+        cached = self.__dict__.get("_regularizer_cache")
+        if cached is not None and cached[0] == key and cached[1] is cum:
+            return cached[2]
+        free = 1.0 - cum.to(device=like.device, dtype=torch.float64)
         if cfg.regularizer == "network":
-            return cfg.c * (last * free).sum() / free.sum().clamp_min(1e-12) * (free.sum() > 0)
-        ratios = []
-        for layer in self.plan.masked_layers:
-            sl = slice(layer.offset, layer.offset + layer.units)
-            f = free[sl]
-            if f.sum() > 0:
-                ratios.append((last[sl] * f).sum() / f.sum())
-        return cfg.c * torch.stack(ratios).mean() if ratios else last.sum() * 0.0
+            weights = free / free.sum().clamp_min(1.0)
+        else:
+            weights = torch.zeros_like(free)
+            spans = [slice(layer.offset, layer.offset + layer.units) for layer in self.plan.masked_layers]
+            spans = [sl for sl in spans if free[sl].sum() > 0]
+            for sl in spans:
+                weights[sl] = free[sl] / (free[sl].sum() * len(spans))
+        weights = (cfg.c * weights).to(like.dtype)
+        self.__dict__["_regularizer_cache"] = (key, cum, weights)
+        return weights
 
     def forget_task(self, t: int) -> None:
         """Release task t's exclusive capacity; every other task's outputs stay bit-identical."""
