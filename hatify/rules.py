@@ -32,8 +32,9 @@ class Rule:
 
 RULES: dict[Any, Rule] = {}
 
-# Canonical op kinds for functions and methods: every alias maps to one name.
-_ALIASES: dict[Any, str] = {}
+# Canonical op kinds for functions and methods: every alias maps to one name. Functions that share a
+# method's name but not its meaning get their own name first (F.unfold is im2col, Tensor.unfold a view).
+_ALIASES: dict[Any, str] = {F.unfold: "im2col", F.fold: "col2im"}
 
 
 def _canon(key: Any) -> Any:
@@ -143,33 +144,86 @@ def _fits(unit_map: UnitMap, ctx: RuleContext, source: Any) -> UnitMap:
     return unit_map
 
 
+def _keeps_zero(ctx: RuleContext, src: Any) -> bool:
+    """Run the op on an all-zero input, every other tensor argument filled with +1 and then with -1: zero
+    must come out. Catches arguments that move zero (clamp(min=0.1), Hardtanh(0.1, 1), ...)."""
+    spec = ctx.spec(src)
+    if not isinstance(spec, TensorSpec):
+        return False
+    for fill in (1.0, -1.0):
+        def value(n: fx.Node, fill: float = fill) -> Any:
+            s = ctx.spec(n)
+            if not isinstance(s, TensorSpec):
+                return s
+            return torch.zeros(s.shape, dtype=s.dtype) if n is src else torch.full(s.shape, fill).to(s.dtype)
+        try:
+            with torch.no_grad():
+                out = ctx.call(tuple(fx.node.map_arg(ctx.node.args, value)),
+                               dict(fx.node.map_arg(ctx.node.kwargs, value)))
+        except Exception:  # cannot be checked: not zero-preserving as far as hatify knows
+            return False
+        values = pytree.tree_leaves(out)[0]  # pooling with indices: the values come first
+        if not isinstance(values, torch.Tensor) or bool(values.ne(0).any()):
+            return False
+    return True
+
+
+def _per_element(ctx: RuleContext) -> Any:
+    """The input's map, for an op that maps zero to zero; pooling with indices also returns the indices,
+    which are no data."""
+    src = ctx.arg(0, "input")
+    if not _keeps_zero(ctx, src):
+        return (UnitMap.ones(), None) if isinstance(ctx.out, tuple) else UnitMap.ones()
+    kept = _fits(ctx.map_of(src), ctx, src)
+    return (kept, None) if isinstance(ctx.out, tuple) else kept
+
+
 @mask_rule(nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
            nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardtanh, nn.Softsign,
            nn.Tanhshrink, nn.Softshrink, nn.Hardshrink, nn.CELU, nn.SELU, nn.PReLU, nn.RReLU,
-           nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-           nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-           nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
-           nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
+           nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
            "relu", "relu6", "gelu", "silu", "hardswish", "tanh", "dropout", "dropout1d", "dropout2d", "dropout3d",
            "alpha_dropout", "feature_alpha_dropout", "leaky_relu", "elu", "mish", "hardtanh", "celu", "selu",
            "prelu", "rrelu", "softsign", "softshrink", "hardshrink", "tanhshrink",
-           "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-           "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
-           "adaptive_max_pool2d", "adaptive_max_pool3d", "lp_pool1d", "lp_pool2d", "interpolate", "upsample",
-           "upsample_nearest", "upsample_bilinear", "contiguous", "clone", "detach", "float", "half", "bfloat16",
+           "contiguous", "clone", "detach", "float", "half", "bfloat16",
            "double", "to", "type", "type_as", "abs", "neg", "sqrt", "square", "sign", "normalize", "nan_to_num",
-           "max_pool2d_with_indices", "clamp", "clamp_min", "clamp_max", "sin", "tan", "arctan", "atan",
+           "clamp", "clamp_min", "clamp_max", "sin", "tan", "arctan", "atan",
            "arcsinh", "asinh", "erf", "sinh", "expm1", "log1p", "trunc", "round")
 def passthrough(ctx: RuleContext) -> Any:
-    """Zero in, zero out, per element (activations, dropout, pooling, casts)."""
-    src = ctx.arg(0, "input")
-    if ctx.node.op == "call_function" and _canon(ctx.node.target) == "clamp":
-        lo = ctx.arg(1, "min")
-        if isinstance(lo, (int, float)) and lo > 0:
-            return UnitMap.ones()
-    if isinstance(ctx.out, tuple):  # pooling with indices: values follow the input, indices are no data
-        return (_fits(ctx.map_of(src), ctx, src), None)
-    return _fits(ctx.map_of(src), ctx, src)
+    """Zero in, zero out, per element (activations, dropout, casts), checked on the op's own arguments."""
+    return _per_element(ctx)
+
+
+_WINDOW_OPS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+               nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+               nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
+               nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+               "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+               "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+               "adaptive_max_pool2d", "adaptive_max_pool3d", "lp_pool1d", "lp_pool2d", "max_pool2d_with_indices",
+               "interpolate", "upsample", "upsample_nearest", "upsample_bilinear")
+
+
+def _window_axes(ctx: RuleContext, ndim: int) -> range:
+    """The trailing axes a window op mixes: as many as its name says (`max_pool2d`: 2), else every axis after
+    batch and channels (`interpolate`)."""
+    key = canonical_key(ctx.node, ctx.module)
+    name = key.__name__ if isinstance(key, type) else str(key)
+    dims = next((d for d in (1, 2, 3) if f"{d}d" in name), ndim - 2)
+    return range(ndim - dims, ndim)
+
+
+@mask_rule(*_WINDOW_OPS)
+def window(ctx: RuleContext) -> Any:
+    """Pooling and resampling: zero in, zero out per channel, but each output position mixes a window of
+    input positions, so the map is kept only when it is the same at every position of the window axes."""
+    src, spec = ctx.arg(0, "input"), ctx.spec(ctx.arg(0, "input"))
+    if isinstance(spec, TensorSpec):
+        for term in ctx.map_of(src).terms:
+            shape = (1,) * (spec.ndim - term.ndim) + tuple(term.shape)
+            if any(shape[d] != 1 for d in _window_axes(ctx, spec.ndim)):
+                return (UnitMap.ones(), None) if isinstance(ctx.out, tuple) else UnitMap.ones()
+    return _per_element(ctx)
 
 
 @mask_rule("pad", nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
@@ -221,6 +275,27 @@ def layout(ctx: RuleContext) -> Any:
         return ctx.call(tuple(args), dict(kwargs))
 
     return maps.apply_layout(run, [ctx.map_of(n) for n in data_nodes], [s.shape for s in specs], ctx.max_terms)
+
+
+@mask_rule("im2col")
+def im2col(ctx: RuleContext) -> UnitMap:
+    """F.unfold: (N, C, H, W) -> (N, C * kernel positions, L), channel-major. A map that is the same at every
+    spatial position repeats each channel's units over its kernel positions (zero padding is zero anyway)."""
+    src, out = ctx.arg(0, "input"), ctx.out
+    spec = ctx.spec(src)
+    if not isinstance(spec, TensorSpec) or not isinstance(out, TensorSpec) or spec.ndim < 3:
+        return UnitMap.ones()
+    kernel = out.shape[-2] // spec.shape[-3]
+    terms = []
+    for term in ctx.map_of(src).terms:
+        term = term.reshape((1,) * (spec.ndim - term.ndim) + tuple(term.shape))
+        if term.shape[-1] != 1 or term.shape[-2] != 1:
+            return UnitMap.ones()
+        per_channel = term.flatten(-3)
+        if per_channel.shape[-1] != 1:
+            per_channel = per_channel.repeat_interleave(kernel, dim=-1)
+        terms.append(per_channel.unsqueeze(-1))
+    return maps.normalise(terms, ctx.max_terms)
 
 
 def _pick(flow: Any, index: Any) -> Any:

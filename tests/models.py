@@ -397,6 +397,53 @@ class DataDependentSubmodule(nn.Module):
         return self.head(F.relu(self.fc2(x)))
 
 
+class ClampActivations(nn.Module):
+    """Clamps as activations: clamp(min=0) keeps zeros, clamp_min(0.1) and Hardtanh(0.1, 1) do not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3, self.fc4 = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 6), nn.Linear(6, 6)
+        self.shifted = nn.Hardtanh(0.1, 1.0)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = self.fc1(x).clamp(min=0)
+        x = torch.clamp_min(self.fc2(x), 0.1)
+        x = self.shifted(self.fc3(x))
+        return self.head(F.relu(self.fc4(x)))
+
+
+class TokenConcatPool(nn.Module):
+    """Two token streams concatenated along the token axis, smoothed by a stride-1 pool over tokens (which mixes
+    neighbouring tokens of both streams), then the first stream's tokens are read back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text, self.image = nn.Linear(3, 6), nn.Linear(5, 6)
+        self.fc = nn.Linear(6, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, text, image):
+        n = text.shape[1]
+        tokens = torch.cat([F.relu(self.text(text)), F.relu(self.image(image))], dim=1)
+        tokens = F.avg_pool1d(tokens.transpose(1, 2), 3, 1, 1).transpose(1, 2)
+        return self.head(F.relu(self.fc(tokens[:, :n])).mean(1))
+
+
+class UnfoldPatches(nn.Module):
+    """F.unfold (im2col) of a feature map into patches, each patch projected by a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 3 * 3, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        patches = F.unfold(F.relu(self.conv(x)), kernel_size=3, padding=1).transpose(1, 2)
+        return self.head(F.relu(self.fc(patches)).mean(1))
+
+
 class Conv3dNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -457,6 +504,9 @@ ZOO: dict[str, tuple[Factory, InputsFactory]] = {
     "chunk_split": (ChunkSplit, lambda: (_randn(4, 6),)),
     "lstm_mha": (RecurrentAndMHA, lambda: (_randn(2, 5, 4),)),
     "data_dependent_submodule": (DataDependentSubmodule, lambda: (_randn(4, 5),)),
+    "clamp_activations": (ClampActivations, lambda: (_randn(4, 5),)),
+    "token_concat_pool": (TokenConcatPool, lambda: (_randn(2, 3, 3), _randn(2, 2, 5))),
+    "unfold_patches": (UnfoldPatches, lambda: (_randn(2, 3, 4, 4),)),
     "conv3d": (Conv3dNet, lambda: (_randn(2, 1, 4, 4, 4),)),
     "embedding_only": (EmbeddingOnly, lambda: (_randint(12, 3, 4),)),
     "embedding_bag": (EmbeddingBag, lambda: (_randint(12, 3, 4),)),
@@ -474,3 +524,16 @@ class RootControlFlow(nn.Module):
         if x.sum() > 0:
             return self.fc(x)
         return self.fc(-x)
+
+
+class UnbatchedConv1d(nn.Module):
+    """Conv1d on an unbatched (channels, length) input, which torch allows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(3, 5, 3, padding=1)
+        self.conv2 = nn.Conv1d(5, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(F.relu(self.conv2(F.relu(self.conv1(x)))).mean(-1))

@@ -13,7 +13,7 @@ from torch.utils import _pytree as pytree
 
 import hatify
 from hatify.maps import ONES
-from models import ZOO, RootControlFlow
+from models import ZOO, RootControlFlow, UnbatchedConv1d
 
 NUM_TASKS = 3
 
@@ -309,6 +309,37 @@ def test_embedding_roles() -> None:
     assert hat.plan.layer("embed").role == "masked"
     assert hat.plan.layer("embed").input_index is None
     assert hat.plan.layer("head").role == "head"
+
+
+def test_clamp_that_moves_zero_breaks_the_flow() -> None:
+    hat = converted("clamp_activations").hat
+    assert_input_index(hat, "fc2", units(hat, "fc1"))          # clamp(min=0): zero stays zero
+    assert hat.plan.layer("fc3").input_producers == []         # clamp_min(0.1): zero becomes 0.1
+    assert hat.plan.layer("fc4").input_producers == []         # Hardtanh(0.1, 1): likewise
+
+
+def test_pooling_across_concatenated_tokens_mixes_them() -> None:
+    hat = converted("token_concat_pool").hat
+    fc = hat.plan.layer("fc")
+    assert fc.input_producers == [] and bool((fc.input_index == ONES).all())
+
+
+def test_unfold_repeats_channel_units_over_kernel_positions() -> None:
+    hat = converted("unfold_patches").hat
+    fc = hat.plan.layer("fc")
+    assert fc.input_map == "repeat_interleave(9)"
+    assert torch.equal(fc.input_index, units(hat, "conv").repeat_interleave(9)[None])
+
+
+@pytest.mark.xfail(strict=True, reason="conv output/input channel axis is hard-coded to 1 (flow._MODULE_PRODUCERS, "
+                                       "plan.flow_axis, validate.probe_flow): an unbatched (C, L) input makes the "
+                                       "conv's units its length and the mask lands on the wrong axis")
+def test_unbatched_conv1d() -> None:
+    model, x = UnbatchedConv1d(), (torch.randn(3, 7),)
+    hat = hatify.hatify(model, num_tasks=2, example_inputs=x)
+    assert hat.plan.layer("conv1").units == 5
+    assert_input_index(hat, "conv2", units(hat, "conv1"))
+    assert hatify.validate(model, hat, x).passed
 
 
 # ------------------------------------------------------------------------------------------ errors
