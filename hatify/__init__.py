@@ -6,10 +6,11 @@
 from .config import HATConfig
 from .convert import explain, hatify
 from .errors import HatifyError
+from .io import load, save
 from .model import HATModel
 from .validate import ValidationResult, masks_open, validate
 
 __version__ = "0.1.0"
 
-__all__ = ["HATConfig", "HATModel", "HatifyError", "ValidationResult", "explain", "hatify", "masks_open",
-           "validate", "__version__"]
+__all__ = ["HATConfig", "HATModel", "HatifyError", "ValidationResult", "explain", "hatify", "load", "masks_open",
+           "save", "validate", "__version__"]

@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 
 from rich.console import Console, ConsoleOptions, RenderResult
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -18,64 +19,121 @@ class Report:
 
     @staticmethod
     def build(hat, seconds: float) -> "Report":
-        plan = hat.plan
-        masked = sum(layer.params for layer in plan.masked_layers)
-        original = sum(layer.params for layer in plan.layers) + sum(m.params for m in plan.modules) + sum(
-            math.prod(p.shape) for p in plan.params if p.policy != "head")
-        summary = {
-            "nodes": plan.node_count, "hat_layers": len(plan.masked_layers),
-            "heads": sum(layer.role == "head" for layer in plan.layers),
-            "mask_units": plan.total_units,
-            "task_indexed_modules": sum(m.policy == "task_indexed" for m in plan.modules),
-            "opaque_modules": [m.name for m in plan.modules if m.reason.startswith("opaque")],
-            "loose_parameters": [p.name for p in plan.params if p.policy != "head"],
-            "unknown_ops": len(plan.unknown), "remasked_norms": len(plan.remask),
-            "original_parameters": original, "parameters_in_hat_layers": masked,
-            "hat_parameter_share": masked / max(1, original),
-            "converted_parameters": sum(p.numel() for p in hat.parameters()),
-            "conversion_seconds": round(seconds, 4),
-        }
-        return Report(hat.net.__class__.__name__, seconds, plan.to_dict(), summary)
+        summary = _summary(hat.plan, seconds, converted=sum(p.numel() for p in hat.parameters()))
+        return Report(hat.net.__class__.__name__, seconds, hat.plan.to_dict(), summary)
+
+    @staticmethod
+    def from_plan(plan, model: str, seconds: float) -> "Report":
+        """The report of a dry run (`hatify.explain`): no converted model, so `converted_parameters` is None."""
+        return Report(model, seconds, plan.to_dict(), _summary(plan, seconds, converted=None))
+
+    @staticmethod
+    def from_dict(data: dict) -> "Report":
+        """The inverse of `to_dict`, for reports read back from a file."""
+        return Report(data["model"], data["summary"]["conversion_seconds"], data["plan"], data["summary"],
+                      data.get("validation"))
 
     def to_dict(self) -> dict:
         return {"model": self.model, "summary": self.summary, "plan": self.plan, "validation": self.validation}
 
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        table = Table(title=f"hatify: {self.model}", show_lines=False)
-        for col in ("layer", "op", "action", "units", "input from", "input map"):
-            table.add_column(col, overflow="fold")
+    def rows(self) -> list[tuple[str, ...]]:
+        """One row per layer, kept module and loose parameter: name, op, action, units, parameters, the
+        producers feeding its input, and its input map (converted layers) or the reason (the rest)."""
+        rows = []
         for layer in self.plan["layers"]:
-            action = "converted" if layer["role"] == "masked" else "head (per task)"
-            table.add_row(layer["name"], layer["op"], action, str(layer["units"]),
-                          ", ".join(layer["input_producers"]) or "-", layer["input_map"] if layer["role"] == "masked"
-                          else "-")
+            masked = layer["role"] == "masked"
+            rows.append((layer["name"], layer["op"], "converted" if masked else "head (per task)",
+                         str(layer["units"]), str(layer["params"]), ", ".join(layer["input_producers"]) or "-",
+                         layer["input_map"] if masked else layer["reason"] or "-"))
         for module in self.plan["modules"]:
             if module["policy"] != "head":
-                table.add_row(module["name"], module["op"], module["policy"], "-", "-", module["reason"])
+                rows.append((module["name"], module["op"], _action(module["policy"], module["reason"]), "-",
+                             str(module["params"]), "-", module["reason"]))
         for param in self.plan["params"]:
             if param["policy"] != "head":
-                table.add_row(param["name"], "parameter", param["policy"], "-", "-", param["reason"])
-        yield table
+                rows.append((param["name"], "parameter", _action(param["policy"], param["reason"]), "-",
+                             str(math.prod(param["shape"])), "-", param["reason"]))
+        return rows
+
+    def headline(self) -> str:
         s = self.summary
-        yield (f"[bold]{s['hat_layers']}[/] HAT layers, {s['heads']} heads, {s['task_indexed_modules']} task-indexed "
-               f"norms, {s['mask_units']} mask units, {s['nodes']} graph nodes; "
-               f"{100 * s['hat_parameter_share']:.1f}% of parameters under HAT control; "
-               f"converted in {s['conversion_seconds']:.2f} s")
-        for name, why in self.plan["opaque"].items():
-            yield f"[yellow]opaque[/] {name}: {why}"
-        for op in self.plan["unknown"]:
-            yield f"[yellow]unknown op[/] {op['node']} ({op['op']}) at {op['line'] or '?'}: {op['reason']}"
+        return (f"{s['hat_layers']} HAT layers, {s['heads']} heads, {s['task_indexed_modules']} task-indexed "
+                f"norms, {s['mask_units']} mask units, {s['nodes']} graph nodes; "
+                f"{100 * s['hat_parameter_share']:.1f}% of parameters under HAT control; "
+                f"{'planned' if s['converted_parameters'] is None else 'converted'} in {s['conversion_seconds']:.2f} s")
+
+    def notes(self) -> list[tuple[str, str]]:
+        """(kind, text) for every opaque boundary, unknown op and the validation verdict."""
+        notes = [("opaque", f"{name}: {why}") for name, why in self.plan["opaque"].items()]
+        notes += [("unknown op", f"{op['node']} ({op['op']}) at {op['line'] or '?'}: {op['reason']}")
+                  for op in self.plan["unknown"]]
         if self.validation:
             v = self.validation
-            verdict = "[green]passed[/]" if v["passed"] else "[red]FAILED[/]"
-            yield (f"validation {verdict}: largest open-mask difference {v['largest_difference']:.3g}, "
-                   f"probe violations {v['probe_violations']}, parameters without gradient "
-                   f"{len(v['missing_gradients'])}")
+            notes.append(("validation", f"{'passed' if v['passed'] else 'FAILED'}: largest open-mask difference "
+                                        f"{v['largest_difference']:.3g} (tolerance {v['tolerance']:.3g}), probe "
+                                        f"violations {v['probe_violations']}, parameters without gradient "
+                                        f"{len(v['missing_gradients'])}"))
+        return notes
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        table = Table(title=f"hatify: {self.model}", show_lines=False)
+        for col in _COLUMNS:
+            table.add_column(col, overflow="fold", justify="right" if col in ("units", "params") else "left")
+        for row in self.rows():
+            table.add_row(*map(escape, row))
+        yield table
+        yield f"[bold]{self.headline()}[/]"
+        styles = {"opaque": "yellow", "unknown op": "yellow", "validation": "green"}
+        for kind, text in self.notes():
+            style = "red" if kind == "validation" and not self.validation["passed"] else styles[kind]
+            yield f"[{style}]{kind}[/] {escape(text)}"
+
+    def to_markdown(self) -> str:
+        """The same report as a Markdown document (a table and the summary)."""
+        def cell(text: str) -> str:
+            return text.replace("|", "\\|").replace("\n", " ")
+
+        lines = [f"# hatify: {self.model}", "", "| " + " | ".join(_COLUMNS) + " |",
+                 "|" + "|".join("---:" if c in ("units", "params") else "---" for c in _COLUMNS) + "|"]
+        lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in self.rows()]
+        lines += ["", self.headline() + "."]
+        notes = self.notes()
+        if notes:
+            lines += [""] + [f"- **{kind}** {cell(text)}" for kind, text in notes]
+        return "\n".join(lines) + "\n"
 
     def __str__(self) -> str:
         console = Console(width=120, record=True, file=_Null())
         console.print(self)
         return console.export_text()
+
+
+_COLUMNS = ("layer", "op", "action", "units", "params", "input from", "input map / reason")
+
+
+def _action(policy: str, reason: str) -> str:
+    if reason.startswith("opaque"):
+        return "opaque, frozen" if policy == "freeze" else "opaque, copied per task"
+    return {"task_indexed": "task-indexed", "per_task": "copied per task", "freeze": "frozen"}.get(policy, policy)
+
+
+def _summary(plan, seconds: float, converted: int | None) -> dict:
+    masked = sum(layer.params for layer in plan.masked_layers)
+    original = sum(layer.params for layer in plan.layers) + sum(m.params for m in plan.modules) + sum(
+        math.prod(p.shape) for p in plan.params if p.policy != "head")
+    return {
+        "nodes": plan.node_count, "hat_layers": len(plan.masked_layers),
+        "heads": sum(layer.role == "head" for layer in plan.layers),
+        "mask_units": plan.total_units,
+        "task_indexed_modules": sum(m.policy == "task_indexed" for m in plan.modules),
+        "opaque_modules": [m.name for m in plan.modules if m.reason.startswith("opaque")],
+        "loose_parameters": [p.name for p in plan.params if p.policy != "head"],
+        "unknown_ops": len(plan.unknown), "remasked_norms": len(plan.remask),
+        "original_parameters": original, "parameters_in_hat_layers": masked,
+        "hat_parameter_share": masked / max(1, original),
+        "converted_parameters": converted,
+        "conversion_seconds": round(seconds, 4),
+    }
 
 
 class _Null:
