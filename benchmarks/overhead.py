@@ -1,0 +1,415 @@
+"""The cost of HAT against the plain model: training step, inference, conversion time and memory.
+
+    .venv/bin/python benchmarks/overhead.py [--threads 1] [--quick] [--only mlp,resnet18]
+
+Plain and HAT run side by side in one process, interleaved (the order rotates every round), with the same
+number of torch threads; every figure is a median over the rounds. Times are process CPU time, which
+other work on the machine barely moves (wall time is in the JSON too); ratios are HAT / plain.
+Training is measured on task 1, after task 0 ended (protection active), loss + `hat.regularization()`,
+SGD with momentum for both. Inference: eval mode, no grad, binary masks, task 0.
+Ablations (HAT without protection, without gates, without the regulariser) say where the overhead goes;
+a torch.profiler table per op for the MLP and resnet18 says which ops.
+Writes benchmarks/results/overhead.json and overhead.md.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import timm
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hatify  # noqa: E402
+from hatify.layers import Gate, MaskBank, Protect, TaskIndexed, TaskParameter  # noqa: E402
+from nets import SmallCNN, mlp, resnet18  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NUM_TASKS = 5
+TARGETS = {"mlp": 1.30, "resnet18": 1.10}   # training-step ratio targets of issue 7
+INFERENCE_TARGET = 1.05
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    classes: int
+    rounds: int          # timed rounds (quick mode: a quarter, at least 3)
+    profile_steps: int   # steps under torch.profiler (0: no profile)
+
+
+CASES = [
+    Case("mlp", lambda: mlp(784, 10), (64, 784), 10, 200, 40),
+    Case("cnn", lambda: SmallCNN(1, 28, 10), (64, 1, 28, 28), 10, 60, 0),
+    Case("resnet18", lambda: resnet18(3, 10), (16, 3, 64, 64), 10, 20, 3),
+    Case("vit_tiny", lambda: timm.create_model("vit_tiny_patch16_224", num_classes=10), (8, 3, 224, 224), 10, 6, 0),
+]
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def measure(variants: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, dict]:
+    """Median CPU and wall seconds of each variant, interleaved; the order rotates every round."""
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                c0, w0 = time.process_time(), time.perf_counter()
+                variants[name]()
+                cpu[name].append(time.process_time() - c0)
+                wall[name].append(time.perf_counter() - w0)
+    finally:
+        gc.enable()
+    return {n: {"cpu_ms": 1e3 * statistics.median(cpu[n]), "wall_ms": 1e3 * statistics.median(wall[n])}
+            for n in names}
+
+
+# ---------------------------------------------------------------------------------------------- ablations
+@contextlib.contextmanager
+def without_protection(hat) -> Iterator[None]:
+    layers = [m for m in hat.modules() if isinstance(m, Protect)]
+    active = [m.active for m in layers]
+    for m in layers:
+        m.active = False
+    try:
+        yield
+    finally:
+        for m, a in zip(layers, active):
+            m.active = a
+
+
+@contextlib.contextmanager
+def without_gates() -> Iterator[None]:
+    forward = Gate.forward
+    Gate.forward = lambda self, x, masks: x
+    try:
+        yield
+    finally:
+        Gate.forward = forward
+
+
+def ablated(step: Callable[[], object], *contexts: Callable[[], contextlib.AbstractContextManager]):
+    def run():
+        with contextlib.ExitStack() as stack:
+            for ctx in contexts:
+                stack.enter_context(ctx())
+            return step()
+    return run
+
+
+# ---------------------------------------------------------------------------------------------- one case
+def prepare(case: Case) -> tuple[nn.Module, object, torch.Tensor, torch.Tensor]:
+    """The plain model and its HAT conversion with task 0 trained and ended, task 1 begun."""
+    torch.manual_seed(0)
+    plain = case.build()
+    x = torch.randn(case.input_shape)
+    y = torch.randint(0, case.classes, (case.input_shape[0],))
+    hat = hatify.hatify(copy.deepcopy(plain), num_tasks=NUM_TASKS, example_inputs=(x[:2],))
+    opt = torch.optim.SGD(hat.parameters(), lr=0.01, momentum=0.9)
+    hat.train()
+    hat.begin_task(0)
+    for b in range(3):
+        loss = F.cross_entropy(hat(x, task_id=0, mask_scale=hat.mask_scale(b, 3)), y) + hat.regularization()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    hat.end_task()
+    hat.train()
+    hat.begin_task(1)
+    return plain, hat, x, y
+
+
+def training_steps(plain: nn.Module, hat, x: torch.Tensor, y: torch.Tensor, regularize: bool = True):
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9)
+    hat_opt = torch.optim.SGD(hat.parameters(), lr=0.01, momentum=0.9)
+    batch = {"b": 0}
+
+    def plain_step():
+        loss = F.cross_entropy(plain(x), y)
+        plain_opt.zero_grad()
+        loss.backward()
+        plain_opt.step()
+
+    def hat_step(reg: bool = regularize):
+        b = batch["b"] = (batch["b"] + 1) % 50
+        loss = F.cross_entropy(hat(x, task_id=1, mask_scale=hat.mask_scale(b, 50)), y)
+        if reg:
+            loss = loss + hat.regularization()
+        hat_opt.zero_grad()
+        loss.backward()
+        hat_opt.step()
+
+    return plain_step, hat_step
+
+
+def memory(plain: nn.Module, hat) -> dict:
+    """Bytes of parameters and buffers, plain against HAT (task 0 ended), by what they are for."""
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    plain_bytes = sum(nbytes(t) for t in list(plain.parameters()) + list(plain.buffers()))
+    parts = {"protection (frozen copy + protect mask)": 0, "per-task copies (norms, heads, loose params)": 0,
+             "mask bank": 0, "gate index maps": 0, "shared weights": 0, "model state (trained, cumulative)": 0}
+    seen: set[int] = set()
+
+    def owner_kind(qualname: str) -> str:
+        module: nn.Module = hat
+        kinds = []
+        for part in qualname.split(".")[:-1]:
+            module = getattr(module, part)
+            kinds.append(type(module))
+        if Protect in kinds:
+            return "protection (frozen copy + protect mask)"
+        if MaskBank in kinds:
+            return "mask bank"
+        if Gate in kinds:
+            return "gate index maps"
+        if TaskIndexed in kinds or TaskParameter in kinds:
+            return "per-task copies (norms, heads, loose params)"
+        if qualname.count(".") == 0:
+            return "model state (trained, cumulative)"
+        return "shared weights"
+
+    for name, tensor in list(hat.named_parameters()) + list(hat.named_buffers()):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        parts[owner_kind(name)] += nbytes(tensor)
+    # Derived at run time, not saved: the bit-select operands of protected weights.
+    cache = sum(nbytes(t) for m in hat.modules() if isinstance(m, Protect)
+                for t in (m.__dict__.get("_selector_cache") or ())[3:])
+    hat_bytes = sum(parts.values())
+    mb = 1 / 2**20
+    return {"plain_mb": plain_bytes * mb, "hat_mb": hat_bytes * mb, "added_mb": (hat_bytes - plain_bytes) * mb,
+            "ratio": hat_bytes / plain_bytes, "runtime_cache_mb": cache * mb,
+            "by_kind_mb": {k: v * mb for k, v in parts.items()}}
+
+
+def profile_ops(plain_step, hat_step, steps: int) -> list[dict]:
+    """Self CPU time per op and step under torch.profiler, plain against HAT, sorted by the difference."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_op: dict[str, dict[str, float]] = {}
+    for label, step in (("plain", plain_step), ("hat", hat_step)):
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        for event in prof.key_averages():
+            row = per_op.setdefault(event.key, {"plain_us": 0.0, "hat_us": 0.0, "hat_calls": 0})
+            row[f"{label}_us"] = event.self_cpu_time_total / steps
+            if label == "hat":
+                row["hat_calls"] = event.count / steps
+    rows = [{"op": op, **v, "extra_us": v["hat_us"] - v["plain_us"]} for op, v in per_op.items()]
+    return sorted(rows, key=lambda r: -r["extra_us"])[:18]
+
+
+def run_case(case: Case, quick: bool) -> dict:
+    rounds = max(3, case.rounds // 4) if quick else case.rounds
+    plain, hat, x, y = prepare(case)
+    plain_step, hat_step = training_steps(plain, hat, x, y)
+    train = measure({
+        "plain": plain_step,
+        "hat": hat_step,
+        "hat - protection": ablated(hat_step, lambda: without_protection(hat)),
+        "hat - protection - gates": ablated(hat_step, lambda: without_protection(hat), without_gates),
+        "hat - protection - gates - regulariser": ablated(lambda: hat_step(False), lambda: without_protection(hat),
+                                                         without_gates),
+    }, rounds)
+    hat.eval()
+    plain.eval()
+
+    @torch.no_grad()
+    def plain_infer():
+        return plain(x)
+
+    @torch.no_grad()
+    def hat_infer():
+        return hat(x, task_id=0)
+
+    infer = measure({"plain": plain_infer, "hat": hat_infer,
+                     "hat - protection": ablated(hat_infer, lambda: without_protection(hat))}, rounds)
+    result = {"input_shape": list(case.input_shape), "rounds": rounds, "train": train, "inference": infer,
+              "train_ratio": train["hat"]["cpu_ms"] / train["plain"]["cpu_ms"],
+              "train_ratio_wall": train["hat"]["wall_ms"] / train["plain"]["wall_ms"],
+              "inference_ratio": infer["hat"]["cpu_ms"] / infer["plain"]["cpu_ms"],
+              "inference_ratio_wall": infer["hat"]["wall_ms"] / infer["plain"]["wall_ms"],
+              "train_target": TARGETS.get(case.name), "inference_target": INFERENCE_TARGET,
+              "conversion_s": hat.report.summary["conversion_seconds"], "memory": memory(plain, hat)}
+    t = {k: v["cpu_ms"] for k, v in train.items()}
+    result["train_breakdown_ms"] = {
+        "protection (Protect bit-select, fwd + bwd)": t["hat"] - t["hat - protection"],
+        "gates (gather + multiply, fwd + bwd, mask-bank backward)":
+            t["hat - protection"] - t["hat - protection - gates"],
+        "regulariser": t["hat - protection - gates"] - t["hat - protection - gates - regulariser"],
+        "rest (mask bank fwd, task-indexed dispatch, fx graph, parametrization call, optimizer on extra params)":
+            t["hat - protection - gates - regulariser"] - t["plain"],
+    }
+    if case.profile_steps:
+        hat.train()
+        plain.train()
+        result["profile"] = profile_ops(plain_step, hat_step, max(2, case.profile_steps // (4 if quick else 1)))
+    return result
+
+
+def conversion_time(name: str = "resnet50", repeats: int = 3) -> dict:
+    model = timm.create_model(name, num_classes=10)
+    x = torch.randn(1, 3, 224, 224)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        hatify.hatify(model, num_tasks=NUM_TASKS, example_inputs=(x,))
+        times.append(time.perf_counter() - start)
+    return {"model": name, "median_s": statistics.median(times), "runs_s": times}
+
+
+# ---------------------------------------------------------------------------------------------- output
+def environment(threads: int) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = "?"
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    return {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
+            "threads": threads, "cpu": cpu, "hatify_commit": commit, "num_tasks": NUM_TASKS}
+
+
+def verdict(ratio: float, target: float | None) -> str:
+    if target is None:
+        return "-"
+    return "met" if ratio <= target else "missed"
+
+
+def render(results: dict, console: Console) -> str:
+    table = Table(title=f"HAT overhead (CPU ms per call, median; {results['env']['threads']} thread(s))")
+    for col in ("model", "input", "train plain", "train HAT", "ratio", "target", "infer plain", "infer HAT",
+                "ratio ", "params+buffers MB", "added MB", "mem ratio"):
+        table.add_column(col, justify="left" if col in ("model", "input") else "right")
+    md = ["# HAT overhead against the plain model", "",
+          f"Command: `{results['command']}`  ", f"Environment: {json.dumps(results['env'])}", "",
+          "CPU milliseconds per call (median of interleaved rounds); ratio = HAT / plain. Training: task 1 with "
+          "protection active, loss + regulariser, SGD momentum. Inference: eval, no grad, binary masks, task 0.", "",
+          "| model | input | train plain | train HAT | ratio | target | infer plain | infer HAT | ratio | target | "
+          "plain MB | HAT MB | added MB | mem ratio | wall ratio train / infer |",
+          "|---|---|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for name, r in results["cases"].items():
+        tr, inf, mem = r["train"], r["inference"], r["memory"]
+        shape = "x".join(map(str, r["input_shape"]))
+        target = r["train_target"]
+        table.add_row(name, shape, f"{tr['plain']['cpu_ms']:.2f}", f"{tr['hat']['cpu_ms']:.2f}",
+                      f"{r['train_ratio']:.3f}", f"<= {target} {verdict(r['train_ratio'], target)}" if target else "-",
+                      f"{inf['plain']['cpu_ms']:.2f}", f"{inf['hat']['cpu_ms']:.2f}", f"{r['inference_ratio']:.3f}",
+                      f"{mem['plain_mb']:.1f} -> {mem['hat_mb']:.1f}", f"{mem['added_mb']:.1f}", f"{mem['ratio']:.2f}")
+        train_target = f"<= {target} {verdict(r['train_ratio'], target)}" if target else "-"
+        md.append(f"| {name} | {shape} | {tr['plain']['cpu_ms']:.2f} | {tr['hat']['cpu_ms']:.2f} | "
+                  f"{r['train_ratio']:.3f} | {train_target} | "
+                  f"{inf['plain']['cpu_ms']:.2f} | {inf['hat']['cpu_ms']:.2f} | {r['inference_ratio']:.3f} | "
+                  f"<= {INFERENCE_TARGET} {verdict(r['inference_ratio'], INFERENCE_TARGET)} | {mem['plain_mb']:.2f} | "
+                  f"{mem['hat_mb']:.2f} | {mem['added_mb']:.2f} | {mem['ratio']:.2f} | "
+                  f"{r['train_ratio_wall']:.3f} / {r['inference_ratio_wall']:.3f} |")
+    console.print(table)
+    conv = results.get("conversion")
+    if conv:
+        line = f"conversion of {conv['model']}: median {conv['median_s']:.2f} s over {len(conv['runs_s'])} runs"
+        console.print(line)
+        md += ["", f"Conversion of timm `{conv['model']}` ({NUM_TASKS} tasks, 1x3x224x224): median "
+                   f"**{conv['median_s']:.2f} s** over {len(conv['runs_s'])} runs "
+                   f"({', '.join(f'{s:.2f}' for s in conv['runs_s'])})."]
+
+    md += ["", "## Where the training overhead goes (ablations, CPU ms per step)", "",
+           "Each row removes one more HAT mechanism from the same model (interleaved with the others); the "
+           "difference is that mechanism's cost.", "",
+           "| model | " + " | ".join(next(iter(results["cases"].values()))["train_breakdown_ms"]) + " | total |",
+           "|---|" + "---:|" * (len(next(iter(results["cases"].values()))["train_breakdown_ms"]) + 1)]
+    breakdown = Table(title="training overhead by mechanism (CPU ms per step)")
+    breakdown.add_column("model")
+    for key in next(iter(results["cases"].values()))["train_breakdown_ms"]:
+        breakdown.add_column(key.split(" (")[0], justify="right")
+    breakdown.add_column("total", justify="right")
+    for name, r in results["cases"].items():
+        parts = r["train_breakdown_ms"]
+        total = r["train"]["hat"]["cpu_ms"] - r["train"]["plain"]["cpu_ms"]
+        breakdown.add_row(name, *(f"{v:.2f}" for v in parts.values()), f"{total:.2f}")
+        md.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in parts.values()) + f" | {total:.2f} |")
+    console.print(breakdown)
+    md += ["", "Inference without the protection pass (an upper bound for caching the protected weights):", ""]
+    for name, r in results["cases"].items():
+        inf = r["inference"]
+        md.append(f"- {name}: {inf['hat - protection']['cpu_ms'] / inf['plain']['cpu_ms']:.3f}x "
+                  f"(with it {r['inference_ratio']:.3f}x)")
+    md += ["", "## Memory", "", "| model | " + " | ".join(next(iter(results["cases"].values()))["memory"]["by_kind_mb"])
+           + " | runtime cache (not saved) |", "|---|" + "---:|" * (len(next(iter(results["cases"].values()))
+                                                                            ["memory"]["by_kind_mb"]) + 1)]
+    for name, r in results["cases"].items():
+        mem = r["memory"]
+        md.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in mem["by_kind_mb"].values())
+                  + f" | {mem['runtime_cache_mb']:.2f} |")
+    for name, r in results["cases"].items():
+        if "profile" not in r:
+            continue
+        md += ["", f"## Profile: {name} training step (self CPU us per step, torch.profiler)", "",
+               "| op | plain | HAT | extra | HAT calls / step |", "|---|---:|---:|---:|---:|"]
+        md += [f"| `{p['op']}` | {p['plain_us']:.1f} | {p['hat_us']:.1f} | {p['extra_us']:.1f} | {p['hat_calls']:.0f} |"
+               for p in r["profile"]]
+    return "\n".join(md) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for plain and HAT alike (default 1)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a quarter of the rounds, shorter profiles (writes overhead_quick.*)")
+    parser.add_argument("--only", default="", help="comma-separated case names (mlp, cnn, resnet18, vit_tiny)")
+    parser.add_argument("--no-conversion", action="store_true", help="skip the resnet50 conversion timing")
+    parser.add_argument("--out", default=str(RESULTS), help="results folder")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    console = Console(width=180)
+    only = set(filter(None, args.only.split(",")))
+    results = {"command": "python benchmarks/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "env": environment(args.threads), "cases": {}}
+    for case in CASES:
+        if only and case.name not in only:
+            continue
+        console.print(f"[bold]{case.name}[/] {case.input_shape} ...")
+        results["cases"][case.name] = run_case(case, args.quick)
+    if not args.no_conversion:
+        results["conversion"] = conversion_time()
+    markdown = render(results, console)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = ("_quick" if args.quick else "") + ("_" + "_".join(sorted(only)) if only else "")
+    (out / f"overhead{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"overhead{suffix}.md").write_text(markdown)
+    console.print(f"wrote {out / f'overhead{suffix}.json'} and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
