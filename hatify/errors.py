@@ -1,4 +1,7 @@
 """The one exception type a user can cause, so callers can catch hatify's complaints in one place."""
+import os
+
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class HatifyError(ValueError):
@@ -16,7 +19,7 @@ def source_line(node) -> str:
     """The user's source line that created `node`, from the stack trace fx recorded while tracing."""
     trace = node.meta.get("stack_trace") or ""
     frames = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File ")
-              and "/torch/" not in ln]
+              and "/torch/" not in ln and _OWN_DIR not in ln]
     if not frames:
         return ""
     # 'File "/path/model.py", line 42, in forward' -> 'model.py:42'

@@ -64,9 +64,9 @@ register_optimizer_step_post_hook(_clamp_after_step)
 def freeze_parameter(module: nn.Module, name: str) -> None:
     """Turn `module.<name>` from a parameter into a buffer holding the same values. The parameter object is
     kept aside, so that `unfreeze_parameter` hands the same object back to an optimizer that holds it."""
-    param = module._parameters.pop(name, None)
-    if param is None:
+    if module._parameters.get(name) is None:  # absent, or a declared-but-None slot (Linear(bias=False))
         return
+    param = module._parameters.pop(name)
     module.register_buffer(name, param.detach().clone())
     module.__dict__.setdefault("_hat_orphans", {})[name] = param
     if hasattr(module, "_init_flat_weights"):  # RNNs cache references to their weights
@@ -247,9 +247,24 @@ class Protect(nn.Module):
 
     def __init__(self, weight: torch.Tensor, protect_shape: tuple[int, ...]) -> None:
         super().__init__()
-        self.register_buffer("frozen", weight.detach().clone())
-        self.register_buffer("protect", torch.zeros(protect_shape, dtype=torch.bool))
+        # Allocated by the first end_task(): before any task is finished nothing is frozen and nothing costs.
+        self.register_buffer("frozen", weight.new_empty(0))
+        self.register_buffer("protect", torch.zeros(0, dtype=torch.bool, device=weight.device))
+        self.protect_shape = tuple(protect_shape)
         self.active = False
+
+    def _allocate(self, effective: torch.Tensor) -> None:
+        if self.frozen.shape != effective.shape:
+            self.frozen = torch.empty_like(effective)
+            self.protect = torch.zeros(self.protect_shape, dtype=torch.bool, device=effective.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("frozen", "protect"):  # a saved model may hold them allocated
+            incoming = state_dict.get(prefix + name)
+            if incoming is not None and incoming.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(incoming, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.active = bool(self.protect.numel() and self.protect.any())
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.active:
@@ -275,6 +290,7 @@ class Protect(nn.Module):
     @torch.no_grad()
     def update(self, effective: torch.Tensor, protect: torch.Tensor) -> None:
         """Freeze the entries `protect` marks at their current effective value (monotone: never unfreezes)."""
+        self._allocate(effective)
         self.frozen.copy_(effective)
         self.protect |= protect.reshape(self.protect.shape)
         self.active = bool(self.protect.any())
@@ -282,6 +298,7 @@ class Protect(nn.Module):
     @torch.no_grad()
     def reset(self, effective: torch.Tensor, protect: torch.Tensor) -> None:
         """Set the frozen entries to exactly `protect` (may release entries, for forget_task)."""
+        self._allocate(effective)
         self.frozen.copy_(effective)
         self.protect.copy_(protect.reshape(self.protect.shape))
         self.active = bool(self.protect.any())

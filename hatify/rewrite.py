@@ -11,9 +11,27 @@ from .plan import LayerPlan, Plan
 TASK_ARG, SCALE_ARG = "hat_task_id", "hat_mask_scale"
 
 
+ROOT_HOLDER = "hat_root_params"
+
+
 def _owner(gm: nn.Module, qualname: str) -> tuple[nn.Module, str]:
+    """The module holding a parameter and its attribute name; parameters of the root live in a holder
+    submodule once protected (a parametrization cannot be put on the GraphModule itself)."""
     path, _, name = qualname.rpartition(".")
+    if not path and ROOT_HOLDER in gm._modules and name in gm._modules[ROOT_HOLDER]._parameters.keys() | set(
+            getattr(gm._modules[ROOT_HOLDER], "parametrizations", {})):
+        return gm._modules[ROOT_HOLDER], name
     return (gm.get_submodule(path) if path else gm), name
+
+
+def _move_root_parameter(gm: fx.GraphModule, name: str) -> None:
+    """Move a root parameter into the holder submodule and point the graph's reads at it."""
+    if ROOT_HOLDER not in gm._modules:
+        gm.add_module(ROOT_HOLDER, nn.Module())
+    gm._modules[ROOT_HOLDER].register_parameter(name, gm._parameters.pop(name))
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target == name:
+            node.target = f"{ROOT_HOLDER}.{name}"
 
 
 def _protect_shape(layer: LayerPlan, weight_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -71,6 +89,8 @@ def rewrite(capture: Capture, plan: Plan) -> fx.GraphModule:
         for qualname in (layer.weight, layer.bias):
             if qualname is None:
                 continue
+            if "." not in qualname:
+                _move_root_parameter(gm, qualname)
             owner, attr = _owner(gm, qualname)
             weight = getattr(owner, attr)
             shape = _protect_shape(layer, tuple(weight.shape)) if qualname == layer.weight else tuple(weight.shape)

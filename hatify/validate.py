@@ -14,7 +14,7 @@ from torch.utils import _pytree as pytree
 from .errors import HatifyError
 from .model import HATModel
 from .plan import LayerPlan
-from .rewrite import SCALE_ARG, TASK_ARG
+from .rewrite import ROOT_HOLDER, SCALE_ARG, TASK_ARG
 
 
 def _unwrap(hat: Any) -> HATModel:
@@ -164,7 +164,7 @@ def original_parameter_map(hat: HATModel) -> dict[str, str]:
         for qualname in (layer.weight, layer.bias):
             if qualname:
                 owner, _, attr = qualname.rpartition(".")
-                mapping[qualname] = f"{owner + '.' if owner else ''}parametrizations.{attr}.original"
+                mapping[qualname] = f"{owner or ROOT_HOLDER}.parametrizations.{attr}.original"
     for module_plan in plan.modules:
         module = hat.net.get_submodule(module_plan.name).copies[0]
         for name, _ in module.named_parameters():
@@ -176,7 +176,7 @@ def original_parameter_map(hat: HATModel) -> dict[str, str]:
 
 def check_gradients(hat: HATModel, inputs: tuple) -> list[str]:
     """Names of original parameters that receive no gradient through the converted model (task 0)."""
-    trial = copy.deepcopy(hat).train()
+    trial = copy.deepcopy(hat).eval()  # eval: norms use running statistics, so a batch of one works too
     params = dict(trial.net.named_parameters())
     mapping = {orig: params[name] for orig, name in original_parameter_map(trial).items()
                if name in params and params[name].requires_grad}

@@ -323,10 +323,6 @@ def test_failed_save_leaves_nothing_behind(tmp_path):
     assert _files(tmp_path) == {"taken"} and _files(tmp_path / "taken") == set()
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "validate.check_gradients runs the model in train mode, so BatchNorm over one value per channel (batch 1, "
-    "1x1 maps, e.g. `hatify convert timm:resnet18 --input-shape 1,3,32,32`) raises a raw ValueError instead of "
-    "validating or raising a HatifyError; the command line then exits 2 with 'unexpected ValueError'"))
 def test_validate_accepts_a_batch_of_one():
     model, x = cli_factories.small_cnn(), torch.randn(1, 3, 1, 1)
     hat = hatify.hatify(model, 2, (x,))

@@ -18,11 +18,7 @@ from models import ZOO, RootControlFlow, UnbatchedConv1d
 NUM_TASKS = 3
 
 # Zoo models whose converted forward is known to fail in a hatify stage these tests may not fix.
-FORWARD_XFAIL = {
-    "functional_params": "rewrite parametrizes a parameter owned by the root GraphModule: parametrize swaps the "
-                         "root's class and GraphModule.__call__ recurses forever (RecursionError); deepcopy of the "
-                         "converted net fails with \"'_CodeOnlyModule' object has no attribute 'conv_w'\"",
-}
+FORWARD_XFAIL: dict[str, str] = {}
 
 
 def zoo_params(xfail: dict[str, str]) -> list:
