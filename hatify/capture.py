@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import copy
 import inspect
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -23,10 +24,9 @@ class Capture:
 
 
 def _timm_notrace() -> tuple[set, tuple]:
-    try:
-        from timm.layers import _fx as timm_fx
-    except ImportError:
+    if "timm" not in sys.modules:  # no timm layer can be in a model built without importing timm
         return set(), ()
+    from timm.layers import _fx as timm_fx
     return set(timm_fx._leaf_modules), tuple(f for f in timm_fx._autowrap_functions if callable(f))
 
 
@@ -95,8 +95,30 @@ class HatTracer(fx.Tracer):
                 del self._attr_cache[key]
 
 
-def capture(model: nn.Module, config: HATConfig, leaf_types: set) -> Capture:
-    """Trace a deep copy of `model` (the original is never modified).
+def _defaults_beyond(model: nn.Module, num_inputs: int | None) -> dict:
+    """Forward arguments the example inputs leave out keep their default values in the trace, so that
+    `if mask is not None:` takes the branch the model really takes instead of the proxy's."""
+    if num_inputs is None:
+        return {}
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    plain = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+             inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for i, p in enumerate(params) if i >= num_inputs and p.kind in plain
+            and p.default is not inspect.Parameter.empty and _is_constant(p.default)}
+
+
+def _is_constant(value: object) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_is_constant(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def capture(model: nn.Module, config: HATConfig, leaf_types: set, num_inputs: int | None = None) -> Capture:
+    """Trace a deep copy of `model` (the original is never modified). With `num_inputs`, forward
+    arguments after the first `num_inputs` are traced at their default values.
 
     Example:
         >>> cap = capture(nn.Sequential(nn.Linear(4, 3)), HATConfig(), set())
@@ -111,7 +133,8 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set) -> Capture:
     tracer = HatTracer(leaf_types | timm_leaves | extra_types, extra_names, autowrap)
     root = copy.deepcopy(model).eval()
     try:
-        graph = tracer.trace(root, concrete_args=config.concrete_args)
+        concrete = {**_defaults_beyond(model, num_inputs), **(config.concrete_args or {})}
+        graph = tracer.trace(root, concrete_args=concrete or None)
     except Exception as exc:
         raise HatifyError(
             f"{type(model).__name__}.forward cannot be traced by torch.fx even with opaque-leaf fallbacks "

@@ -14,7 +14,7 @@ from .flow import analyse, find_producers
 from .model import HATModel
 from .plan import Plan, make_plan
 from .rewrite import rewrite
-from .rules import MODULE_LEAVES
+from .rules import MODULE_LEAVES, register_timm_rules
 from .shapes import infer_example_inputs, propagate
 
 
@@ -48,7 +48,8 @@ def explain(model: nn.Module, num_tasks: int, example_inputs: Any = None, config
 
 
 def _plan(model, num_tasks, example_inputs, config):
-    cap = capture(model, config, set(MODULE_LEAVES))
+    register_timm_rules()
+    cap = capture(model, config, set(MODULE_LEAVES), len(example_inputs))
     propagate(cap.graph_module, example_inputs)
     flow = analyse(cap.graph_module, find_producers(cap.graph_module, config), config)
     return cap, make_plan(cap, flow, num_tasks, config)

@@ -215,7 +215,7 @@ def _other_parameters(gm: fx.GraphModule, layers: list[LayerPlan], capture: Capt
         seen_modules.add(node.target)
         if layer is not None:
             modules.append(ModulePlan(node.target, type(module).__name__, "head", layer.reason, count))
-        elif isinstance(module, NORM_MODULES) and type(module) in NORM_MODULES and count + _buffers(module):
+        elif type(module) in NORM_MODULES and count + _buffers(module):
             modules.append(ModulePlan(node.target, type(module).__name__, "task_indexed",
                                       "normalisation: affine parameters and statistics per task", count))
         elif count:

@@ -8,6 +8,7 @@ report entry.
 from __future__ import annotations
 
 import operator
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -394,31 +395,15 @@ def unknown_by_design(ctx: RuleContext) -> UnitMap:
     return UnitMap.ones()
 
 
-def _norm_keys() -> list:
-    keys: list = [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm,
-                  nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm,
-                  "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"]
-    if hasattr(nn, "RMSNorm"):
-        keys.append(nn.RMSNorm)
-    try:
-        from timm.layers import norm, norm_act
-        keys += [getattr(norm_act, n) for n in dir(norm_act)
-                 if isinstance(getattr(norm_act, n), type) and issubclass(getattr(norm_act, n), nn.Module)
-                 and getattr(norm_act, n).__module__ == norm_act.__name__ and "Norm" in n]
-        keys += [getattr(norm, n) for n in ("LayerNorm", "LayerNorm2d", "LayerNormFp32", "LayerNorm2dFp32",
-                                            "GroupNorm", "GroupNorm1", "RmsNorm", "RmsNorm2d", "SimpleNorm",
-                                            "SimpleNorm2d", "RmsNormFp32", "RmsNorm2dFp32") if hasattr(norm, n)]
-    except ImportError:
-        pass
-    return list(dict.fromkeys(keys))
-
-
-NORM_MODULES = tuple(k for k in _norm_keys() if isinstance(k, type))
+_TORCH_NORMS = [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm,
+                nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm,
+                *([nn.RMSNorm] if hasattr(nn, "RMSNorm") else []),
+                "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"]
+NORM_MODULES: set[type] = set()
 # Per-channel ops after which a producer's mask may be applied (no mixing across channels).
-PER_CHANNEL_MODULES = tuple(k for k in NORM_MODULES if "Batch" in k.__name__)
+PER_CHANNEL_MODULES: set[type] = set()
 
 
-@mask_rule(*_norm_keys(), remask=True)
 def norm(ctx: RuleContext) -> UnitMap:
     """Normalisation: zeros are not kept, so hatify re-applies the input's masks right after the norm;
     with that, the output's map is the input's."""
@@ -426,4 +411,36 @@ def norm(ctx: RuleContext) -> UnitMap:
     return _fits(ctx.map_of(src), ctx, src)
 
 
-MODULE_LEAVES = frozenset(k for k in RULES if isinstance(k, type))
+def _register_norms(keys: list) -> None:
+    mask_rule(*keys, remask=True)(norm)
+    for key in keys:
+        if isinstance(key, type):
+            NORM_MODULES.add(key)
+            MODULE_LEAVES.add(key)
+            if "Batch" in key.__name__:
+                PER_CHANNEL_MODULES.add(key)
+
+
+_timm_registered = False
+
+
+def register_timm_rules() -> None:
+    """timm's norm and norm+act classes (matched exactly). Registered once timm is in use: a model can only
+    hold timm layers if timm was imported, and importing it costs seconds that hatify alone need not pay."""
+    global _timm_registered
+    if _timm_registered or "timm" not in sys.modules:
+        return
+    _timm_registered = True
+    from timm.layers import norm as timm_norm, norm_act
+
+    keys = [cls for name, cls in vars(norm_act).items() if isinstance(cls, type) and issubclass(cls, nn.Module)
+            and cls.__module__ == norm_act.__name__ and "Norm" in name]
+    keys += [getattr(timm_norm, n) for n in ("LayerNorm", "LayerNorm2d", "LayerNormFp32", "LayerNorm2dFp32",
+                                             "GroupNorm", "GroupNorm1", "RmsNorm", "RmsNorm2d", "SimpleNorm",
+                                             "SimpleNorm2d", "RmsNormFp32", "RmsNorm2dFp32")
+             if hasattr(timm_norm, n)]
+    _register_norms(list(dict.fromkeys(k for k in keys if k not in RULES)))
+
+
+MODULE_LEAVES: set[type] = {k for k in RULES if isinstance(k, type)}
+_register_norms(_TORCH_NORMS)
