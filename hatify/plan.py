@@ -129,6 +129,9 @@ def _describe(index: torch.Tensor, producers: list[Producer]) -> tuple[list[str]
             rep = row.numel() // p.units
             if torch.equal(local, torch.arange(p.units).repeat_interleave(rep)):
                 return names, f"repeat_interleave({rep})"
+        start = int(local[0])
+        if torch.equal(local, torch.arange(start, start + local.numel())):
+            return names, f"slice [{start}:{start + local.numel()}]"
     if len(names) > 1:
         return names, f"concat of {len(names)}{partial}"
     return names, f"index map{partial}"
