@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test bench clean
+.PHONY: install test bench zoo clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,9 @@ bench: install
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/continual.py
+
+zoo: install
+	$(PY) benchmarks/timm_zoo.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
