@@ -17,7 +17,8 @@ Methods, all trained with the same loop, data order and optimizer (one SGD, reus
 Metrics: accuracy matrix R[i][j] (test accuracy on task j after task i, binary masks for HAT), ACC, BWT,
 forgetting (`hatify.metrics.summarize`), capacity used per task (`hat.capacity()`), and the number of
 batches until a task's test accuracy first reaches the benchmark's target (probed every few batches).
-Writes benchmarks/results/continual.json, continual.md and continual_*.png (continual_quick.* with --quick).
+Writes benchmarks/results/continual.json, continual.md and continual_*.png (continual_quick.* with --quick; --full
+and --only add their own suffix).
 """
 from __future__ import annotations
 
@@ -414,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = aggregate(runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    prefix = "continual_quick" if args.quick else "continual"
+    prefix = "continual" + ("_quick" if args.quick else "") + ("_full" if args.full else "") + (
+        "_" + "_".join(sorted(only)) if only else "")
     meta = {"command": "python benchmarks/continual.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "settings": {"seeds": seeds, "optimizer": "SGD momentum 0.9, one for all tasks, clip 10000",
                          "benchmarks": {b.name: {"epochs": max(1, b.epochs // 3) if args.quick else b.epochs,
