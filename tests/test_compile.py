@@ -63,3 +63,24 @@ def test_float16_autocast_with_grad_scaler_keeps_old_tasks():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
         for t, expected in after.items():
             assert torch.equal(hat(x, task_id=t), expected)
+
+
+def test_switching_task_and_scale_does_not_recompile_once_each_task_was_seen():
+    """Each task id compiles once (per-task modules are picked by a Python int); after that, switching task
+    ids and mask scales reuses the compiled graphs."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.randn(8, 12)
+    hat = hatify.hatify(_mlp(), num_tasks=3, example_inputs=(x[:2],)).eval()
+    compiled = torch.compile(hat)
+    with torch.no_grad():
+        for t in range(3):  # warm-up: first visit of every task id, binary and two soft scales
+            for s in (None, 1.0, 2.0):
+                compiled(x, task_id=t, mask_scale=s)
+        warm = counters["stats"]["unique_graphs"]
+        for t in (2, 0, 1, 0, 2):
+            for s in (None, 0.5, 3.0, 400.0):
+                compiled(x, task_id=t, mask_scale=s)
+    assert counters["stats"]["unique_graphs"] == warm
