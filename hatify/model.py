@@ -119,6 +119,9 @@ class HATModel(nn.Module):
         t = self.current_task
         if t is None:
             raise HatifyError("end_task() without begin_task(t)")
+        if any(type(p).__name__ == "DTensor" for p in self.parameters()):
+            raise HatifyError("end_task() needs the full parameters, but this model is sharded (FSDP fully_shard): "
+                              "FSDP is not supported yet; train with DistributedDataParallel instead")
         with torch.no_grad():
             _sync_buffers(self)
             used = self.masks.embedding(t).detach() > 0
