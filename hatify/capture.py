@@ -4,23 +4,29 @@ from __future__ import annotations
 import collections
 import copy
 import inspect
+import os
 import sys
+import traceback
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
+from .concrete import (MISSING, VALUE, evaluate, is_python_value, proxy_class, specialization, traced_sizes,
+                       value_of)
 from .config import HATConfig
-from .errors import HatifyError
+from .errors import _OWN_DIR, HatifyError
 
 
 @dataclass
 class Capture:
-    """The traced copy of the model. `opaque` maps a module path to why it could not be traced through."""
+    """The traced copy of the model. `opaque` maps a module path to why it could not be traced through;
+    `specialized` lists where Python control flow was resolved at the example inputs' shapes."""
 
     graph_module: fx.GraphModule
     opaque: dict[str, str] = field(default_factory=dict)
     mode_leaves: list[str] = field(default_factory=list)
+    specialized: list[dict] = field(default_factory=list)
 
 
 def _timm_notrace() -> tuple[set, tuple]:
@@ -42,17 +48,66 @@ def _reads_training_flag(module: nn.Module) -> bool:
 
 
 class HatTracer(fx.Tracer):
-    """torch.fx tracer that honours timm's no-trace registries and the rule registry's module types,
-    and turns a submodule that cannot be traced into an opaque leaf instead of failing the model."""
+    """torch.fx tracer that keeps the rule registry's module types whole and turns a submodule that cannot
+    be traced into an opaque leaf instead of failing the model.
 
-    def __init__(self, leaf_types: set, leaf_names: set, autowrap: tuple) -> None:
+    With `inputs` (forward argument name -> example value) it traces concretely: every node carries its
+    example value, and control flow on shapes is resolved at those shapes (see `hatify.concrete`)."""
+
+    def __init__(self, leaf_types: set, leaf_names: set, autowrap: tuple, inputs: dict | None = None) -> None:
         super().__init__(autowrap_functions=autowrap)
         self.record_stack_traces = True
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
+        self.inputs = inputs
         self.opaque: dict[str, str] = {}
         self.mode_leaves: list[str] = []
+        self.specialized: list[dict] = []
         self._attr_cache: dict | None = None
+        self._evaluating = False
+
+    # ------------------------------------------------------------------------------ concrete values
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        if self.inputs is None:
+            return super().proxy(node)
+        return proxy_class(value_of(node))(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if self.inputs is not None and kind in ("call_function", "call_method") and value_of(proxy) is None \
+                and not getattr(target, "__name__", "").startswith("_assert"):
+            # An optional result that is absent (a leaf's `None` output, a slot of a returned tuple): the
+            # model branches on `is None`, which a proxy would always fail.
+            self.specialize(proxy.node, "none", None)
+            return None
+        return proxy
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if self.inputs is not None and kind != "output":
+            self._evaluating = True  # the replay runs eagerly: no module call or attribute read is traced
+            try:
+                node.meta[VALUE] = evaluate(node, self.root, self.inputs)
+            finally:
+                self._evaluating = False
+        return node
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        value = value_of(obj)
+        if self.inputs is None or value is MISSING or not is_python_value(value):
+            return super().to_bool(obj)
+        self.specialize(obj.node, "bool", value)
+        return bool(value)
+
+    def iter(self, obj: fx.Proxy):
+        value = value_of(obj)
+        if self.inputs is None or not isinstance(value, (tuple, list)):
+            return super().iter(obj)
+        self.specialize(obj.node, "iter", len(value))
+        return iter([obj[i] for i in range(len(value))])
+
+    def specialize(self, node: fx.Node, what: str, value) -> None:
+        self.specialized.append(specialization(node, what, value))
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if type(m) in self.leaf_types or qualname in self.leaf_names or qualname in self.opaque:
@@ -64,10 +119,14 @@ class HatTracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if self._evaluating:
+            return attr_val
         self._attr_cache = parameter_proxy_cache
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def call_module(self, m, forward, args, kwargs):
+        if self._evaluating:
+            return forward(*args, **kwargs)
         qualname = self.path_of_module(m)
         if self.is_leaf_module(m, qualname):
             return super().call_module(m, forward, args, kwargs)
@@ -78,8 +137,14 @@ class HatTracer(fx.Tracer):
         except Exception as exc:  # any failure inside: this submodule becomes an opaque leaf
             self._rollback(last)
             self.module_stack, self.num_calls = stack, calls
-            self.opaque[qualname] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            for inner in [name for name in self.opaque if name.startswith(qualname + ".")]:
+                del self.opaque[inner]  # now inside this leaf
+            self.opaque[qualname] = untraceable(exc)
             return super().call_module(m, forward, args, kwargs)
+
+    def trace(self, root, concrete_args=None) -> fx.Graph:
+        with traced_sizes(self):
+            return super().trace(root, concrete_args)
 
     def _rollback(self, last: fx.Node) -> None:
         created = []
@@ -88,11 +153,22 @@ class HatTracer(fx.Tracer):
             created.append(node)
             node = node.next
         erased = set(created)
+        names = {n.name for n in created}
+        self.specialized = [entry for entry in self.specialized if entry["node"] not in names]
         for node in reversed(created):
             self.graph.erase_node(node)
         if self._attr_cache is not None:
             for key in [k for k, proxy in self._attr_cache.items() if proxy.node in erased]:
                 del self._attr_cache[key]
+
+
+def untraceable(exc: BaseException) -> str:
+    """Stable reason code, the failure, and the model's source line where tracing stopped."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "/torch/" not in f.filename and not f.filename.startswith(_OWN_DIR)]
+    where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"untraceable{where}: {type(exc).__name__}: {text}"
 
 
 def _defaults_beyond(model: nn.Module, num_inputs: int | None) -> dict:
@@ -116,22 +192,26 @@ def _is_constant(value: object) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
-def capture(model: nn.Module, config: HATConfig, leaf_types: set, num_inputs: int | None = None) -> Capture:
-    """Trace a deep copy of `model` (the original is never modified). With `num_inputs`, forward
-    arguments after the first `num_inputs` are traced at their default values.
+def capture(model: nn.Module, config: HATConfig, leaf_types: set, example_inputs: tuple | int | None = None) -> Capture:
+    """Trace a deep copy of `model` (the original is never modified). Forward arguments after the example
+    inputs are traced at their default values. Given the example inputs themselves (not only their number)
+    the trace is concrete: shape-dependent control flow is resolved at their shapes, so timm's no-trace
+    modules and wrapped helpers are traced through (each still falls back to an opaque leaf if it fails).
 
     Example:
-        >>> cap = capture(nn.Sequential(nn.Linear(4, 3)), HATConfig(), set())
+        >>> cap = capture(nn.Sequential(nn.Linear(4, 3)), HATConfig(), set(), (torch.randn(2, 4),))
         >>> [n.op for n in cap.graph_module.graph.nodes]
         ['placeholder', 'call_module', 'output']
     """
     if not isinstance(model, nn.Module):
         raise HatifyError(f"hatify needs an nn.Module, got {type(model).__name__}")
-    timm_leaves, autowrap = _timm_notrace()
+    num_inputs = example_inputs if isinstance(example_inputs, int) or example_inputs is None else len(example_inputs)
+    root = copy.deepcopy(model).eval()
+    inputs = None if isinstance(example_inputs, int) or example_inputs is None else _bind(root, example_inputs)
+    timm_leaves, autowrap = _timm_notrace() if inputs is None else (set(), ())
     extra_types = {m for m in config.leaf_modules if isinstance(m, type)}
     extra_names = {m for m in config.leaf_modules if isinstance(m, str)}
-    tracer = HatTracer(leaf_types | timm_leaves | extra_types, extra_names, autowrap)
-    root = copy.deepcopy(model).eval()
+    tracer = HatTracer(leaf_types | timm_leaves | extra_types, extra_names, autowrap, inputs)
     try:
         concrete = {**_defaults_beyond(model, num_inputs), **(config.concrete_args or {})}
         graph = tracer.trace(root, concrete_args=concrete or None)
@@ -141,5 +221,15 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set, num_inputs: in
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Move the data-dependent "
             "control flow into a submodule, or pass HATConfig(concrete_args=...) for the arguments it branches on."
         ) from exc
+    finally:
+        for node in tracer.graph.nodes if getattr(tracer, "graph", None) is not None else ():
+            node.meta.pop(VALUE, None)  # example activations and parameters must not ride along
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
-    return Capture(gm, dict(tracer.opaque), list(tracer.mode_leaves))
+    return Capture(gm, dict(tracer.opaque), list(tracer.mode_leaves), list(tracer.specialized))
+
+
+def _bind(root: nn.Module, example_inputs: tuple) -> dict:
+    try:
+        return dict(inspect.signature(root.forward).bind_partial(*example_inputs).arguments)
+    except (TypeError, ValueError):
+        return {}

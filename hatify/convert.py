@@ -49,7 +49,7 @@ def explain(model: nn.Module, num_tasks: int, example_inputs: Any = None, config
 
 def _plan(model, num_tasks, example_inputs, config):
     register_timm_rules()
-    cap = capture(model, config, set(MODULE_LEAVES), len(example_inputs))
+    cap = capture(model, config, set(MODULE_LEAVES), example_inputs)
     propagate(cap.graph_module, example_inputs)
     flow = analyse(cap.graph_module, find_producers(cap.graph_module, config), config)
     return cap, make_plan(cap, flow, num_tasks, config)

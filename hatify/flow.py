@@ -2,6 +2,7 @@
 cover every tensor of the graph (as unit maps), following the rule registry."""
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +103,9 @@ def _param_root(node: Any, gm: fx.GraphModule) -> tuple[str | None, bool]:
             except AttributeError:
                 pass
         stack.extend(n.all_input_nodes)
+    if len(params) > 1:  # weight standardisation with a gain: the weight is the parameter of the same shape
+        spec = node.meta.get("hat_spec")
+        params = {p for p in params if isinstance(spec, TensorSpec) and tuple(gm.get_parameter(p).shape) == spec.shape}
     return (params.pop(), True) if len(params) == 1 else (None, False)
 
 
@@ -213,6 +217,8 @@ def analyse(gm: fx.GraphModule, producers: list[Producer], config: HATConfig) ->
             spec = _spec_by_name(gm, site.apply_after)
             mask_at[site.apply_after] = UnitMap.units(p.offset, p.units, spec.ndim, p.out_axis % spec.ndim)
     producer_nodes = {site.node for p in producers for site in p.sites}
+    # A tensor written in place by item assignment holds whatever was written: unknown.
+    written = {n.args[0] for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.setitem}
     flows: dict[fx.Node, Any] = {}
     remask: dict[str, UnitMap] = {}
     unknown: list[UnknownOp] = []
@@ -221,7 +227,7 @@ def analyse(gm: fx.GraphModule, producers: list[Producer], config: HATConfig) ->
         if node.name in mask_at:
             flows[node] = mask_at[node.name]
             continue
-        if node.op in ("placeholder", "get_attr", "output") or node.name in producer_nodes:
+        if node.op in ("placeholder", "get_attr", "output") or node.name in producer_nodes or node in written:
             flows[node] = UnitMap.ones() if isinstance(spec, TensorSpec) else None
             continue
         if not _has_tensor(spec):

@@ -80,6 +80,8 @@ class Plan:
     mode_leaves: list[str]
     total_units: int
     node_count: int
+    # Where the trace resolved Python control flow at the example inputs' shapes (reason, node, line).
+    specialized: list[dict] = field(default_factory=list)
 
     def layer(self, name: str) -> LayerPlan:
         for layer in self.layers:
@@ -98,7 +100,7 @@ class Plan:
                     {**vars(p), "shape": list(p.shape)} for p in self.params],
                 "remask": sorted(self.remask), "unknown": [vars(u) for u in self.unknown],
                 "opaque": self.opaque, "mode_leaves": self.mode_leaves, "total_units": self.total_units,
-                "node_count": self.node_count}
+                "node_count": self.node_count, "specialized": self.specialized}
 
 
 def stacked_index(unit_map: UnitMap, ones_index: int) -> torch.Tensor:
@@ -188,7 +190,7 @@ def make_plan(capture: Capture, flow: Flow, num_tasks: int, config: HATConfig) -
     remask = {name: stacked_index(m, ones_index) for name, m in flow.remask.items() if name not in gates}
     modules, params = _other_parameters(gm, layers, capture, config)
     return Plan(num_tasks, config, layers, modules, params, gates, remask, flow.unknown, dict(capture.opaque),
-                list(capture.mode_leaves), flow.total_units, len(gm.graph.nodes))
+                list(capture.mode_leaves), flow.total_units, len(gm.graph.nodes), list(capture.specialized))
 
 
 def flow_axis(layer: LayerPlan, spec: TensorSpec) -> int:
