@@ -62,6 +62,7 @@ CASES = [
     Case("mlp_b256", lambda: mlp(784, 10), (256, 784), 10, 150, 0),
     Case("cnn", lambda: SmallCNN(1, 28, 10), (64, 1, 28, 28), 10, 100, 0),
     Case("resnet18", lambda: resnet18(3, 10), (16, 3, 64, 64), 10, 30, 3),
+    Case("resnet18_b32_128", lambda: resnet18(3, 10), (32, 3, 128, 128), 10, 8, 0),
     Case("vit_tiny", lambda: timm.create_model("vit_tiny_patch16_224", num_classes=10), (8, 3, 224, 224), 10, 10, 0),
 ]
 
@@ -211,6 +212,26 @@ def memory(plain: nn.Module, hat) -> dict:
             "by_kind_mb": {k: v * mb for k, v in parts.items()}}
 
 
+def protection_alone(hat, rounds: int) -> dict:
+    """CPU ms of every `Protect` of the model on its own: forward, and forward + backward (gradient of ones)."""
+    layers = [(p[0], p.original) for p in hat.modules()
+              if isinstance(p, parametrize.ParametrizationList) and isinstance(p[0], Protect)]
+
+    def forward():
+        with torch.no_grad():
+            for protect, raw in layers:
+                protect(raw)
+
+    def forward_backward():
+        for protect, raw in layers:
+            out = protect(raw)
+            out.backward(torch.ones_like(out))
+        hat.zero_grad(set_to_none=True)
+
+    timed = measure({"forward": forward, "forward + backward": forward_backward}, rounds)
+    return {k: v["cpu_ms"] for k, v in timed.items()}
+
+
 def profile_ops(plain_step, hat_step, steps: int) -> list[dict]:
     """Self CPU time per op and step under torch.profiler, plain against HAT, sorted by the difference."""
     from torch.profiler import ProfilerActivity, profile
@@ -276,6 +297,7 @@ def run_case(case: Case, quick: bool) -> dict:
         "rest (mask bank fwd, task-indexed dispatch, fx graph, parametrization call, optimizer on extra params)":
             t["hat - regulariser - protection - gates"] - t["plain"],
     }
+    result["protection_isolated_ms"] = protection_alone(hat, rounds)
     if case.profile_steps:
         hat.train()
         plain.train()
@@ -367,6 +389,10 @@ def render(results: dict, console: Console) -> str:
         breakdown.add_row(name, *(f"{v:.2f}" for v in parts.values()), f"{total:.2f}")
         md.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in parts.values()) + f" | {total:.2f} |")
     console.print(breakdown)
+    md += ["", "Protection alone (every `Protect` of the model run by itself, CPU ms: forward / forward + "
+               "backward with a gradient of ones, which includes allocating that gradient):", ""]
+    md += [f"- {name}: {r['protection_isolated_ms']['forward']:.2f} / {r['protection_isolated_ms']['forward + backward']:.2f}"
+           for name, r in results["cases"].items()]
     md += ["", "Inference without the protection pass (HAT with `Protect` switched off, not a usable mode: the "
                "upper bound of any caching of the protected weights); the `parametrize.cached()` column above is "
                "the usable form: `with torch.no_grad(), torch.nn.utils.parametrize.cached(): hat(x, task_id=t)`.", ""]
@@ -398,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
                              "thread keeps process CPU time a faithful measure)")
     parser.add_argument("--quick", action="store_true",
                         help="a quarter of the rounds, shorter profiles (writes overhead_quick.*)")
-    parser.add_argument("--only", default="", help="comma-separated case names (mlp, mlp_b256, cnn, resnet18, vit_tiny)")
+    parser.add_argument("--only", default="", help="comma-separated case names (mlp, mlp_b256, cnn, resnet18, "
+                                                   "resnet18_b32_128, vit_tiny)")
     parser.add_argument("--no-conversion", action="store_true", help="skip the resnet50 conversion timing")
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
     args = parser.parse_args(argv)
