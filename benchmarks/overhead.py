@@ -355,7 +355,8 @@ def render(results: dict, console: Console) -> str:
         table.add_row(name, shape, f"{tr['plain']['cpu_ms']:.2f}", f"{tr['hat']['cpu_ms']:.2f}",
                       f"{r['train_ratio']:.3f}", f"<= {target} {verdict(r['train_ratio'], target)}" if target else "-",
                       f"{inf['plain']['cpu_ms']:.2f}", f"{inf['hat']['cpu_ms']:.2f}", f"{r['inference_ratio']:.3f}",
-                      f"{r['inference_cached_ratio']:.3f}", f"{mem['plain_mb']:.1f} -> {mem['hat_mb']:.1f}", f"{mem['added_mb']:.1f}", f"{mem['ratio']:.2f}")
+                      f"{r['inference_cached_ratio']:.3f}", f"{mem['plain_mb']:.1f} -> {mem['hat_mb']:.1f}",
+                      f"{mem['added_mb']:.1f}", f"{mem['ratio']:.2f}")
         train_target = f"<= {target} {verdict(r['train_ratio'], target)}" if target else "-"
         md.append(f"| {name} | {shape} | {tr['plain']['cpu_ms']:.2f} | {tr['hat']['cpu_ms']:.2f} | "
                   f"{r['train_ratio']:.3f} | {train_target} | "
@@ -391,8 +392,9 @@ def render(results: dict, console: Console) -> str:
     console.print(breakdown)
     md += ["", "Protection alone (every `Protect` of the model run by itself, CPU ms: forward / forward + "
                "backward with a gradient of ones, which includes allocating that gradient):", ""]
-    md += [f"- {name}: {r['protection_isolated_ms']['forward']:.2f} / {r['protection_isolated_ms']['forward + backward']:.2f}"
-           for name, r in results["cases"].items()]
+    for name, r in results["cases"].items():
+        alone = r["protection_isolated_ms"]
+        md.append(f"- {name}: {alone['forward']:.2f} / {alone['forward + backward']:.2f}")
     md += ["", "Inference without the protection pass (HAT with `Protect` switched off, not a usable mode: the "
                "upper bound of any caching of the protected weights); the `parametrize.cached()` column above is "
                "the usable form: `with torch.no_grad(), torch.nn.utils.parametrize.cached(): hat(x, task_id=t)`.", ""]
