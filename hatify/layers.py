@@ -124,7 +124,15 @@ class MaskBank(nn.Module):
         elif self.override is not None:
             m = self.override
         elif mask_scale is None:
+            key = (e.data_ptr(), e._version, e.dtype)
+            cached = None if torch.compiler.is_compiling() else self.__dict__.get("_binary_cache", {}).get(task_id)
+            if cached is not None and cached[0] == key:  # binary masks change only when the embedding does
+                return cached[1]
             m = (e > 0).to(e.dtype)
+            out = torch.cat([m, m.new_ones(1)])
+            if not torch.compiler.is_compiling():
+                self.__dict__.setdefault("_binary_cache", {})[task_id] = (key, out)
+            return out
         else:
             m = CompensatedSigmoid.apply(e, float(mask_scale), self.s_max)
             if self.training:
@@ -269,6 +277,18 @@ class Protect(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return weight
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._select(weight)
+        # Inference: the effective weight only changes when the weight or the buffers are written.
+        key = (weight.data_ptr(), weight._version, weight.dtype, self.frozen.data_ptr(), self.frozen._version,
+               self.protect.data_ptr(), self.protect._version)
+        cached = self.__dict__.get("_eval_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self._select(weight))
+            self.__dict__["_eval_cache"] = cached
+        return cached[1]
+
+    def _select(self, weight: torch.Tensor) -> torch.Tensor:
         bits = _BITS.get(weight.element_size())
         if bits is None or weight.is_complex():
             return torch.where(self.protect, self.frozen.to(weight.dtype), weight)
