@@ -202,9 +202,11 @@ def memory(plain: nn.Module, hat) -> dict:
             continue
         seen.add(id(tensor))
         parts[owner_kind(name)] += nbytes(tensor)
-    # Derived at run time, not saved: the bit-select operands of protected weights.
+    # Derived at run time, not saved: the bit-select operands of protected weights, and the effective weights
+    # kept for inference.
     cache = sum(nbytes(t) for m in hat.modules() if isinstance(m, Protect)
-                for t in (m.__dict__.get("_selector_cache") or ())[3:])
+                for t in [*(m.__dict__.get("_selector_cache") or ())[3:], *(m.__dict__.get("_eval_cache") or ())[1:]]
+                if isinstance(t, torch.Tensor))
     hat_bytes = sum(parts.values())
     mb = 1 / 2**20
     return {"plain_mb": plain_bytes * mb, "hat_mb": hat_bytes * mb, "added_mb": (hat_bytes - plain_bytes) * mb,
