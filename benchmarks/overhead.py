@@ -7,7 +7,7 @@ number of torch threads; every figure is a median over the rounds. Times are pro
 other work on the machine barely moves (wall time is in the JSON too); ratios are HAT / plain.
 Training is measured on task 1, after task 0 ended (protection active), loss + `hat.regularization()`,
 SGD with momentum for both. Inference: eval mode, no grad, binary masks, task 0; also inside torch's
-`parametrize.cached()`, which computes each protected weight once per block.
+`parametrize.cached()`, which computes each protected weight once per `with` block.
 Ablations (HAT without protection, without gates, without the regulariser) say where the overhead goes;
 a torch.profiler table per op for the MLP and resnet18 says which ops.
 Writes benchmarks/results/overhead.json and overhead.md.
@@ -219,10 +219,9 @@ def protection_alone(hat, rounds: int) -> dict:
     layers = [(p[0], p.original) for p in hat.modules()
               if isinstance(p, parametrize.ParametrizationList) and isinstance(p[0], Protect)]
 
-    def forward():
-        with torch.no_grad():
-            for protect, raw in layers:
-                protect(raw)
+    def forward():  # with grad enabled: the training path (no grad reads the inference cache)
+        for protect, raw in layers:
+            protect(raw)
 
     def forward_backward():
         for protect, raw in layers:
@@ -397,9 +396,10 @@ def render(results: dict, console: Console) -> str:
     for name, r in results["cases"].items():
         alone = r["protection_isolated_ms"]
         md.append(f"- {name}: {alone['forward']:.2f} / {alone['forward + backward']:.2f}")
-    md += ["", "Inference without the protection pass (HAT with `Protect` switched off, not a usable mode: the "
-               "upper bound of any caching of the protected weights); the `parametrize.cached()` column above is "
-               "the usable form: `with torch.no_grad(), torch.nn.utils.parametrize.cached(): hat(x, task_id=t)`.", ""]
+    md += ["", "Inference with `Protect` switched off (not a usable mode: the floor for any caching of the protected "
+               "weights). Under no grad, `Protect` reuses the effective weight while the weight and its buffers keep "
+               "their version; the `parametrize.cached()` column is torch's own cache, valid for one `with` block.",
+           ""]
     for name, r in results["cases"].items():
         inf = r["inference"]
         md.append(f"- {name}: {inf['hat - protection']['cpu_ms'] / inf['plain']['cpu_ms']:.3f}x "
