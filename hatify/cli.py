@@ -28,6 +28,7 @@ from . import io as hat_io
 from .convert import explain as explain_plan
 from .convert import hatify
 from .errors import HatifyError
+from .capacity import capacity_table, plot_capacity
 from .report import Report
 from .shapes import infer_example_inputs
 from .sources import config_with, example_inputs, load_model, parse_input_shape, parse_source
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="print the conversion report stored in a converted file")
     report.add_argument("file", metavar="FILE")
     report.add_argument("--json", action="store_true", help="print the file's metadata as JSON")
+    report.add_argument("--plot", metavar="PNG", help="also write the capacity heatmap (units per layer and task)")
     report.add_argument("--debug", action="store_true", help="show tracebacks")
     report.set_defaults(run=run_report)
     return parser
@@ -226,6 +228,13 @@ def run_report(args: argparse.Namespace, out: Console, err: Console) -> int:
     about.add_row("written by", f"hatify {meta['hatify_version']}, torch {meta['torch_version']}")
     out.print(about)
     out.print(Report.from_dict(meta["report"]))
+    capacity = meta.get("capacity") or {}
+    if meta["trained_tasks"] and capacity:
+        out.print(capacity_table(capacity))
+    if args.plot:
+        if not meta["trained_tasks"] or not capacity:
+            raise HatifyError(f"{args.file} has no trained task: there is no capacity to plot")
+        out.print(f"wrote {plot_capacity(capacity, args.plot)}")
     return EXIT_OK
 
 

@@ -67,6 +67,7 @@ def metadata(hat: HATModel) -> dict[str, Any]:
         "source": hat.source, "model_class": hat.net.__class__.__name__, "num_tasks": hat.num_tasks,
         "config": config.to_dict(), "leaf_module_types": [isinstance(m, type) for m in config.leaf_modules],
         "example_inputs": example_input_specs(hat), "trained_tasks": hat.trained_tasks,
+        "capacity": hat.capacity(),
         "report": report.to_dict(),
     }
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import hatify
+from hatify.cli import main
 from hatify.sources import SourceSpec, config_with, parse_source
 
 HERE = Path(__file__).resolve().parent
@@ -327,3 +328,20 @@ def test_validate_accepts_a_batch_of_one():
     model, x = cli_factories.small_cnn(), torch.randn(1, 3, 1, 1)
     hat = hatify.hatify(model, 2, (x,))
     assert hatify.validate(model, hat, (x,)).passed
+
+
+def test_report_prints_capacity_and_plots_it(tmp_path, capsys):
+    source = {"kind": "factory", "target": "cli_factories:loose_param_net", "kwargs": {}}
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    hat = hatify.hatify(cli_factories.loose_param_net(), 3, (x,), source=source)
+    _train(hat, range(2), x, y)
+    hatify.save(hat, tmp_path / "model.hat")
+    png = tmp_path / "capacity.png"
+    assert main(["report", str(tmp_path / "model.hat"), "--plot", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert "capacity: units used per task" in printed and "task 1" in printed
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    untrained = hatify.hatify(cli_factories.loose_param_net(), 3, (x,), source=source)
+    hatify.save(untrained, tmp_path / "fresh.hat")
+    assert main(["report", str(tmp_path / "fresh.hat"), "--plot", str(tmp_path / "none.png")]) == 2
+    assert not (tmp_path / "none.png").exists()
