@@ -19,6 +19,7 @@ import contextlib
 import copy
 import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -328,7 +329,8 @@ def environment(threads: int) -> dict:
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
         else platform.processor()
     return {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
-            "threads": threads, "cpu": cpu, "hatify_commit": commit, "num_tasks": NUM_TASKS}
+            "threads": threads, "malloc_env": {k: os.environ[k] for k in KEEP_FREED_MEMORY if k in os.environ},
+            "cpu": cpu, "hatify_commit": commit, "num_tasks": NUM_TASKS}
 
 
 def verdict(ratio: float, target: float | None) -> str:
@@ -421,6 +423,12 @@ def render(results: dict, console: Console) -> str:
     return "\n".join(md) + "\n"
 
 
+# glibc returns large freed blocks to the OS, so every weight-sized tensor a step allocates (the effective
+# weights, their masked gradients) is page-faulted in again; these settings keep freed memory in the process.
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
+                     "MALLOC_TOP_PAD_": "1073741824"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1,
@@ -431,8 +439,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated case names (mlp, mlp_b256, cnn, resnet18, "
                                                    "resnet18_b32_128, vit_tiny)")
     parser.add_argument("--no-conversion", action="store_true", help="skip the resnet50 conversion timing")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="restart under glibc settings that keep freed memory (no page faults for weight-sized "
+                             "tensors); writes overhead_keepmem*")
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
     args = parser.parse_args(argv)
+    if args.keep_freed_memory and any(os.environ.get(k) != v for k, v in KEEP_FREED_MEMORY.items()):
+        os.execve(sys.executable, [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])],
+                  {**os.environ, **KEEP_FREED_MEMORY})   # glibc reads these only at start-up
     torch.set_num_threads(args.threads)
     console = Console(width=180)
     only = set(filter(None, args.only.split(",")))
@@ -449,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = ("_quick" if args.quick else "") + (f"_threads{args.threads}" if args.threads != 1 else "") + (
+        "_keepmem" if args.keep_freed_memory else "") + (
         "_" + "_".join(sorted(only)) if only else "")
     (out / f"overhead{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / f"overhead{suffix}.md").write_text(markdown)
