@@ -111,6 +111,10 @@ class MaskBank(nn.Module):
     def freeze(self, t: int) -> None:
         freeze_parameter(self, f"task{t}")
 
+    def train(self, mode: bool = True) -> "MaskBank":
+        self.__dict__.pop("_binary_cache", None)  # `.data` writes are invisible to the cache key
+        return super().train(mode)
+
     def unfreeze(self, t: int) -> None:
         unfreeze_parameter(self, f"task{t}")
 
@@ -125,12 +129,13 @@ class MaskBank(nn.Module):
             m = self.override
         elif mask_scale is None:
             key = (e.data_ptr(), e._version, e.dtype)
-            cached = None if torch.compiler.is_compiling() else self.__dict__.get("_binary_cache", {}).get(task_id)
+            cacheable = not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
+            cached = self.__dict__.get("_binary_cache", {}).get(task_id) if cacheable else None
             if cached is not None and cached[0] == key:  # binary masks change only when the embedding does
                 return cached[1]
             m = (e > 0).to(e.dtype)
             out = torch.cat([m, m.new_ones(1)])
-            if not torch.compiler.is_compiling():
+            if cacheable:
                 self.__dict__.setdefault("_binary_cache", {})[task_id] = (key, out)
             return out
         else:
@@ -277,9 +282,10 @@ class Protect(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return weight
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._select(weight)
-        # Inference: the effective weight only changes when the weight or the buffers are written.
+        # Eval-mode inference: the effective weight only changes when the weight or the buffers are written
+        # (in-place writes bump the version; `.data` writes do not, so `train()` also drops the cache).
         key = (weight.data_ptr(), weight._version, weight.dtype, self.frozen.data_ptr(), self.frozen._version,
                self.protect.data_ptr(), self.protect._version)
         cached = self.__dict__.get("_eval_cache")
@@ -287,6 +293,10 @@ class Protect(nn.Module):
             cached = (key, self._select(weight))
             self.__dict__["_eval_cache"] = cached
         return cached[1]
+
+    def train(self, mode: bool = True) -> "Protect":
+        self.__dict__.pop("_eval_cache", None)
+        return super().train(mode)
 
     def _select(self, weight: torch.Tensor) -> torch.Tensor:
         bits = _BITS.get(weight.element_size())
