@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -38,8 +39,9 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SIZES = (64, 96, 128, 160, 192, 224)
+SIZES = (56, 64, 96, 112, 128, 160, 192, 224)  # 56 and 112: patch 14
 NUM_CLASSES = 4
+BIG_PARAMS = 100_000_000  # families this big run alone (training one takes up to ~20 GB)
 TRAIN_STEPS = 3
 
 # Stable reason codes of the failures (the table shows the code and a one-line why).
@@ -102,29 +104,56 @@ def smallest_variant(names: list[str], counts: dict[str, int | None]) -> list[st
 
 # ------------------------------------------------------------------------------------------ checks
 
-def make_model(name: str, sizes=SIZES, **extra: Any) -> tuple[torch.nn.Module, torch.Tensor, dict]:
-    """Create `name` (with `extra` keyword arguments) at the smallest input of `sizes` its forward accepts;
-    the eval model, an example input of batch 2, and the keyword arguments used."""
+def ladder(default: int) -> list[int]:
+    """Input sizes to try, smallest first: the fixed ladder plus k/8 of the model's default size (so patch
+    sizes like 14 and windows like 7 find a fit), never above the default."""
+    derived = {default * k // 8 for k in range(2, 9) if default * k % 8 == 0}
+    return sorted(s for s in set(SIZES) | derived | {default} if s <= default)
+
+
+def make_model(name: str, sizes=None, **extra: Any) -> tuple[torch.nn.Module, torch.Tensor, dict]:
+    """Create `name` (with `extra` keyword arguments) at the smallest input size its forward accepts, from
+    `sizes` (default: `ladder`); the eval model, an example input of batch 2, and the keyword arguments used.
+    A model with an `img_size` argument is built for each size; otherwise one model tries every size."""
     import timm
     cfg = timm.models.get_pretrained_cfg(name)
     default = tuple(cfg.input_size) if cfg is not None else (3, 224, 224)
-    channels = default[0]
-    last_error = None
-    for size in sorted(set(sizes) | {default[-1]}):
-        if size > default[-1]:
-            break
-        for kwargs in ({"img_size": size}, {}):  # models with a fixed input size are built for this one
+    last_error: BaseException | None = None
+    plain, sized = None, True
+
+    def create(**kwargs: Any) -> torch.nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return timm.create_model(name, num_classes=NUM_CLASSES, **extra, **kwargs).eval()
+
+    def runs(model: torch.nn.Module, size: int) -> torch.Tensor | None:
+        nonlocal last_error
+        x = torch.randn(2, default[0], size, size, generator=torch.Generator().manual_seed(0))
+        try:
+            with torch.no_grad():
+                model(x)
+            return x
+        except Exception as exc:  # this size does not fit the model
+            last_error = exc
+            return None
+
+    for size in (ladder(default[-1]) if sizes is None else [*sorted(sizes), default[-1]]):
+        if sized:
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    model = timm.create_model(name, num_classes=NUM_CLASSES, **extra, **kwargs).eval()
-                x = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
-                with torch.no_grad():
-                    model(x)
-                return model, x, {**extra, **kwargs}
-            except Exception as exc:  # this size does not fit the model: try the next one
-                last_error = exc
-                gc.collect()
+                model = create(img_size=size)
+            except Exception as exc:
+                last_error, sized = exc, not (isinstance(exc, TypeError) and "img_size" in str(exc))
+            else:
+                x = runs(model, size)
+                if x is not None:
+                    return model, x, {**extra, "img_size": size}
+                del model
+        if plain is None:
+            plain = create()
+        x = runs(plain, size)
+        if x is not None:
+            return plain, x, dict(extra)
+        gc.collect()
     raise _Fail("no_input_size", f"{type(last_error).__name__}: {_first_line(last_error)}")
 
 
@@ -184,7 +213,7 @@ def train_and_check(hat, x: torch.Tensor, steps: int = TRAIN_STEPS) -> bool:
         return _equal(hat(x, task_id=0), after_task0)
 
 
-def check_model(name: str, sizes=SIZES, **extra: Any) -> dict:
+def check_model(name: str, sizes=None, **extra: Any) -> dict:
     """Create, convert, validate and train one model; a result row (status "pass" or "fail" + reason)."""
     import hatify
     from hatify.validate import ValidationResult
@@ -276,6 +305,29 @@ def run_family(family: str, names: list[str], timeout: float, threads: int) -> d
             os.unlink(out_path)
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
+
+
+class Slots:
+    """Worker slots: a family takes one, a big one (memory) takes them all; waiting big ones go first."""
+
+    def __init__(self, count: int) -> None:
+        self.count, self.free, self.big_waiting = count, count, 0
+        self.cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def take(self, big: bool):
+        need = self.count if big else 1
+        with self.cond:
+            self.big_waiting += big
+            self.cond.wait_for(lambda: self.free >= need and (big or not self.big_waiting))
+            self.big_waiting -= big
+            self.free -= need
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.free += need
+                self.cond.notify_all()
 
 
 def time_resnet50(repeats: int = 3) -> dict:
@@ -383,9 +435,16 @@ def main(argv: list[str] | None = None) -> int:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         bar = progress.add_task("timm zoo", total=len(chosen))
+        slots = Slots(args.jobs)
+
+        def run(family: str) -> dict:
+            names = smallest_variant(all_families[family], counts)
+            big = (counts.get(names[0]) or 0) > BIG_PARAMS
+            with slots.take(big):
+                return run_family(family, names, args.timeout, args.threads or (os.cpu_count() or 1) if big else threads)
+
         with ThreadPoolExecutor(args.jobs) as pool:
-            futures = {pool.submit(run_family, f, smallest_variant(all_families[f], counts), args.timeout,
-                                   threads): f for f in chosen}
+            futures = {pool.submit(run, f): f for f in chosen}
             for future in as_completed(futures):
                 family = futures[future]
                 row = future.result()

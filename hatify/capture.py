@@ -224,8 +224,28 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set, example_inputs
     finally:
         for node in tracer.graph.nodes if getattr(tracer, "graph", None) is not None else ():
             node.meta.pop(VALUE, None)  # example activations and parameters must not ride along
+    _anchor_metadata_reads(root, graph)
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     return Capture(gm, dict(tracer.opaque), list(tracer.mode_leaves), list(tracer.specialized))
+
+
+_METADATA = ("dtype", "device")
+
+
+def _anchor_metadata_reads(root: nn.Module, graph: fx.Graph) -> None:
+    """A parameter read only for its dtype or device (`x.to(self.proj.weight.dtype)`) is no data use: read
+    it from an empty buffer of the same dtype and device instead, which follows `.to()` like the parameter
+    and leaves the parameter to its layer (which the rewrite may wrap per task)."""
+    params = dict(root.named_parameters())
+    for node in list(graph.nodes):
+        if node.op != "get_attr" or node.target not in params or not node.users or not all(
+                u.op == "call_function" and u.target is getattr and u.args[1] in _METADATA for u in node.users):
+            continue
+        anchor = "hat_meta_" + node.target.replace(".", "_")
+        if not hasattr(root, anchor):
+            param = params[node.target]
+            root.register_buffer(anchor, torch.empty(0, dtype=param.dtype, device=param.device), persistent=False)
+        node.target = anchor
 
 
 def _bind(root: nn.Module, example_inputs: tuple) -> dict:
