@@ -196,7 +196,8 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set, example_inputs
     """Trace a deep copy of `model` (the original is never modified). Forward arguments after the example
     inputs are traced at their default values. Given the example inputs themselves (not only their number)
     the trace is concrete: shape-dependent control flow is resolved at their shapes, so timm's no-trace
-    modules and wrapped helpers are traced through (each still falls back to an opaque leaf if it fails).
+    modules are traced through (each still falls back to an opaque leaf if it fails). timm's wrapped helper
+    functions stay single nodes (they call int() on sizes, which a traced size refuses).
 
     Example:
         >>> cap = capture(nn.Sequential(nn.Linear(4, 3)), HATConfig(), set(), (torch.randn(2, 4),))
@@ -208,7 +209,9 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set, example_inputs
     num_inputs = example_inputs if isinstance(example_inputs, int) or example_inputs is None else len(example_inputs)
     root = copy.deepcopy(model).eval()
     inputs = None if isinstance(example_inputs, int) or example_inputs is None else _bind(root, example_inputs)
-    timm_leaves, autowrap = _timm_notrace() if inputs is None else (set(), ())
+    timm_leaves, autowrap = _timm_notrace()
+    if inputs is not None:  # concrete values resolve the shape branches these modules are listed for
+        timm_leaves = set()
     extra_types = {m for m in config.leaf_modules if isinstance(m, type)}
     extra_names = {m for m in config.leaf_modules if isinstance(m, str)}
     tracer = HatTracer(leaf_types | timm_leaves | extra_types, extra_names, autowrap, inputs)
