@@ -1,7 +1,8 @@
 """Concrete tracing: every proxy carries the value its node takes on the example inputs, so Python control
-flow on shapes, dims and dtypes (`if x.ndim != 4`, `for i in range(H // w)`, `len(x)`) is resolved at the
-example inputs' shapes instead of failing the trace. The plan is specialised to those shapes anyway (the
-index maps through flatten and reshapes depend on them).
+flow on shapes, dims and dtypes (`if x.ndim != 4`, `if H % window:`, `len(x.shape)`, `int(N ** 0.5)`) is
+resolved at the example inputs' shapes instead of failing the trace. Sizes passed on to ops stay traced (a
+different batch size still runs); only the branches and conversions are fixed, as the plan already is (its
+index maps through flatten and reshapes depend on the shapes).
 
 Only non-tensor values (ints, bools, sizes, dtypes) are ever turned into Python values; a branch on tensor
 data (`if x.max() > 0`) still fails, and the caller's opaque-leaf fallback takes over. Every resolved
@@ -93,6 +94,7 @@ class ConcreteProxy(fx.Proxy):
         # In-place writes are recorded (and replayed on the example value); the mask flow treats the
         # written tensor as unknown.
         self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+
 
 class ConcreteAttribute(ConcreteProxy, fx.proxy.Attribute):
     pass

@@ -1,0 +1,149 @@
+"""Capture: concrete tracing resolves shape-dependent Python at the example shapes (and says where), keeps
+the batch size free, and falls back to opaque leaves with a reason code and source line."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hatify
+
+
+class ShapeBranches(nn.Module):
+    """Python control flow on shapes, tensor factories and buffer expands sized by traced values, len() of a
+    shape, int() of a float computed from sizes, and in-place item assignment: all untraceable by torch.fx."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.proj = nn.Linear(8, 8)
+        self.register_buffer("token", torch.zeros(1, 1, 8))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x))
+        B, C, H, W = h.shape
+        if H % 4 != 0:  # pad to a multiple of 4
+            h = F.pad(h, (0, 4 - W % 4, 0, 4 - H % 4))
+        tokens = h.flatten(2).transpose(1, 2)
+        side = int(tokens.shape[1] ** 0.5)
+        grid = torch.zeros(B, side * side, C)
+        grid[:, :, :] = 1.0
+        tokens = torch.cat([self.token.expand(B, -1, -1), tokens * grid], dim=1)
+        for _ in range(len(tokens.shape) - 2):
+            tokens = F.gelu(self.proj(tokens))
+        return self.head(tokens.mean(1))
+
+
+def _train_two_tasks(hat, x):
+    opt = torch.optim.AdamW(hat.parameters(), lr=1e-2, weight_decay=0.01)
+    for t in range(2):
+        hat.train()
+        hat.begin_task(t)
+        for b in range(3):
+            loss = hat(x, task_id=t, mask_scale=hat.mask_scale(b, 3)).square().mean() + hat.regularization()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        hat.end_task()
+        if t == 0:
+            hat.eval()
+            with torch.no_grad():
+                first = hat(x, task_id=0)
+    hat.eval()
+    with torch.no_grad():
+        return torch.equal(hat(x, task_id=0), first)
+
+
+def test_shape_branches_trace_concretely_and_keep_the_batch_free():
+    model, x = ShapeBranches().eval(), torch.randn(2, 3, 6, 6)
+    hat = hatify.hatify(model, num_tasks=2, example_inputs=(x,))
+    assert not hat.plan.opaque
+    assert {layer.name for layer in hat.plan.masked_layers} == {"conv", "proj"}
+    uses = {entry["use"] for entry in hat.plan.specialized}
+    assert {"bool", "int", "len"} <= uses
+    assert all(entry["line"].startswith("test_capture.py:") for entry in hat.plan.specialized
+               if entry["use"] != "none")
+    assert hatify.validate(model, hat, (x,)).passed
+    bigger = torch.randn(5, 3, 6, 6)  # another batch size runs and matches the original
+    with torch.no_grad(), hatify.masks_open(hat):
+        torch.testing.assert_close(hat(bigger, task_id=0), model(bigger))
+    assert _train_two_tasks(hat, x)
+
+
+class WrittenInPlace(nn.Module):
+    """A masked tensor partly overwritten by another: the written tensor's units are unknown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        B = h.shape[0]
+        out = torch.zeros(B, 6)
+        out[:, :3] = h[:, :3]
+        out[:, 3:] = self.b(x)[:, 3:]
+        return self.head(F.relu(self.c(out)))
+
+
+def test_item_assignment_is_sound():
+    model, x = WrittenInPlace().eval(), torch.randn(3, 4)
+    hat = hatify.hatify(model, num_tasks=2, example_inputs=(x,))
+    assert hat.plan.layer("c").input_map.startswith("ones")
+    result = hatify.validate(model, hat, (x,))
+    assert result.passed and result.probe_violations == 0
+
+
+class ReadsWeightDtype(nn.Module):
+    """A layer's weight read for its dtype only (`x.to(self.fc.weight.dtype)`), the layer itself a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.fc = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = F.relu(self.body(x))
+        return self.fc(h.to(self.fc.weight.dtype))
+
+
+def test_parameter_read_for_dtype_is_no_data_use():
+    model, x = ReadsWeightDtype().eval(), torch.randn(2, 4)
+    hat = hatify.hatify(model, num_tasks=2, example_inputs=(x,))
+    assert hat.plan.layer("fc").role == "head" and not hat.plan.params
+    assert hatify.validate(model, hat, (x,)).passed
+    assert _train_two_tasks(hat, x)
+
+
+def test_weight_standardised_conv_with_gain_is_a_hat_layer():
+    from timm.layers import ScaledStdConv2d
+
+    model = nn.Sequential(ScaledStdConv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 2)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    hat = hatify.hatify(model, num_tasks=2, example_inputs=(x,))
+    layer = hat.plan.layer("0")
+    assert layer.role == "masked" and layer.weight == "0.weight"
+    assert "output unit only" in layer.reason  # the standardisation mixes a row: whole rows are frozen
+    assert [p.name for p in hat.plan.params] == ["0.gain"]
+    assert hatify.validate(model, hat, (x,)).passed
+    assert _train_two_tasks(hat, x)
+
+
+class DataBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if h.sum() > 0:  # a branch on data: cannot be resolved from shapes
+            h = h * 2
+        return h
+
+
+def test_data_branch_becomes_opaque_with_reason_code_and_line():
+    model = nn.Sequential(nn.Linear(4, 4), DataBranch(), nn.Linear(4, 2)).eval()
+    x = torch.randn(2, 4)
+    hat = hatify.hatify(model, num_tasks=2, example_inputs=(x,))
+    why = hat.plan.opaque["1"]
+    assert why.startswith("untraceable at test_capture.py:"), why
+    assert hatify.validate(model, hat, (x,)).passed
