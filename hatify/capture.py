@@ -13,7 +13,7 @@ import torch
 from torch import fx, nn
 
 from .concrete import (MISSING, VALUE, evaluate, is_python_value, proxy_class, specialization, traced_sizes,
-                       value_of)
+                       value_of, wrapped_calls)
 from .config import HATConfig
 from .errors import _OWN_DIR, HatifyError
 
@@ -143,7 +143,7 @@ class HatTracer(fx.Tracer):
             return super().call_module(m, forward, args, kwargs)
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
-        with traced_sizes(self):
+        with traced_sizes(self), wrapped_calls():
             return super().trace(root, concrete_args)
 
     def _rollback(self, last: fx.Node) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import fx
+from torch.fx import _symbolic_trace
 from torch.utils import _pytree as pytree
 
 from .errors import source_line
@@ -177,3 +178,35 @@ def traced_sizes(tracer: fx.Tracer) -> Iterator[None]:
                 delattr(torch.Tensor, name)
             else:
                 setattr(torch.Tensor, name, fn)
+
+
+@contextlib.contextmanager
+def wrapped_calls() -> Iterator[None]:
+    """Wrapped functions (`torch.fx.wrap`, a tracer's `autowrap_functions` such as timm's no-trace helpers)
+    become one node when called with a traced argument. torch.fx's wrapper marks the node through the proxy
+    that `create_proxy` returns, but the concrete tracer answers a call whose example result is `None` with
+    `None` itself (so that the model's `if mask is None:` takes the branch it really takes), which that
+    wrapper cannot take. While tracing, this wrapper is used instead: the same node, and `None` passed on."""
+    original = getattr(_symbolic_trace, "_create_wrapped_func", None)
+    if original is None:  # a torch.fx without this hook: its own wrapper stays
+        yield
+        return
+
+    def create(orig_fn):
+        @functools.wraps(orig_fn)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            found: list[fx.Proxy] = []
+            fx.node.map_aggregate((args, kwargs), lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
+            if not found:
+                return orig_fn(*args, **kwargs)
+            result = found[-1].tracer.create_proxy("call_function", orig_fn, args, kwargs)
+            if result is not None:
+                result.node.meta["is_wrapped"] = True
+            return result
+        return wrapped
+
+    _symbolic_trace._create_wrapped_func = create
+    try:
+        yield
+    finally:
+        _symbolic_trace._create_wrapped_func = original

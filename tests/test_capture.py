@@ -2,7 +2,7 @@
 the batch size free, and falls back to opaque leaves with a reason code and source line."""
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 import hatify
 
@@ -124,6 +124,42 @@ def test_weight_standardised_conv_with_gain_is_a_hat_layer():
     assert layer.role == "masked" and layer.weight == "0.weight"
     assert "output unit only" in layer.reason  # the standardisation mixes a row: whole rows are frozen
     assert [p.name for p in hat.plan.params] == ["0.gain"]
+    assert hatify.validate(model, hat, (x,)).passed
+    assert _train_two_tasks(hat, x)
+
+
+def padding_mask(valid, dtype):
+    """An additive mask from a validity tensor, or None without one (timm's `create_attention_mask`)."""
+    if valid is None:
+        return None
+    return torch.zeros(valid.shape, dtype=dtype).masked_fill(~valid, float("-inf")).unsqueeze(-1)
+
+
+fx.wrap("padding_mask")  # one node when called with a traced argument, like timm's no-trace helpers
+
+
+class OptionalPaddingMask(nn.Module):
+    """A wrapped helper called with a traced argument (`x.dtype`) whose result is None at the example inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.head = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x, valid=None):
+        mask = padding_mask(valid, x.dtype)
+        h = F.relu(self.proj(x))
+        if mask is not None:
+            h = h + mask
+        return self.head(h.mean(1))
+
+
+def test_wrapped_helper_with_none_result_passes_none_on():
+    model, x = OptionalPaddingMask().eval(), torch.randn(2, 5, 4)
+    hat = hatify.hatify(model, num_tasks=2, example_inputs=(x,))
+    assert not hat.plan.opaque
+    assert [(e["use"], e["line"]) for e in hat.plan.specialized if e["node"] == "padding_mask"] == [
+        ("none", f"test_capture.py:{OptionalPaddingMask.forward.__code__.co_firstlineno + 1}")]
+    assert {layer.name for layer in hat.plan.masked_layers} == {"proj"}
     assert hatify.validate(model, hat, (x,)).passed
     assert _train_two_tasks(hat, x)
 

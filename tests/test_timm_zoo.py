@@ -23,8 +23,9 @@ pytestmark = pytest.mark.timm_zoo
 # (model, input sizes to try, extra keyword arguments): one per family, picked to cover the hard parts
 # (residual adds, concat, depthwise/grouped convs, squeeze-excite, weight standardisation, layer scale,
 # position embeddings, class and distillation tokens, windowed and relative-position attention, token
-# mixing, modules timm marks untraceable, shape-dependent control flow, in-place item assignment) in a few
-# seconds each. Depths are cut where the smallest variant is still slow on two cores.
+# mixing, modules timm marks untraceable, timm's wrapped helpers (one returning None), shape-dependent
+# control flow, in-place item assignment) in a few seconds each. Depths are cut where the smallest variant
+# is still slow on two cores.
 REPRESENTATIVE = [
     ("resnet18", (32,), {}),
     ("vit_tiny_patch16_224", (32,), {}),
@@ -47,6 +48,7 @@ REPRESENTATIVE = [
     ("mobilevit_xxs", (64,), {}),
     ("tiny_vit_5m_224", (64,), {}),
     ("convit_tiny", (32,), {"depth": 2}),
+    ("naflexvit_base_patch16_parfac_gap", (32,), {"depth": 2, "embed_dim": 64, "num_heads": 2}),
 ]
 
 
