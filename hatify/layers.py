@@ -10,6 +10,7 @@ Protection lives in the forward computation and in module state, never in tensor
 from __future__ import annotations
 
 import copy
+import functools
 import weakref
 
 import torch
@@ -114,6 +115,10 @@ class MaskBank(nn.Module):
     def train(self, mode: bool = True) -> "MaskBank":
         self.__dict__.pop("_binary_cache", None)  # `.data` writes are invisible to the cache key
         return super().train(mode)
+
+    def __getstate__(self) -> dict:
+        # A copy or pickle made in the middle of a task: the last forward's masks belong to its graph.
+        return {**super().__getstate__(), "last": None, "_binary_cache": {}}
 
     def unfreeze(self, t: int) -> None:
         unfreeze_parameter(self, f"task{t}")
@@ -234,10 +239,17 @@ class TaskParameter(nn.Module):
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def _masked_gradient(grad: torch.Tensor, keep: torch.Tensor, protect: torch.Tensor) -> torch.Tensor:
+    """The gradient with protected entries exactly +0; differentiable under `create_graph=True`."""
+    if torch.is_grad_enabled():
+        return torch.where(protect, grad.new_zeros(()), grad)
+    return (grad.view(keep.dtype) & keep).view(grad.dtype)
+
+
 class SelectFrozen(torch.autograd.Function):
     """`torch.where(protect, frozen, weight)` as two bitwise ops on integer views: the same bits for every
     value (NaN, inf and -0.0 included), and several times faster than `where` on CPU. The gradient of a
-    protected entry is exactly +0; under `create_graph=True` the backward stays differentiable."""
+    protected entry is exactly +0."""
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, keep: torch.Tensor, frozen_bits: torch.Tensor,
@@ -248,15 +260,37 @@ class SelectFrozen(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        keep, protect = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            return torch.where(protect, grad.new_zeros(()), grad), None, None, None
-        return (grad.view(keep.dtype) & keep).view(grad.dtype), None, None, None
+        return _masked_gradient(grad, *ctx.saved_tensors), None, None, None
+
+
+def _mask_accumulated_gradient(protect_ref: "weakref.ref[Protect]", param: torch.Tensor) -> None:
+    """Post-accumulate-grad hook of a protected parameter: its protected entries' gradient becomes exactly +0,
+    in place, before anything reads `.grad` (gradient clipping, DDP's all-reduce, the optimizer)."""
+    protect, grad = protect_ref(), param.grad
+    if protect is None or grad is None or not protect.active or grad.shape != param.shape:
+        return
+    if grad.requires_grad or grad.layout != torch.strided:  # create_graph=True, sparse gradients
+        param.grad = torch.where(protect.protect, grad.new_zeros(()), grad.to_dense())
+        return
+    bits = _BITS.get(grad.element_size())
+    if bits is None or grad.is_complex():
+        grad.masked_fill_(protect.protect, 0)
+        return
+    keep, _ = protect._selectors(param.dtype, bits)
+    grad.view(bits).bitwise_and_(keep)
 
 
 class Protect(nn.Module):
-    """Weight parametrization: entries used by earlier tasks are read from a frozen copy, so their value
-    and their gradient are fixed (gradient exactly zero) whatever the optimizer does."""
+    """Weight parametrization: entries used by earlier tasks hold their frozen values and get a gradient of
+    exactly zero, whatever the optimizer does (momentum, weight decay, `.data` writes).
+
+    In eager mode the frozen entries are written back into the parameter itself whenever it is read (two
+    in-place bitwise passes, no new tensor; through `.data`, so a graph that saved the weight sees no version
+    change, and it sees the same bits), and the layer uses the parameter as it is: an optimizer step may move
+    protected entries, the next forward puts them back bit for bit. The gradient is masked in place once it
+    is accumulated into `.grad`, by a hook that every training forward attaches to the parameter it reads
+    (so copies and reassigned parameters get it too). Under `torch.compile`, or for a weight that is not a leaf
+    parameter (`torch.func.functional_call`), the effective weight is computed out of place instead."""
 
     def __init__(self, weight: torch.Tensor, protect_shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -282,27 +316,30 @@ class Protect(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return weight
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self._select(weight)
-        # Eval-mode inference: the effective weight only changes when the weight or the buffers are written
-        # (in-place writes bump the version; `.data` writes do not, so `train()` also drops the cache).
-        key = (weight.data_ptr(), weight._version, weight.dtype, self.frozen.data_ptr(), self.frozen._version,
-               self.protect.data_ptr(), self.protect._version)
-        cached = self.__dict__.get("_eval_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, self._select(weight))
-            self.__dict__["_eval_cache"] = cached
-        return cached[1]
-
-    def train(self, mode: bool = True) -> "Protect":
-        self.__dict__.pop("_eval_cache", None)
-        return super().train(mode)
-
-    def _select(self, weight: torch.Tensor) -> torch.Tensor:
         bits = _BITS.get(weight.element_size())
         if bits is None or weight.is_complex():
             return torch.where(self.protect, self.frozen.to(weight.dtype), weight)
-        return SelectFrozen.apply(weight, *self._selectors(weight.dtype, bits), self.protect)
+        keep, frozen_bits = self._selectors(weight.dtype, bits)
+        if torch.compiler.is_compiling() or not (isinstance(weight, nn.Parameter) and weight.is_leaf):
+            return SelectFrozen.apply(weight, keep, frozen_bits, self.protect)
+        training = self.training or torch.is_grad_enabled()
+        # Eval-mode inference skips the write-back while nothing was written since the last one (in-place writes
+        # bump the version; `.data` writes do not, so `train()`/`eval()` also forget the last write-back).
+        key = (weight.data_ptr(), weight._version)
+        if training or self.__dict__.get("_restored") != key:
+            weight.data.view(bits).bitwise_and_(keep).bitwise_or_(frozen_bits)
+            self.__dict__["_restored"] = key
+        if training and weight.requires_grad:
+            hooked = self.__dict__.get("_hooked")
+            if hooked is None or hooked() is not weight:
+                weight.register_post_accumulate_grad_hook(
+                    functools.partial(_mask_accumulated_gradient, weakref.ref(self)))
+                self.__dict__["_hooked"] = weakref.ref(weight)
+        return weight
+
+    def train(self, mode: bool = True) -> "Protect":
+        self.__dict__.pop("_restored", None)
+        return super().train(mode)
 
     def _selectors(self, dtype: torch.dtype, bits: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(keep, frozen_bits): all-ones bits where the weight is free, and the frozen values' bits where it is
@@ -315,6 +352,7 @@ class Protect(nn.Module):
             frozen_bits = frozen.to(dtype).view(bits) & ~keep
             cached = (key, frozen, protect, keep, frozen_bits)
             self.__dict__["_selector_cache"] = cached
+            self.__dict__.pop("_restored", None)
         return cached[3], cached[4]
 
     @torch.no_grad()

@@ -34,7 +34,7 @@ def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2, weight_decay=0.01)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank sees its own shard of data
     probe = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(7))
-    after = {}
+    after, protected = {}, []
     for t in range(3):
         ddp.train()
         hat.begin_task(t)
@@ -43,8 +43,14 @@ def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
             loss = F.cross_entropy(ddp(x, task_id=t, mask_scale=hat.mask_scale(b, 5)), y) + hat.regularization()
             opt.zero_grad()
             loss.backward()
+            for raw, mask in protected:  # the all-reduced gradient keeps HAT's conditioning
+                assert torch.equal(raw.grad[mask], torch.zeros_like(raw.grad[mask])), f"rank {rank}"
             opt.step()
         hat.end_task()
+        protected = [(owner.parametrizations[a].original, owner.parametrizations[a][0].protect.expand_as(
+            owner.parametrizations[a].original)) for owner in hat.modules() if hasattr(owner, "parametrizations")
+            for a in owner.parametrizations]
+        assert all(bool(mask.any()) for _, mask in protected)
         hat.eval()
         with torch.no_grad():
             after[t] = hat(probe, task_id=t)

@@ -17,6 +17,9 @@ OPTIMIZERS = {
     "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
     "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
     "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.5, weight_decay=1e-3),
+    "adamw_fused": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, fused=True),
+    "sgd_foreach_nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2,
+                                                      foreach=True),
 }
 
 
@@ -131,6 +134,82 @@ def test_protection_survives_load_state_dict_assign():
     opt = OPTIMIZERS["sgd_momentum_wd"](hat.parameters())
     more, hat = train_tasks(hat, opt, x, classes, [2])
     _assert_old_tasks_identical({**after, **more}, hat, x)
+
+
+def _protected_parameters(hat):
+    """(raw parameter, Protect) of every protected weight and bias."""
+    return [(owner.parametrizations[attr].original, owner.parametrizations[attr][0])
+            for owner in hat.modules() if hasattr(owner, "parametrizations") for attr in owner.parametrizations]
+
+
+@pytest.mark.parametrize("model_name", ["conv", "tokens"])
+def test_protected_entries_get_exactly_zero_gradient_before_clipping(model_name):
+    """The gradient is masked once accumulated, so clip_grad_norm_ and DDP see HAT's conditioned gradient;
+    a deep copy made between tasks (fresh parameter objects) gets the masking too."""
+    model, x, classes = _data(model_name)
+    hat = hatify.hatify(model, num_tasks=3, example_inputs=(x[:2],))
+    train_tasks(hat, OPTIMIZERS["sgd"](hat.parameters()), x, classes, [0])
+    for copy_first in (False, True):
+        net = copy.deepcopy(hat) if copy_first else hat
+        net.train()
+        net.begin_task(1)
+        net.zero_grad(set_to_none=True)
+        for _ in range(2):  # accumulated over two backward passes
+            net(x, task_id=1, mask_scale=10.0).pow(2).sum().backward()
+        checked = 0
+        for raw, protect in _protected_parameters(net):
+            mask = protect.protect.expand_as(raw)
+            assert raw.grad is not None and bool(mask.any())
+            assert torch.equal(raw.grad[mask], torch.zeros_like(raw.grad[mask]))
+            assert bool((raw.grad[~mask] != 0).any())  # free entries still learn
+            checked += 1
+        assert checked
+
+
+def test_writes_through_data_cannot_move_finished_tasks():
+    """A hand-written update through `.data` (no version bump, no optimizer) still leaves old tasks exact."""
+    model, x, classes = _data("conv")
+    hat = hatify.hatify(model, num_tasks=2, example_inputs=(x[:2],))
+    after, hat = train_tasks(hat, OPTIMIZERS["adamw"](hat.parameters()), x, classes, [0])
+    hat.train()
+    hat.begin_task(1)
+    gen = torch.Generator().manual_seed(3)
+    for b in range(4):
+        loss = hat(x, task_id=1, mask_scale=hat.mask_scale(b, 4)).pow(2).mean() + hat.regularization()
+        hat.zero_grad()
+        loss.backward()
+        for p in hat.parameters():
+            p.data.mul_(0.9).add_(torch.randn(p.shape, generator=gen))   # weight decay and noise, by hand
+    hat.end_task()
+    hat.eval()  # in eval mode as well: an in-place write (version bump) is put back before the next read
+    with torch.no_grad():
+        for raw, _ in _protected_parameters(hat):
+            raw.add_(1.0)
+    _assert_old_tasks_identical(after, hat, x)
+
+
+def test_two_forwards_one_backward_match_the_out_of_place_weights():
+    """`.grad` with the weights written back in place equals the gradient through the out-of-place selection
+    (the path `torch.func.functional_call` takes), also when one backward covers two forwards."""
+    model, x, classes = _data("conv")
+    hat = hatify.hatify(model, num_tasks=2, example_inputs=(x[:2],))
+    train_tasks(hat, OPTIMIZERS["sgd_momentum_wd"](hat.parameters()), x, classes, [0])
+    hat.train()
+    hat.begin_task(1)
+    params = dict(hat.named_parameters())
+
+    def loss_of(forward):
+        return forward(x[:8]).pow(2).sum() + forward(x[8:]).abs().sum()
+
+    hat.zero_grad(set_to_none=True)
+    loss_of(lambda v: hat(v, task_id=1, mask_scale=5.0)).backward()
+    inplace = [p.grad for p in params.values()]
+    detached = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
+    functional = torch.autograd.grad(
+        loss_of(lambda v: torch.func.functional_call(hat, detached, (v,), {"task_id": 1, "mask_scale": 5.0})),
+        list(detached.values()))
+    for name, a, b in zip(params, inplace, functional):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_every_task_learns_and_changes_outputs():
