@@ -6,8 +6,7 @@ Plain and HAT run side by side in one process, interleaved (the order rotates ev
 number of torch threads; every figure is a median over the rounds. Times are process CPU time, which
 other work on the machine barely moves (wall time is in the JSON too); ratios are HAT / plain.
 Training is measured on task 1, after task 0 ended (protection active), loss + `hat.regularization()`,
-SGD with momentum for both. Inference: eval mode, no grad, binary masks, task 0; also inside torch's
-`parametrize.cached()`, which computes each protected weight once per `with` block.
+SGD with momentum for both. Inference: eval mode, no grad, binary masks, task 0.
 Ablations (HAT without protection, without gates, without the regulariser) say where the overhead goes;
 a torch.profiler table per op for the MLP and resnet18 says which ops.
 Writes benchmarks/results/overhead.json and overhead.md.
@@ -203,11 +202,9 @@ def memory(plain: nn.Module, hat) -> dict:
             continue
         seen.add(id(tensor))
         parts[owner_kind(name)] += nbytes(tensor)
-    # Derived at run time, not saved: the bit-select operands of protected weights, and the effective weights
-    # kept for inference.
+    # Derived at run time, not saved: the bit-select operands of protected weights (keep mask, frozen bits).
     cache = sum(nbytes(t) for m in hat.modules() if isinstance(m, Protect)
-                for t in [*(m.__dict__.get("_selector_cache") or ())[3:], *(m.__dict__.get("_eval_cache") or ())[1:]]
-                if isinstance(t, torch.Tensor))
+                for t in (m.__dict__.get("_selector_cache") or ())[3:] if isinstance(t, torch.Tensor))
     hat_bytes = sum(parts.values())
     mb = 1 / 2**20
     return {"plain_mb": plain_bytes * mb, "hat_mb": hat_bytes * mb, "added_mb": (hat_bytes - plain_bytes) * mb,
@@ -220,7 +217,7 @@ def protection_alone(hat, rounds: int) -> dict:
     layers = [(p[0], p.original) for p in hat.modules()
               if isinstance(p, parametrize.ParametrizationList) and isinstance(p[0], Protect)]
 
-    def forward():  # with grad enabled: the training path (no grad reads the inference cache)
+    def forward():  # with grad enabled: the training path (eval under no grad skips an unneeded write-back)
         for protect, raw in layers:
             protect(raw)
 
@@ -278,22 +275,17 @@ def run_case(case: Case, quick: bool) -> dict:
 
     infer = measure({"plain": plain_infer, "hat": hat_infer,
                      "hat - protection": ablated(hat_infer, lambda: without_protection(hat))}, rounds)
-    # torch's own parametrization cache: the protected weights are computed once per `with` block.
-    with parametrize.cached():
-        cached = measure({"plain": plain_infer, "hat": hat_infer}, rounds)
     result = {"input_shape": list(case.input_shape), "rounds": rounds, "train": train, "inference": infer,
               "train_ratio": train["hat"]["cpu_ms"] / train["plain"]["cpu_ms"],
               "train_ratio_wall": train["hat"]["wall_ms"] / train["plain"]["wall_ms"],
               "inference_ratio": infer["hat"]["cpu_ms"] / infer["plain"]["cpu_ms"],
               "inference_ratio_wall": infer["hat"]["wall_ms"] / infer["plain"]["wall_ms"],
-              "inference_cached": cached,
-              "inference_cached_ratio": cached["hat"]["cpu_ms"] / cached["plain"]["cpu_ms"],
               "train_target": TARGETS.get(case.name), "inference_target": INFERENCE_TARGET,
               "conversion_s": hat.report.summary["conversion_seconds"], "memory": memory(plain, hat)}
     t = {k: v["cpu_ms"] for k, v in train.items()}
     result["train_breakdown_ms"] = {
         "regulariser": t["hat"] - t["hat - regulariser"],
-        "protection (Protect bit-select, fwd + bwd)": t["hat - regulariser"] - t["hat - regulariser - protection"],
+        "protection (write-back of frozen bits, gradient mask)": t["hat - regulariser"] - t["hat - regulariser - protection"],
         "gates (slice/gather + multiply, fwd + bwd, mask-bank backward)":
             t["hat - regulariser - protection"] - t["hat - regulariser - protection - gates"],
         "rest (mask bank fwd, task-indexed dispatch, fx graph, parametrization call, optimizer on extra params)":
@@ -342,15 +334,15 @@ def verdict(ratio: float, target: float | None) -> str:
 def render(results: dict, console: Console) -> str:
     table = Table(title=f"HAT overhead (CPU ms per call, median; {results['env']['threads']} thread(s))")
     for col in ("model", "input", "train plain", "train HAT", "ratio", "target", "infer plain", "infer HAT",
-                "ratio ", "cached", "params+buffers MB", "added MB", "mem ratio"):
+                "ratio ", "params+buffers MB", "added MB", "mem ratio"):
         table.add_column(col, justify="left" if col in ("model", "input") else "right")
     md = ["# HAT overhead against the plain model", "",
           f"Command: `{results['command']}`  ", f"Environment: {json.dumps(results['env'])}", "",
           "CPU milliseconds per call (median of interleaved rounds); ratio = HAT / plain. Training: task 1 with "
           "protection active, loss + regulariser, SGD momentum. Inference: eval, no grad, binary masks, task 0.", "",
           "| model | input | train plain | train HAT | ratio | target | infer plain | infer HAT | ratio | target | "
-          "ratio, `parametrize.cached()` | plain MB | HAT MB | added MB | mem ratio | wall ratio train / infer |",
-          "|---|---|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+          "plain MB | HAT MB | added MB | mem ratio | wall ratio train / infer |",
+          "|---|---|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for name, r in results["cases"].items():
         tr, inf, mem = r["train"], r["inference"], r["memory"]
         shape = "x".join(map(str, r["input_shape"]))
@@ -358,14 +350,14 @@ def render(results: dict, console: Console) -> str:
         table.add_row(name, shape, f"{tr['plain']['cpu_ms']:.2f}", f"{tr['hat']['cpu_ms']:.2f}",
                       f"{r['train_ratio']:.3f}", f"<= {target} {verdict(r['train_ratio'], target)}" if target else "-",
                       f"{inf['plain']['cpu_ms']:.2f}", f"{inf['hat']['cpu_ms']:.2f}", f"{r['inference_ratio']:.3f}",
-                      f"{r['inference_cached_ratio']:.3f}", f"{mem['plain_mb']:.1f} -> {mem['hat_mb']:.1f}",
+                      f"{mem['plain_mb']:.1f} -> {mem['hat_mb']:.1f}",
                       f"{mem['added_mb']:.1f}", f"{mem['ratio']:.2f}")
         train_target = f"<= {target} {verdict(r['train_ratio'], target)}" if target else "-"
         md.append(f"| {name} | {shape} | {tr['plain']['cpu_ms']:.2f} | {tr['hat']['cpu_ms']:.2f} | "
                   f"{r['train_ratio']:.3f} | {train_target} | "
                   f"{inf['plain']['cpu_ms']:.2f} | {inf['hat']['cpu_ms']:.2f} | {r['inference_ratio']:.3f} | "
                   f"<= {INFERENCE_TARGET} {verdict(r['inference_ratio'], INFERENCE_TARGET)} | "
-                  f"{r['inference_cached_ratio']:.3f} | {mem['plain_mb']:.2f} | "
+                  f"{mem['plain_mb']:.2f} | "
                   f"{mem['hat_mb']:.2f} | {mem['added_mb']:.2f} | {mem['ratio']:.2f} | "
                   f"{r['train_ratio_wall']:.3f} / {r['inference_ratio_wall']:.3f} |")
     console.print(table)
@@ -398,10 +390,8 @@ def render(results: dict, console: Console) -> str:
     for name, r in results["cases"].items():
         alone = r["protection_isolated_ms"]
         md.append(f"- {name}: {alone['forward']:.2f} / {alone['forward + backward']:.2f}")
-    md += ["", "Inference with `Protect` switched off (not a usable mode: the floor for any caching of the protected "
-               "weights). Under no grad, `Protect` reuses the effective weight while the weight and its buffers keep "
-               "their version; the `parametrize.cached()` column is torch's own cache, valid for one `with` block.",
-           ""]
+    md += ["", "Inference with `Protect` switched off (not a usable mode: what the protection checks cost; in eval "
+               "under no grad `Protect` only checks that nothing was written since its last write-back).", ""]
     for name, r in results["cases"].items():
         inf = r["inference"]
         md.append(f"- {name}: {inf['hat - protection']['cpu_ms'] / inf['plain']['cpu_ms']:.3f}x "

@@ -15,28 +15,23 @@ import weakref
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
-class CompensatedSigmoid(torch.autograd.Function):
+def compensated_sigmoid(e: torch.Tensor, s: float, s_max: float) -> torch.Tensor:
     """sigmoid(s * e) whose gradient to e carries HAT's compensation (Serra et al., eq. 6), in float32:
-    g_e <- g_e * s_max * (cosh(clamp(s e, -50, 50)) + 1) / (s * (cosh(e) + 1))."""
+    g_e <- g_e * s_max * (cosh(clamp(s e, -50, 50)) + 1) / (s * (cosh(e) + 1)).
 
-    @staticmethod
-    def forward(ctx, e: torch.Tensor, s: float, s_max: float) -> torch.Tensor:
-        out = torch.sigmoid(s * e)
-        ctx.save_for_backward(e, out)
-        ctx.s, ctx.s_max = s, s_max
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        e, out = ctx.saved_tensors
-        e32, out32 = e.float(), out.float()
-        # sigmoid'(s e) = s out (1 - out); its s cancels the compensation's 1 / s.
-        num = torch.cosh(torch.clamp(e32 * ctx.s, -50, 50)).add_(1)
-        g = (grad.float() * ctx.s_max) * out32 * (1 - out32) * num / torch.cosh(e32).add_(1)
-        return g.to(e.dtype), None, None
+    Native ops only (no Python backward): z = s e + (e - e) c has the value s e exactly and the gradient
+    c = s_max (cosh(clamp(s e)) + 1) / (cosh(e) + 1) to e, the compensation times s, so sigmoid's own s
+    cancels against the compensation's 1 / s (and s = 0 stays finite)."""
+    d = e.detach()
+    sd = d * s
+    with torch.no_grad():
+        e32 = d.float()
+        c = (e32 * s).clamp_(-50, 50).cosh_().add_(1).div_(torch.cosh(e32).add_(1)).mul_(s_max).to(e.dtype)
+    return torch.sigmoid(torch.addcmul(sd, e - d, c))
 
 
 def compensation_factor(e: torch.Tensor, s: float, s_max: float) -> torch.Tensor:
@@ -50,13 +45,14 @@ _CLAMPED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDi
 
 
 def _clamp_after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """A step moves only parameters with a gradient: those embeddings are clamped (the live ones are few, the
+    optimizer's parameters may be many)."""
     if not _CLAMPED:
         return
     with torch.no_grad():
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if _CLAMPED.get(id(p)) is p:
-                    p.clamp_(-p._hat_clamp, p._hat_clamp)
+        for p in list(_CLAMPED.values()):
+            if p.grad is not None:
+                p.clamp_(-p._hat_clamp, p._hat_clamp)
 
 
 register_optimizer_step_post_hook(_clamp_after_step)
@@ -144,7 +140,7 @@ class MaskBank(nn.Module):
                 self.__dict__.setdefault("_binary_cache", {})[task_id] = (key, out)
             return out
         else:
-            m = CompensatedSigmoid.apply(e, float(mask_scale), self.s_max)
+            m = compensated_sigmoid(e, float(mask_scale), self.s_max)
             if self.training:
                 self.last = m
         return torch.cat([m, m.new_ones(1)])
@@ -160,19 +156,23 @@ class Gate(nn.Module):
         # Most gates read one producer's own units in order: a slice view of the mask vector is the same
         # gate without the gather and its scatter-add backward.
         self.span: tuple[int, int] | None = None
+        self.span_shape: tuple[int, ...] | None = None  # None: the slice has the gate's shape already
         if not self.union and self.index.numel():
             start = int(self.index.reshape(-1)[0])
             if torch.equal(self.index.reshape(-1), torch.arange(start, start + self.index.numel())):
                 self.span = (start, start + self.index.numel())
+                self.span_shape = tuple(self.index.shape) if self.index.ndim > 1 else None
 
     def forward(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         if self.span is not None:
-            gate = masks[self.span[0]:self.span[1]].view(self.index.shape)
+            gate = masks[self.span[0]:self.span[1]]
+            if self.span_shape is not None:
+                gate = gate.view(self.span_shape)
         else:
             gate = masks[self.index]
             if self.union:
                 gate = gate.amax(0)
-        return x * gate.to(x.dtype)
+        return x * (gate if gate.dtype == x.dtype else gate.to(x.dtype))
 
 
 class TaskIndexed(nn.Module):
@@ -186,7 +186,10 @@ class TaskIndexed(nn.Module):
         self.frozen: set[int] = set()
 
     def forward(self, *args, hat_task_id: int, **kwargs):
-        return self.copies[0 if self.shared else hat_task_id](*args, **kwargs)
+        if torch.compiler.is_compiling():  # dynamo specializes on the index here, once per task
+            return self.copies[0 if self.shared else hat_task_id](*args, **kwargs)
+        # The ModuleList's own indexing costs as much as a small layer; its modules are keyed by str(index).
+        return self.copies._modules["0" if self.shared else str(hat_task_id)](*args, **kwargs)
 
     def freeze(self, t: int) -> None:
         t = 0 if self.shared else t
@@ -263,6 +266,21 @@ class SelectFrozen(torch.autograd.Function):
         return _masked_gradient(grad, *ctx.saved_tensors), None, None, None
 
 
+def read_through_protect(module: nn.Module, name: str) -> None:
+    """Make `module.<name>` (parametrized by one `Protect`) call it directly: torch's parametrization property
+    goes through two module calls and a ModuleList lookup on every read, which costs as much as a small
+    layer's matmul. `parametrize.cached()` keeps torch's own path."""
+    torch_get = type(module).__dict__[name].fget
+
+    def get(self) -> torch.Tensor:
+        if parametrize._cache_enabled:
+            return torch_get(self)
+        chain = self._modules["parametrizations"]._modules[name]
+        return chain._modules["0"].forward(chain.original)
+
+    setattr(type(module), name, property(get, type(module).__dict__[name].fset))
+
+
 def _mask_accumulated_gradient(protect_ref: "weakref.ref[Protect]", param: torch.Tensor) -> None:
     """Post-accumulate-grad hook of a protected parameter: its protected entries' gradient becomes exactly +0,
     in place, before anything reads `.grad` (gradient clipping, DDP's all-reduce, the optimizer)."""
@@ -316,19 +334,23 @@ class Protect(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return weight
+        compiling = torch.compiler.is_compiling()
+        training = self.training or torch.is_grad_enabled()
+        if not (training or compiling):
+            # Eval-mode inference skips the write-back while nothing was written since the last one (in-place
+            # writes bump the version; `.data` writes do not, so `train()`/`eval()` forget the last write-back).
+            key = (weight.data_ptr(), weight._version)
+            if self.__dict__.get("_restored") == key:
+                return weight
         bits = _BITS.get(weight.element_size())
         if bits is None or weight.is_complex():
             return torch.where(self.protect, self.frozen.to(weight.dtype), weight)
         keep, frozen_bits = self._selectors(weight.dtype, bits)
-        if torch.compiler.is_compiling() or not (isinstance(weight, nn.Parameter) and weight.is_leaf):
+        if compiling or not (isinstance(weight, nn.Parameter) and weight.is_leaf):
             return SelectFrozen.apply(weight, keep, frozen_bits, self.protect)
-        training = self.training or torch.is_grad_enabled()
-        # Eval-mode inference skips the write-back while nothing was written since the last one (in-place writes
-        # bump the version; `.data` writes do not, so `train()`/`eval()` also forget the last write-back).
         key = (weight.data_ptr(), weight._version)
-        if training or self.__dict__.get("_restored") != key:
-            weight.data.view(bits).bitwise_and_(keep).bitwise_or_(frozen_bits)
-            self.__dict__["_restored"] = key
+        weight.data.view(bits).bitwise_and_(keep).bitwise_or_(frozen_bits)
+        self.__dict__["_restored"] = key
         if training and weight.requires_grad:
             hooked = self.__dict__.get("_hooked")
             if hooked is None or hooked() is not weight:
@@ -344,7 +366,7 @@ class Protect(nn.Module):
     def _selectors(self, dtype: torch.dtype, bits: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(keep, frozen_bits): all-ones bits where the weight is free, and the frozen values' bits where it is
         protected (zero elsewhere). Derived from the buffers, rebuilt whenever either is replaced or written."""
-        frozen, protect = self.frozen, self.protect
+        frozen, protect = self._buffers["frozen"], self._buffers["protect"]
         key = (dtype, frozen._version, protect._version)
         cached = self.__dict__.get("_selector_cache")
         if cached is None or cached[0] != key or cached[1] is not frozen or cached[2] is not protect:

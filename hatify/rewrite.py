@@ -5,7 +5,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from .capture import Capture
-from .layers import Gate, MaskBank, Protect, TaskIndexed, TaskParameter
+from .layers import Gate, MaskBank, Protect, TaskIndexed, TaskParameter, read_through_protect
 from .plan import LayerPlan, Plan
 
 TASK_ARG, SCALE_ARG = "hat_task_id", "hat_mask_scale"
@@ -95,6 +95,7 @@ def rewrite(capture: Capture, plan: Plan) -> fx.GraphModule:
             weight = getattr(owner, attr)
             shape = _protect_shape(layer, tuple(weight.shape)) if qualname == layer.weight else tuple(weight.shape)
             parametrize.register_parametrization(owner, attr, Protect(weight, shape), unsafe=True)
+            read_through_protect(owner, attr)
 
     graph.lint()
     gm.recompile()

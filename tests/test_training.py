@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hatify
-from hatify.layers import CompensatedSigmoid, compensation_factor
+from hatify.layers import compensated_sigmoid, compensation_factor
 from hatify.model import mask_scale
 
 OPTIMIZERS = {
@@ -273,14 +273,19 @@ def test_mask_scale_schedules_against_hand_values():
 def test_compensated_gradient_matches_hand_formula():
     e = torch.tensor([-3.0, -0.5, 0.0, 0.7, 4.0], requires_grad=True)
     s, s_max = 7.0, 400.0
-    CompensatedSigmoid.apply(e, s, s_max).sum().backward()
+    out = compensated_sigmoid(e, s, s_max)
+    out.sum().backward()
     sig = torch.sigmoid(s * e.detach())
+    assert torch.equal(out, sig)  # the value is plain sigmoid(s e), bit for bit
     plain = s * sig * (1 - sig)
     num = torch.cosh(torch.clamp(s * e.detach(), -50, 50)) + 1
     den = torch.cosh(e.detach()) + 1
     torch.testing.assert_close(e.grad, plain * s_max / s * num / den)
     big = torch.tensor([10.0])
     assert torch.isfinite(compensation_factor(big, 400.0, 400.0)).all()  # cosh argument clamped at 50
+    e.grad = None
+    compensated_sigmoid(e, 0.0, s_max).sum().backward()  # s = 0: the 1 / s cancels, the gradient stays finite
+    torch.testing.assert_close(e.grad, 0.25 * s_max * 2 / (torch.cosh(e.detach()) + 1))
 
 
 def test_regularizer_against_hand_computation():
