@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from . import fsdp
 from .config import HATConfig
 from .convert import hatify
 from .errors import HatifyError
@@ -39,21 +40,28 @@ _REQUIRED = {"source", "num_tasks", "config", "example_inputs", "trained_tasks",
 
 
 def save(hat: nn.Module, path: str | os.PathLike) -> None:
-    """Write `hat` to `path` atomically: its tensors in safetensors, its recipe as JSON metadata.
+    """Write `hat` to `path` atomically: its tensors in safetensors, its recipe as JSON metadata. For a model
+    sharded with `fully_shard` every rank must call it (the full tensors are gathered); rank 0 writes the file.
 
     Example:
         >>> hatify.save(hat, "model.hat")
         >>> again = hatify.load("model.hat")            # or load("model.hat", model=untrained_instance)
     """
     hat = _unwrap(hat)
+    fsdp.refuse_fsdp1(hat, "save()")
+    fsdp.reshard(hat)
+    sharded = fsdp.is_sharded(hat)  # fully_shard: every rank calls save() (gathers), rank 0 writes
     tensors = {}
     for key, value in hat.state_dict().items():
         if not isinstance(value, torch.Tensor):
             raise HatifyError(f"cannot save state entry {key!r}: it is a {type(value).__name__}, not a tensor")
         # Own, contiguous storage per entry: safetensors refuses tensors that share memory.
-        tensors[key] = value.detach().to("cpu", copy=True).contiguous()
+        tensors[key] = fsdp.full(value.detach()).to("cpu", copy=True).contiguous()
     header = {METADATA_KEY: _to_json(metadata(hat), "the model's recipe")}
-    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    if not sharded or torch.distributed.get_rank() == 0:
+        write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    if sharded:
+        torch.distributed.barrier()  # the file exists on return, on every rank
 
 
 def metadata(hat: HATModel) -> dict[str, Any]:

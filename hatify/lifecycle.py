@@ -9,6 +9,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from . import fsdp
 from .errors import HatifyError
 from .layers import Gate, Protect, TaskIndexed, TaskParameter
 from .rewrite import SCALE_ARG, TASK_ARG, _owner
@@ -21,6 +22,7 @@ def forget_task(hat, t: int) -> None:
 
     if not (isinstance(t, int) and 0 <= t < hat.num_tasks) or not bool(hat.trained[t]):
         raise HatifyError(f"forget_task({t!r}): task {t} is not a trained task (trained: {hat.trained_tasks})")
+    fsdp.refuse_sharded(hat, "forget_task()")
     others = [u for u in hat.trained_tasks if u != t]
     cum = torch.zeros_like(hat.cumulative)
     for u in others:
@@ -77,6 +79,7 @@ def extract(hat, t: int, prune: bool = False) -> fx.GraphModule:
     constant multipliers, task t's norm copies, heads and parameters selected. Needs only torch to run.
     `prune=True` also removes the units task t does not use where shapes allow (`net.prune_summary`)."""
     hat._task_ids(t, (), {})
+    fsdp.refuse_sharded(hat, "extract()")
     net = copy.deepcopy(hat.net).eval()
     with torch.no_grad():
         masks = net.hat_masks(t, None)

@@ -8,6 +8,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from . import fsdp
 from .errors import HatifyError
 from .layers import MaskBank, Protect, TaskIndexed, TaskParameter
 from .plan import LayerPlan, Plan
@@ -49,6 +50,8 @@ class HATModel(nn.Module):
             else:
                 raise HatifyError(f"mask_scale must be a float or None, got {type(mask_scale).__name__}")
         ids = self._task_ids(task_id, inputs, kwargs)
+        if self.__dict__.get("_is_fsdp_managed_module"):
+            fsdp.forget_write_backs(self)
         if isinstance(ids, int):
             return self.net(*inputs, **kwargs, **{TASK_ARG: ids, SCALE_ARG: mask_scale})
         return self._mixed(inputs, kwargs, ids, mask_scale)
@@ -86,6 +89,8 @@ class HATModel(nn.Module):
             where = (ids == t).nonzero().squeeze(1)
             take = lambda v: v.index_select(0, where.to(v.device)) if isinstance(v, torch.Tensor) \
                 and v.ndim and v.shape[0] == batch else v
+            if self.__dict__.get("_is_fsdp_managed_module"):  # FSDP may gather again between the calls
+                fsdp.forget_write_backs(self)
             out = self.net(*pytree.tree_map(take, inputs), **pytree.tree_map(take, kwargs),
                            **{TASK_ARG: t, SCALE_ARG: mask_scale})
             pieces.append((where, out))
@@ -110,24 +115,37 @@ class HATModel(nn.Module):
         self._task_ids(t, (), {})
         if bool(self.trained[t]):
             raise HatifyError(f"task {t} was already trained; call hat.forget_task({t}) first to retrain it")
+        fsdp.refuse_fsdp1(self, "begin_task()")
+        fsdp.reshard(self)
+        if fsdp.is_sharded(self):  # fully_shard: protect the shards too, clamp the sharded embedding
+            fsdp.adopt(self)
+            fsdp.register_clamp(self.masks.embedding(t), self.masks.clamp)
         self.current_task = t
         self.masks.last = None
 
     def end_task(self) -> None:
         """Finish the current task: its binary mask joins the cumulative mask, the weights it uses are frozen,
-        and its own embedding, norm copies, heads and loose parameters become buffers."""
+        and its own embedding, norm copies, heads and loose parameters become buffers.
+
+        On a model sharded with `fully_shard` (FSDP2) every rank must call it: the full values are gathered, the
+        frozen values are the same on every rank, and the finished task's own tensors stay sharded parameters
+        with `requires_grad=False` (FSDP keeps managing them) instead of becoming buffers."""
         t = self.current_task
         if t is None:
             raise HatifyError("end_task() without begin_task(t)")
-        if any(type(p).__name__ == "DTensor" for p in self.parameters()):
-            raise HatifyError("end_task() needs the full parameters, but this model is sharded (FSDP fully_shard): "
-                              "FSDP is not supported yet; train with DistributedDataParallel instead")
+        fsdp.refuse_fsdp1(self, "end_task()")
+        fsdp.reshard(self)
+        sharded = fsdp.is_sharded(self)
         with torch.no_grad():
             _sync_buffers(self)
-            used = self.masks.embedding(t).detach() > 0
+            if sharded:
+                fsdp.adopt(self)  # the shards hold the frozen values: gathering them gives the effective weights
+            used = fsdp.full(self.masks.embedding(t).detach()) > 0
             self.cumulative |= used.to(self.cumulative.device)
             self._protect_layers()
             self._freeze_task(t)
+            if sharded:
+                fsdp.adopt(self)
             self.trained[t] = True
         self.current_task = None
         self.masks.last = None
@@ -137,6 +155,7 @@ class HATModel(nn.Module):
         for module in self.net.modules():
             if isinstance(module, (TaskIndexed, TaskParameter)):
                 module.freeze(t)
+        fsdp.keep_sharded_parameters(self.net)
 
     def _protect_layers(self) -> None:
         cum = self.cumulative
@@ -145,7 +164,8 @@ class HATModel(nn.Module):
             out = cum[layer.offset: layer.offset + layer.units]
             inp = cum_ext[layer.input_index.to(cum.device)].any(0) if layer.input_index is not None else None
             owner, attr = _owner(self.net, layer.weight)
-            _update_protect(owner, attr, weight_protection(layer, out, inp, tuple(getattr(owner, attr).shape)))
+            shape = tuple(owner.parametrizations[attr].original.shape)  # a DTensor's shape is the full one
+            _update_protect(owner, attr, weight_protection(layer, out, inp, shape))
             if layer.bias is not None:
                 owner, attr = _owner(self.net, layer.bias)
                 _update_protect(owner, attr, out)
@@ -199,9 +219,10 @@ class HATModel(nn.Module):
     def capacity(self) -> dict[str, dict[str, Any]]:
         """Per masked layer: units, units used by each trained task, units still free."""
         result = {}
+        used = {t: fsdp.full(self.masks.embedding(t).detach()) > 0 for t in self.trained_tasks}
         for layer in self.plan.masked_layers:
             sl = slice(layer.offset, layer.offset + layer.units)
-            per_task = {t: int((self.masks.embedding(t)[sl] > 0).sum()) for t in self.trained_tasks}
+            per_task = {t: int(u[sl].sum()) for t, u in used.items()}
             result[layer.name] = {"units": layer.units, "used": per_task,
                                   "free": int(layer.units - self.cumulative[sl].sum())}
         return result
@@ -226,8 +247,13 @@ def weight_protection(layer: LayerPlan, out: torch.Tensor, inp: torch.Tensor | N
 
 
 def _update_protect(owner: nn.Module, attr: str, protect: torch.Tensor) -> None:
-    parametrization: Protect = owner.parametrizations[attr][0]
-    parametrization.update(getattr(owner, attr).detach(), protect.to(parametrization.protect.device))
+    chain = owner.parametrizations[attr]
+    parametrization: Protect = chain[0]
+    if fsdp.is_dtensor(chain.original):  # fully_shard: its shards hold the frozen values (fsdp.adopt)
+        effective = fsdp.full(chain.original.detach())
+    else:
+        effective = getattr(owner, attr).detach()
+    parametrization.update(effective, protect.to(parametrization.protect.device))
 
 
 def mask_scale(schedule: str, s_max: float, b: int, num_batches: int) -> float:
