@@ -84,3 +84,22 @@ def test_switching_task_and_scale_does_not_recompile_once_each_task_was_seen():
             for s in (None, 0.5, 3.0, 400.0):
                 compiled(x, task_id=t, mask_scale=s)
     assert counters["stats"]["unique_graphs"] == warm
+
+
+def test_mask_path_and_compensation_stay_float32_under_bfloat16_autocast():
+    """The soft masks, the regulariser and the compensated embedding gradient are computed in float32 under
+    autocast: the same bits as without autocast."""
+    x = torch.randn(8, 12)
+    hat = hatify.hatify(_mlp(), num_tasks=2, example_inputs=(x[:2],))
+    hat.train()
+    hat.begin_task(0)
+    grads = []
+    for enabled in (False, True):
+        hat.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            hat(x, task_id=0, mask_scale=37.0)
+            reg = hat.regularization()
+        assert hat.masks.last.dtype == torch.float32 and reg.dtype == torch.float32
+        reg.backward()
+        grads.append(hat.masks.embedding(0).grad.clone())
+    assert torch.equal(grads[0], grads[1])
