@@ -151,13 +151,6 @@ def forget_write_backs(hat: nn.Module) -> None:
         protect.train(protect.training)
 
 
-def register_clamp(embedding: torch.Tensor, bound: float) -> None:
-    """The optimizer holds the sharded embedding, not the unsharded one the forward registers: clamp that one."""
-    if is_dtensor(embedding) and isinstance(embedding, nn.Parameter):
-        embedding._hat_clamp = bound
-        _CLAMPED[id(embedding)] = embedding
-
-
 def keep_sharded_parameters(root: nn.Module) -> None:
     """`freeze_parameter` turned a finished task's parameters into buffers; FSDP would register its sharded
     parameter again at the next all-gather. Sharded ones go back as parameters that no optimizer moves:

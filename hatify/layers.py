@@ -119,11 +119,16 @@ class MaskBank(nn.Module):
     def unfreeze(self, t: int) -> None:
         unfreeze_parameter(self, f"task{t}")
 
-    def forward(self, task_id: int, mask_scale: float | None) -> torch.Tensor:
-        e = self.embedding(task_id)
+    def register_clamp(self, e: torch.Tensor) -> None:
+        """Clamp the embedding `e` after every optimizer step (once it is a trainable parameter)."""
         if isinstance(e, nn.Parameter) and _CLAMPED.get(id(e)) is not e:
             e._hat_clamp = self.clamp
             _CLAMPED[id(e)] = e
+
+    def forward(self, task_id: int, mask_scale: float | None) -> torch.Tensor:
+        e = self.embedding(task_id)
+        if not torch.compiler.is_compiling():  # compiled: begin_task() registered it (weakrefs break graphs)
+            self.register_clamp(e)
         if self.open:
             m = torch.ones_like(e)
         elif self.override is not None:
@@ -334,9 +339,10 @@ class Protect(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return weight
-        compiling = torch.compiler.is_compiling()
+        if torch.compiler.is_compiling():  # one fused kernel; the gradient of protected entries is exactly +0
+            return torch.where(self.protect, self.frozen.to(weight.dtype), weight)
         training = self.training or torch.is_grad_enabled()
-        if not (training or compiling):
+        if not training:
             # Eval-mode inference skips the write-back while nothing was written since the last one (in-place
             # writes bump the version; `.data` writes do not, so `train()`/`eval()` forget the last write-back).
             key = (weight.data_ptr(), weight._version)
@@ -346,7 +352,7 @@ class Protect(nn.Module):
         if bits is None or weight.is_complex():
             return torch.where(self.protect, self.frozen.to(weight.dtype), weight)
         keep, frozen_bits = self._selectors(weight.dtype, bits)
-        if compiling or not (isinstance(weight, nn.Parameter) and weight.is_leaf):
+        if not (isinstance(weight, nn.Parameter) and weight.is_leaf):
             return SelectFrozen.apply(weight, keep, frozen_bits, self.protect)
         key = (weight.data_ptr(), weight._version)
         weight.data.view(bits).bitwise_and_(keep).bitwise_or_(frozen_bits)

@@ -117,9 +117,11 @@ class HATModel(nn.Module):
             raise HatifyError(f"task {t} was already trained; call hat.forget_task({t}) first to retrain it")
         fsdp.refuse_fsdp1(self, "begin_task()")
         fsdp.reshard(self)
-        if fsdp.is_sharded(self):  # fully_shard: protect the shards too, clamp the sharded embedding
+        if fsdp.is_sharded(self):  # fully_shard: protect the shards too
             fsdp.adopt(self)
-            fsdp.register_clamp(self.masks.embedding(t), self.masks.clamp)
+        # The parameter an optimizer holds (under fully_shard: the sharded one, not the unsharded copy a forward
+        # sees; under torch.compile the forward does not register it).
+        self.masks.register_clamp(self.masks.embedding(t))
         self.current_task = t
         self.masks.last = None
 

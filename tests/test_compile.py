@@ -12,7 +12,10 @@ def _mlp():
 
 
 def test_compiled_training_matches_eager_and_keeps_old_tasks():
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     x = torch.randn(16, 12, generator=torch.Generator().manual_seed(0))
     y = torch.arange(16) % 3
     eager = hatify.hatify(_mlp(), num_tasks=2, example_inputs=(x[:2],))
@@ -36,6 +39,7 @@ def test_compiled_training_matches_eager_and_keeps_old_tasks():
             torch.testing.assert_close(after[t], eager(x, task_id=t), atol=1e-4, rtol=1e-4)
     with torch.no_grad():
         assert torch.equal(compiled(x, task_id=0), after[0])
+    assert not counters["graph_break"], dict(counters["graph_break"])  # one graph per task and mode, no breaks
 
 
 def test_float16_autocast_with_grad_scaler_keeps_old_tasks():
