@@ -17,6 +17,7 @@ test: install
 bench: install
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/compile.py
 	$(PY) benchmarks/continual.py
 
 zoo: install
