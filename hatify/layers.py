@@ -230,11 +230,13 @@ class TaskParameter(nn.Module):
     def __init__(self, value: torch.Tensor, num_tasks: int, shared: bool) -> None:
         super().__init__()
         self.shared = shared
-        for t in range(1 if shared else num_tasks):
-            self.register_parameter(str(t), nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad))
+        self.names = [str(t) for t in range(1 if shared else num_tasks)]
+        for name in self.names:
+            self.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad))
 
     def forward(self, hat_task_id: int) -> torch.Tensor:
-        return getattr(self, "0" if self.shared else str(hat_task_id))
+        # A list index, not str(task id): dynamo specializes on the index; str() of a symbolic int breaks the graph.
+        return getattr(self, self.names[0 if self.shared else hat_task_id])
 
     def freeze(self, t: int) -> None:
         freeze_parameter(self, "0" if self.shared else str(t))

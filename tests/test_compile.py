@@ -107,3 +107,27 @@ def test_mask_path_and_compensation_stay_float32_under_bfloat16_autocast():
         reg.backward()
         grads.append(hat.masks.embedding(0).grad.clone())
     assert torch.equal(grads[0], grads[1])
+
+
+def test_per_task_parameters_compile_once_per_task_without_graph_breaks():
+    from torch._dynamo.utils import counters
+
+    class Loose(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos = nn.Parameter(torch.zeros(1, 12))
+            self.fc = nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.fc(x + self.pos)
+
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.randn(8, 12)
+    hat = hatify.hatify(Loose(), num_tasks=3, example_inputs=(x[:2],)).eval()
+    compiled = torch.compile(hat)
+    with torch.no_grad():
+        for t in (0, 1, 2, 0, 2, 1):
+            compiled(x, task_id=t)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 3
