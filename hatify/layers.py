@@ -1,9 +1,10 @@
 """Runtime modules of a converted model: the mask bank, gates, per-task copies and weight protection.
 
-Protection lives in the forward computation and in module state, never in tensor hooks, so it survives
-`copy.deepcopy`, `load_state_dict(..., assign=True)` and wrappers that bypass hooks:
-- a masked layer's weight is read through `Protect`: entries used by earlier tasks come from a frozen
-  buffer, so whatever an optimizer does to the parameter (momentum, weight decay) cannot reach them;
+The guarantee lives in the forward computation and in module state, so it survives `copy.deepcopy`,
+`load_state_dict(..., assign=True)` and wrappers:
+- a masked layer's weight is read through `Protect`: each read writes the frozen values of entries used by
+  earlier tasks back into the parameter, so whatever an optimizer did to them (momentum, weight decay) never
+  reaches a forward; their gradient is zeroed by a hook that every training forward (re)attaches;
 - a finished task's own tensors (mask embedding, norm copy, head copy, loose parameters) are turned
   from parameters into buffers, so no optimizer can move them again.
 """
@@ -32,11 +33,6 @@ def compensated_sigmoid(e: torch.Tensor, s: float, s_max: float) -> torch.Tensor
         e32 = d.float()
         c = (e32 * s).clamp_(-50, 50).cosh_().add_(1).div_(torch.cosh(e32).add_(1)).mul_(s_max).to(e.dtype)
     return torch.sigmoid(torch.addcmul(sd, e - d, c))
-
-
-def compensation_factor(e: torch.Tensor, s: float, s_max: float) -> torch.Tensor:
-    e = e.float()
-    return s_max * (torch.cosh(torch.clamp(s * e, -50, 50)) + 1) / (s * (torch.cosh(e) + 1))
 
 
 # Mask embeddings of every live MaskBank by id, clamped after any optimizer step (`_clamp_after_step`);
@@ -187,14 +183,14 @@ class TaskIndexed(nn.Module):
     def __init__(self, module: nn.Module, num_tasks: int, shared: bool = False) -> None:
         super().__init__()
         self.copies = nn.ModuleList(copy.deepcopy(module) for _ in range(1 if shared else num_tasks))
+        self.names = [str(t) for t in range(len(self.copies))]
         self.shared = shared
         self.frozen: set[int] = set()
 
     def forward(self, *args, hat_task_id: int, **kwargs):
-        if torch.compiler.is_compiling():  # dynamo specializes on the index here, once per task
-            return self.copies[0 if self.shared else hat_task_id](*args, **kwargs)
-        # The ModuleList's own indexing costs as much as a small layer; its modules are keyed by str(index).
-        return self.copies._modules["0" if self.shared else str(hat_task_id)](*args, **kwargs)
+        # The ModuleList's own indexing costs as much as a small layer; a list index, not str(task id): dynamo
+        # specializes on the index, and str() of a symbolic int breaks the graph.
+        return self.copies._modules[self.names[0 if self.shared else hat_task_id]](*args, **kwargs)
 
     def freeze(self, t: int) -> None:
         t = 0 if self.shared else t
@@ -235,8 +231,7 @@ class TaskParameter(nn.Module):
             self.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad))
 
     def forward(self, hat_task_id: int) -> torch.Tensor:
-        # A list index, not str(task id): dynamo specializes on the index; str() of a symbolic int breaks the graph.
-        return getattr(self, self.names[0 if self.shared else hat_task_id])
+        return getattr(self, self.names[0 if self.shared else hat_task_id])  # see TaskIndexed.forward
 
     def freeze(self, t: int) -> None:
         freeze_parameter(self, "0" if self.shared else str(t))
@@ -344,19 +339,17 @@ class Protect(nn.Module):
         if torch.compiler.is_compiling():  # one fused kernel; the gradient of protected entries is exactly +0
             return torch.where(self.protect, self.frozen.to(weight.dtype), weight)
         training = self.training or torch.is_grad_enabled()
-        if not training:
-            # Eval-mode inference skips the write-back while nothing was written since the last one (in-place
-            # writes bump the version; `.data` writes do not, so `train()`/`eval()` forget the last write-back).
-            key = (weight.data_ptr(), weight._version)
-            if self.__dict__.get("_restored") == key:
-                return weight
+        # Eval-mode inference skips the write-back while nothing was written since the last one (in-place writes
+        # bump the version; `.data` writes do not, so `train()`/`eval()` forget the last write-back).
+        key = (weight.data_ptr(), weight._version)
+        if not training and self.__dict__.get("_restored") == key:
+            return weight
         bits = _BITS.get(weight.element_size())
         if bits is None or weight.is_complex():
             return torch.where(self.protect, self.frozen.to(weight.dtype), weight)
         keep, frozen_bits = self._selectors(weight.dtype, bits)
         if not (isinstance(weight, nn.Parameter) and weight.is_leaf):
             return SelectFrozen.apply(weight, keep, frozen_bits, self.protect)
-        key = (weight.data_ptr(), weight._version)
         weight.data.view(bits).bitwise_and_(keep).bitwise_or_(frozen_bits)
         self.__dict__["_restored"] = key
         if training and weight.requires_grad:
