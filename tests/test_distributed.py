@@ -25,12 +25,13 @@ def _model() -> nn.Module:
                          nn.Linear(8 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 3))
 
 
-def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, result_dir: str, broadcast_buffers: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=60))
     torch.set_num_threads(1)
     hat = hatify.hatify(_model(), num_tasks=3, example_inputs=(torch.zeros(2, 3, 6, 6),))
-    ddp = DDP(hat, find_unused_parameters=True)  # per-task heads and norms: other tasks' copies get no gradient
+    # Per-task heads and norms: other tasks' copies get no gradient.
+    ddp = DDP(hat, find_unused_parameters=True, broadcast_buffers=broadcast_buffers)
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2, weight_decay=0.01)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank sees its own shard of data
     probe = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(7))
@@ -62,8 +63,9 @@ def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def test_ddp_two_gloo_processes_keep_old_tasks_and_agree(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("broadcast_buffers", [True, False])
+def test_ddp_two_gloo_processes_keep_old_tasks_and_agree(tmp_path, broadcast_buffers):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), broadcast_buffers), nprocs=2, join=True)
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert a.keys() == b.keys()
     for key in a:
