@@ -143,12 +143,12 @@ register_optimizer_step_post_hook(_restore_after_step)
 
 
 def forget_write_backs(hat: nn.Module) -> None:
-    """Make every Protect write the frozen bits back at the next read (what `train()`/`eval()` do)."""
+    """Make every Protect write the frozen bits back at the next read."""
     protects = hat.__dict__.get("_hat_protects")
     if protects is None:
         protects = hat.__dict__["_hat_protects"] = [m for m in hat.modules() if isinstance(m, Protect)]
     for protect in protects:
-        protect.train(protect.training)
+        protect.forget_write_back()
 
 
 def keep_sharded_parameters(root: nn.Module) -> None:

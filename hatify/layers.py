@@ -361,8 +361,12 @@ class Protect(nn.Module):
         return weight
 
     def train(self, mode: bool = True) -> "Protect":
-        self.__dict__.pop("_restored", None)
+        self.forget_write_back()
         return super().train(mode)
+
+    def forget_write_back(self) -> None:
+        """Make the next read write the frozen bits back, in eval too: for writes the version did not see."""
+        self.__dict__.pop("_restored", None)
 
     def _selectors(self, dtype: torch.dtype, bits: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(keep, frozen_bits): all-ones bits where the weight is free, and the frozen values' bits where it is
@@ -375,7 +379,7 @@ class Protect(nn.Module):
             frozen_bits = frozen.to(dtype).view(bits) & ~keep
             cached = (key, frozen, protect, keep, frozen_bits)
             self.__dict__["_selector_cache"] = cached
-            self.__dict__.pop("_restored", None)
+            self.forget_write_back()
         return cached[3], cached[4]
 
     @torch.no_grad()
