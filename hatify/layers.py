@@ -271,13 +271,13 @@ class SelectFrozen(torch.autograd.Function):
 def read_through_protect(module: nn.Module, name: str) -> None:
     """Make `module.<name>` (parametrized by one `Protect`) call it directly: torch's parametrization property
     goes through two module calls and a ModuleList lookup on every read, which costs as much as a small
-    layer's matmul. `parametrize.cached()` keeps torch's own path."""
+    layer's matmul. `parametrize.cached()`, and parametrizations a user registers on top, keep torch's path."""
     torch_get = type(module).__dict__[name].fget
 
     def get(self) -> torch.Tensor:
-        if parametrize._cache_enabled:
-            return torch_get(self)
         chain = self._modules["parametrizations"]._modules[name]
+        if parametrize._cache_enabled or len(chain._modules) != 1:  # a user's parametrization on top: torch's path
+            return torch_get(self)
         return chain._modules["0"].forward(chain.original)
 
     setattr(type(module), name, property(get, type(module).__dict__[name].fset))

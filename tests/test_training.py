@@ -212,6 +212,23 @@ def test_two_forwards_one_backward_match_the_out_of_place_weights():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_a_parametrization_registered_on_top_of_protect_is_applied():
+    """Reads of a protected weight skip torch's parametrization machinery only while Protect is alone on it."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model, x, classes = _data("conv")
+    hat = hatify.hatify(model, num_tasks=2, example_inputs=(x[:2],))
+    train_tasks(hat, OPTIMIZERS["sgd"](hat.parameters()), x, classes, [0])
+    fc = hat.net.fc
+    before = fc.weight.detach().clone()
+    parametrize.register_parametrization(fc, "weight", Double())
+    assert torch.equal(fc.weight, 2 * before)
+
+
 def test_every_task_learns_and_changes_outputs():
     model, x, classes = _data("conv")
     hat = hatify.hatify(model, num_tasks=3, example_inputs=(x[:2],))
