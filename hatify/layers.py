@@ -109,7 +109,7 @@ class MaskBank(nn.Module):
         return super().train(mode)
 
     def __getstate__(self) -> dict:
-        # A copy or pickle made in the middle of a task: the last forward's masks belong to its graph.
+        # A copy made in the middle of a task: the last forward's masks belong to that forward's graph.
         return {**super().__getstate__(), "last": None, "_binary_cache": {}}
 
     def unfreeze(self, t: int) -> None:
