@@ -234,11 +234,11 @@ class TaskParameter(nn.Module):
         return getattr(self, self.names[0 if self.shared else hat_task_id])  # see TaskIndexed.forward
 
     def freeze(self, t: int) -> None:
-        freeze_parameter(self, "0" if self.shared else str(t))
+        freeze_parameter(self, self.names[0 if self.shared else t])
 
     def unfreeze(self, t: int) -> None:
         if not self.shared:
-            unfreeze_parameter(self, str(t))
+            unfreeze_parameter(self, self.names[t])
 
 
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -336,7 +336,9 @@ class Protect(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return weight
-        if torch.compiler.is_compiling():  # one fused kernel; the gradient of protected entries is exactly +0
+        bits = _BITS.get(weight.element_size())
+        if torch.compiler.is_compiling() or bits is None or weight.is_complex():
+            # Compiled: one fused kernel. Either way the gradient of protected entries is exactly +0.
             return torch.where(self.protect, self.frozen.to(weight.dtype), weight)
         training = self.training or torch.is_grad_enabled()
         # Eval-mode inference skips the write-back while nothing was written since the last one (in-place writes
@@ -344,9 +346,6 @@ class Protect(nn.Module):
         key = (weight.data_ptr(), weight._version)
         if not training and self.__dict__.get("_restored") == key:
             return weight
-        bits = _BITS.get(weight.element_size())
-        if bits is None or weight.is_complex():
-            return torch.where(self.protect, self.frozen.to(weight.dtype), weight)
         keep, frozen_bits = self._selectors(weight.dtype, bits)
         if not (isinstance(weight, nn.Parameter) and weight.is_leaf):
             return SelectFrozen.apply(weight, keep, frozen_bits, self.protect)
