@@ -38,7 +38,7 @@ from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hatify  # noqa: E402
-from hatify.layers import Gate, MaskBank, Protect, TaskIndexed, TaskParameter  # noqa: E402
+from hatify.layers import FoldedGate, Gate, MaskBank, Protect, TaskIndexed, TaskParameter  # noqa: E402
 from nets import SmallCNN, mlp, resnet18  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -107,12 +107,13 @@ def without_protection(hat) -> Iterator[None]:
 
 @contextlib.contextmanager
 def without_gates() -> Iterator[None]:
-    forward = Gate.forward
+    forward, folded = Gate.forward, FoldedGate.forward
     Gate.forward = lambda self, x, masks: x
+    FoldedGate.forward = lambda self, x, masks, **kwargs: self.target(x, **kwargs)
     try:
         yield
     finally:
-        Gate.forward = forward
+        Gate.forward, FoldedGate.forward = forward, folded
 
 
 def ablated(step: Callable[[], object], *contexts: Callable[[], contextlib.AbstractContextManager]):

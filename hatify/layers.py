@@ -15,6 +15,7 @@ import functools
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -176,6 +177,92 @@ class Gate(nn.Module):
         return x * (gate if gate.dtype == x.dtype else gate.to(x.dtype))
 
 
+def _calls_forward_only(module: nn.Module) -> bool:
+    """Calling `module` would run its forward and nothing else (no hooks of the user's or of FSDP's)."""
+    from torch.nn.modules import module as torch_module
+
+    return not (module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
+                or torch_module._global_forward_pre_hooks)
+
+
+def _base_type(module: nn.Module) -> type:
+    """The module's own class under torch's parametrization subclass (any other subclass: its own type)."""
+    kind = type(module)
+    return kind.__bases__[0] if parametrize.is_parametrized(module) and len(kind.__bases__) == 1 else kind
+
+
+def _batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, weight, bias) -> torch.Tensor:
+    """`_BatchNorm.forward` with the given affine parameters (running statistics, momentum as torch does)."""
+    bn._check_input_dim(x)
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep_stats = not bn.training or bn.track_running_stats
+    return F.batch_norm(x, bn.running_mean if keep_stats else None, bn.running_var if keep_stats else None,
+                        weight, bias, use_batch, factor, bn.eps)
+
+
+def _scaled(value: torch.Tensor | None, gate: torch.Tensor, shape: tuple[int, ...] = (-1,)) -> torch.Tensor | None:
+    return None if value is None else value * gate.to(value.dtype).view(shape)
+
+
+def _fold_norm(module: nn.Module, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """norm(x) * gate per channel as the norm with gated affine parameters (gamma * g, beta * g)."""
+    weight = _scaled(module.weight, gate) if module.weight is not None else gate.to(x.dtype)
+    bias = _scaled(module.bias, gate)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return _batch_norm(module, x, weight, bias)
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, weight, bias, module.eps)
+    return F.group_norm(x, module.num_groups, weight, bias, module.eps)
+
+
+def _fold_linear(module: nn.Linear, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """linear(x) * gate per output unit: through the weight's rows when the input has more rows than the weight
+    has columns (sequences: fewer elements to scale, forward and backward), else on the output."""
+    weight, bias = module.weight, module.bias
+    if x.numel() > weight.numel():
+        return F.linear(x, _scaled(weight, gate, (-1, 1)), _scaled(bias, gate))
+    y = F.linear(x, weight, bias)
+    gate = gate if gate.dtype == y.dtype else gate.to(y.dtype)
+    return y.mul_(gate) if not torch.is_grad_enabled() else y * gate
+
+
+_FOLDS = {nn.BatchNorm1d: _fold_norm, nn.BatchNorm2d: _fold_norm, nn.BatchNorm3d: _fold_norm,
+          nn.LayerNorm: _fold_norm, nn.GroupNorm: _fold_norm, nn.Linear: _fold_linear}
+
+
+def fold_axis(module: nn.Module) -> int | None:
+    """The axis of `module`'s output whose units a folded gate scales (None: no fold for this module)."""
+    kind = _base_type(module)
+    if kind in (nn.LayerNorm, nn.Linear):
+        return -1 if kind is nn.Linear or len(module.normalized_shape) == 1 else None
+    return 1 if kind in _FOLDS else None
+
+
+class FoldedGate(Gate):
+    """A gate folded into the module that produces its input: the graph calls this instead of the module, and it
+    runs the module with the gate applied to its parameters (a norm's affine, a linear layer's rows), which saves
+    the elementwise products over the activations. `target` is that module (or a `TaskIndexed` of norms); it
+    stays registered where it was (same state dict); a module with hooks (FSDP's, a user's) is called as it is,
+    then gated."""
+
+    def __init__(self, index: torch.Tensor, target: nn.Module, target_name: str) -> None:
+        super().__init__(index)
+        self.__dict__["target"] = target  # not a submodule: it is registered at its own place
+        self.target_name = target_name
+
+    def forward(self, x: torch.Tensor, masks: torch.Tensor, **kwargs) -> torch.Tensor:
+        target = self.__dict__["target"]
+        module = target.pick(kwargs["hat_task_id"]) if isinstance(target, TaskIndexed) else target
+        fold = _FOLDS.get(_base_type(module))
+        if fold is None or not (_calls_forward_only(target) and _calls_forward_only(module)):
+            return super().forward(target(x, **kwargs), masks)
+        return fold(module, x, masks[self.span[0]:self.span[1]])
+
+
 class TaskIndexed(nn.Module):
     """One copy of a module per task; a finished task's copy is frozen (buffers) and always in eval.
     `shared`: a single copy, frozen after the first finished task."""
@@ -187,10 +274,13 @@ class TaskIndexed(nn.Module):
         self.shared = shared
         self.frozen: set[int] = set()
 
-    def forward(self, *args, hat_task_id: int, **kwargs):
+    def pick(self, hat_task_id: int) -> nn.Module:
         # The ModuleList's own indexing costs as much as a small layer; a list index, not str(task id): dynamo
         # specializes on the index, and str() of a symbolic int breaks the graph.
-        return self.copies._modules[self.names[0 if self.shared else hat_task_id]](*args, **kwargs)
+        return self.copies._modules[self.names[0 if self.shared else hat_task_id]]
+
+    def forward(self, *args, hat_task_id: int, **kwargs):
+        return self.pick(hat_task_id)(*args, **kwargs)
 
     def freeze(self, t: int) -> None:
         t = 0 if self.shared else t
@@ -368,14 +458,22 @@ class Protect(nn.Module):
         self.__dict__.pop("_restored", None)
 
     def _selectors(self, dtype: torch.dtype, bits: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(keep, frozen_bits): all-ones bits where the weight is free, and the frozen values' bits where it is
-        protected (zero elsewhere). Derived from the buffers, rebuilt whenever either is replaced or written."""
+        """(keep, frozen_bits), both the weight's full shape: all-ones bits where the weight is free, and the
+        frozen values' bits where it is protected (zero elsewhere). Rebuilt whenever a buffer is replaced or
+        written. `keep` is materialised because a broadcast operand (a conv's (out, in, 1, 1) mask over its
+        kernel) makes the bitwise pass about 4x slower on CPU; the frozen buffer itself, its free entries
+        zeroed in place, serves as `frozen_bits`, so the run-time cache stays one weight-sized tensor."""
         frozen, protect = self._buffers["frozen"], self._buffers["protect"]
         key = (dtype, frozen._version, protect._version)
         cached = self.__dict__.get("_selector_cache")
         if cached is None or cached[0] != key or cached[1] is not frozen or cached[2] is not protect:
-            keep = (protect.to(bits) - 1).contiguous()    # protected -> 0, free -> -1 (all bits set)
-            frozen_bits = frozen.to(dtype).view(bits) & ~keep
+            keep = (protect.to(bits) - 1).expand(frozen.shape).contiguous()  # protected -> 0, free -> -1 (all bits)
+            with torch.no_grad():
+                if frozen.dtype == dtype:
+                    frozen_bits = frozen.view(bits).bitwise_and_(~keep)
+                else:
+                    frozen_bits = frozen.to(dtype).view(bits) & ~keep
+            key = (dtype, frozen._version, protect._version)
             cached = (key, frozen, protect, keep, frozen_bits)
             self.__dict__["_selector_cache"] = cached
             self.forget_write_back()

@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 
 from . import fsdp
 from .errors import HatifyError
-from .layers import Gate, Protect, TaskIndexed, TaskParameter
+from .layers import FoldedGate, Gate, Protect, TaskIndexed, TaskParameter
 from .rewrite import SCALE_ARG, TASK_ARG, _owner
 
 
@@ -87,17 +87,27 @@ def extract(hat, t: int, prune: bool = False) -> fx.GraphModule:
     for module in list(net.modules()):
         if parametrize.is_parametrized(module):
             _strip_parametrizations(module)
+    def constant(gate: Gate, name: str) -> fx.Node:
+        const = masks[gate.index]
+        net.register_buffer(f"hat_mask_{name}", (const.amax(0) if gate.union else const).detach().clone())
+        return graph.get_attr(f"hat_mask_{name}")
+
     for node in list(graph.nodes):
         if node.op != "call_module":
             continue
         target = net.get_submodule(node.target)
-        if isinstance(target, Gate):
-            const = masks[target.index]
-            const = const.amax(0) if target.union else const
-            name = f"hat_mask_{node.name}"
-            net.register_buffer(name, const.detach().clone())
+        if isinstance(target, FoldedGate):  # back to the module call, then the product
+            node.target, node.args = target.target_name, node.args[:1]
             with graph.inserting_before(node):
-                gate = graph.get_attr(name)
+                gate = constant(target, node.name)
+            with graph.inserting_after(node):
+                gated = graph.call_function(operator.mul, (node, gate))
+            gated.meta["hat_spec"] = node.meta.get("hat_spec")
+            node.replace_all_uses_with(gated, delete_user_cb=lambda user: user is not gated)
+            target = net.get_submodule(node.target)
+        if isinstance(target, Gate):
+            with graph.inserting_before(node):
+                gate = constant(target, node.name)
             node.op, node.target, node.args = "call_function", operator.mul, (node.args[0], gate)
         elif isinstance(target, TaskIndexed):
             owner, attr = _owner(net, node.target)

@@ -5,8 +5,9 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from .capture import Capture
-from .layers import Gate, MaskBank, Protect, TaskIndexed, TaskParameter, read_through_protect
+from .layers import FoldedGate, Gate, MaskBank, Protect, TaskIndexed, TaskParameter, fold_axis, read_through_protect
 from .plan import LayerPlan, Plan
+from .shapes import TensorSpec
 
 TASK_ARG, SCALE_ARG = "hat_task_id", "hat_mask_scale"
 
@@ -57,11 +58,12 @@ def rewrite(capture: Capture, plan: Plan) -> fx.GraphModule:
         masks = graph.call_module("hat_masks", (task, scale))
     gates = nn.ModuleDict()
     gm.add_module("hat_gates", gates)
+    gated_nodes = {}
     for name, index in list(plan.gates.items()) + list(plan.remask.items()):
         node = nodes[name]
         gates[name] = Gate(index)
         with graph.inserting_after(node):
-            gated = graph.call_module(f"hat_gates.{name}", (node, masks))
+            gated = gated_nodes[name] = graph.call_module(f"hat_gates.{name}", (node, masks))
         gated.meta["hat_spec"] = node.meta.get("hat_spec")
         node.replace_all_uses_with(gated, delete_user_cb=lambda user: user is not gated)
 
@@ -85,6 +87,9 @@ def rewrite(capture: Capture, plan: Plan) -> fx.GraphModule:
                 node.replace_all_uses_with(call)
                 graph.erase_node(node)
 
+    for name, gated in gated_nodes.items():
+        _fold_gate(gm, nodes[name], gated)
+
     for layer in plan.masked_layers:
         for qualname in (layer.weight, layer.bias):
             if qualname is None:
@@ -100,3 +105,29 @@ def rewrite(capture: Capture, plan: Plan) -> fx.GraphModule:
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _fold_gate(gm: fx.GraphModule, node: fx.Node, gated: fx.Node) -> None:
+    """Fold the gate `gated` into the module call `node` it follows when that module is a linear layer or a norm
+    (per task or not) and the gate scales exactly its output units: the node then calls a `FoldedGate` (it keeps
+    its name, which the plan's call sites refer to) and the separate gate node goes."""
+    gate = gm.get_submodule(gated.target)
+    spec = node.meta.get("hat_spec")
+    if node.op != "call_module" or list(node.users) != [gated] or len(node.args) != 1 or gate.span is None \
+            or set(node.kwargs) - {TASK_ARG} or not isinstance(spec, TensorSpec):
+        return
+    target = gm.get_submodule(node.target)
+    module = target.copies[0] if isinstance(target, TaskIndexed) else target
+    axis = fold_axis(module)
+    units = getattr(module, "num_features", None) or getattr(module, "num_channels", None) or \
+        getattr(module, "out_features", None) or getattr(module, "normalized_shape", (None,))[-1]
+    if axis is None or units != gate.index.numel() or not spec.ndim:
+        return
+    where = axis % spec.ndim - (spec.ndim - gate.index.ndim)
+    if where < 0 or gate.index.shape[where] != units:
+        return
+    name = gated.target.rpartition(".")[2]
+    gm.hat_gates[name] = FoldedGate(gate.index[None], target, node.target)
+    node.target, node.args = gated.target, (node.args[0], gated.args[1])
+    gated.replace_all_uses_with(node)
+    gm.graph.erase_node(gated)
