@@ -203,9 +203,14 @@ def memory(plain: nn.Module, hat) -> dict:
             continue
         seen.add(id(tensor))
         parts[owner_kind(name)] += nbytes(tensor)
-    # Derived at run time, not saved: the bit-select operands of protected weights (keep mask, frozen bits).
-    cache = sum(nbytes(t) for m in hat.modules() if isinstance(m, Protect)
-                for t in (m.__dict__.get("_selector_cache") or ())[3:] if isinstance(t, torch.Tensor))
+    # Derived at run time, not saved: the write-back operands of protected weights (the frozen rows, or the keep
+    # mask; the frozen bits are the frozen buffer itself, not counted twice).
+    cache = 0
+    for m in hat.modules():
+        if isinstance(m, Protect):
+            frozen = m.frozen.untyped_storage().data_ptr()
+            derived = [v for k, v in (m.__dict__.get("_derived_cache") or {}).items() if k != "of" and v]
+            cache += sum(nbytes(t) for pair in derived for t in pair if t.untyped_storage().data_ptr() != frozen)
     hat_bytes = sum(parts.values())
     mb = 1 / 2**20
     return {"plain_mb": plain_bytes * mb, "hat_mb": hat_bytes * mb, "added_mb": (hat_bytes - plain_bytes) * mb,

@@ -17,6 +17,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -177,12 +178,10 @@ class Gate(nn.Module):
         return x * (gate if gate.dtype == x.dtype else gate.to(x.dtype))
 
 
-def _calls_forward_only(module: nn.Module) -> bool:
-    """Calling `module` would run its forward and nothing else (no hooks of the user's or of FSDP's)."""
-    from torch.nn.modules import module as torch_module
-
-    return not (module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
-                or torch_module._global_forward_pre_hooks)
+def _hooked(module: nn.Module) -> bool:
+    """Calling `module` would run more than its forward: hooks of the user's, or of FSDP's."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or _global_forward_hooks
+                or _global_forward_pre_hooks)
 
 
 def _base_type(module: nn.Module) -> type:
@@ -253,14 +252,19 @@ class FoldedGate(Gate):
         super().__init__(index)
         self.__dict__["target"] = target  # not a submodule: it is registered at its own place
         self.target_name = target_name
+        self.units = slice(*self.span)
+        self.folds: dict[type, object] = {}  # module class -> its fold (None: none), looked up once per class
 
     def forward(self, x: torch.Tensor, masks: torch.Tensor, **kwargs) -> torch.Tensor:
         target = self.__dict__["target"]
-        module = target.pick(kwargs["hat_task_id"]) if isinstance(target, TaskIndexed) else target
-        fold = _FOLDS.get(_base_type(module))
-        if fold is None or not (_calls_forward_only(target) and _calls_forward_only(module)):
+        module = target.pick(kwargs["hat_task_id"]) if kwargs else target  # only TaskIndexed takes a task id
+        kind = type(module)
+        fold = self.folds.get(kind, False)
+        if fold is False:
+            fold = self.folds[kind] = _FOLDS.get(_base_type(module))
+        if fold is None or _hooked(module) or (kwargs and _hooked(target)):
             return super().forward(target(x, **kwargs), masks)
-        return fold(module, x, masks[self.span[0]:self.span[1]])
+        return fold(module, x, masks[self.units])
 
 
 class TaskIndexed(nn.Module):
@@ -386,8 +390,7 @@ def _mask_accumulated_gradient(protect_ref: "weakref.ref[Protect]", param: torch
     if bits is None or grad.is_complex():
         grad.masked_fill_(protect.protect, 0)
         return
-    keep, _ = protect._selectors(param.dtype, bits)
-    grad.view(bits).bitwise_and_(keep)
+    grad.view(bits).bitwise_and_(protect._selectors(param.dtype, bits)[0])
 
 
 class Protect(nn.Module):
@@ -436,9 +439,9 @@ class Protect(nn.Module):
         key = (weight.data_ptr(), weight._version)
         if not training and self.__dict__.get("_restored") == key:
             return weight
-        keep, frozen_bits = self._selectors(weight.dtype, bits)
         if not (isinstance(weight, nn.Parameter) and weight.is_leaf):
-            return SelectFrozen.apply(weight, keep, frozen_bits, self.protect)
+            return SelectFrozen.apply(weight, *self._selectors(weight.dtype, bits), self.protect)
+        keep, frozen_bits = self._selectors(weight.dtype, bits)
         weight.data.view(bits).bitwise_and_(keep).bitwise_or_(frozen_bits)
         self.__dict__["_restored"] = key
         if training and weight.requires_grad:
@@ -457,27 +460,35 @@ class Protect(nn.Module):
         """Make the next read write the frozen bits back, in eval too: for writes the version did not see."""
         self.__dict__.pop("_restored", None)
 
+    def _derived(self) -> dict:
+        """Tensors derived from the buffers, rebuilt (and the next read writes back) whenever one is replaced or
+        written."""
+        frozen, protect = self._buffers["frozen"], self._buffers["protect"]
+        derived = self.__dict__.get("_derived_cache")
+        if derived is None or derived["of"][0] is not frozen or derived["of"][1] is not protect or \
+                derived["of"][2:] != (frozen._version, protect._version):
+            derived = self.__dict__["_derived_cache"] = {"of": (frozen, protect, frozen._version, protect._version)}
+            self.forget_write_back()
+        return derived
+
     def _selectors(self, dtype: torch.dtype, bits: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(keep, frozen_bits), both the weight's full shape: all-ones bits where the weight is free, and the
-        frozen values' bits where it is protected (zero elsewhere). Rebuilt whenever a buffer is replaced or
-        written. `keep` is materialised because a broadcast operand (a conv's (out, in, 1, 1) mask over its
-        kernel) makes the bitwise pass about 4x slower on CPU; the frozen buffer itself, its free entries
-        zeroed in place, serves as `frozen_bits`, so the run-time cache stays one weight-sized tensor."""
-        frozen, protect = self._buffers["frozen"], self._buffers["protect"]
-        key = (dtype, frozen._version, protect._version)
-        cached = self.__dict__.get("_selector_cache")
-        if cached is None or cached[0] != key or cached[1] is not frozen or cached[2] is not protect:
+        frozen values' bits where it is protected (zero elsewhere). `keep` is materialised because a broadcast
+        operand (a conv's (out, in, 1, 1) mask over its kernel) makes the bitwise pass about 4x slower on CPU;
+        the frozen buffer itself, its free entries zeroed in place, serves as `frozen_bits`, so the run-time
+        cache stays one weight-sized tensor."""
+        derived = self._derived()
+        if ("bits", dtype) not in derived:
+            frozen, protect = self._buffers["frozen"], self._buffers["protect"]
             keep = (protect.to(bits) - 1).expand(frozen.shape).contiguous()  # protected -> 0, free -> -1 (all bits)
             with torch.no_grad():
                 if frozen.dtype == dtype:
-                    frozen_bits = frozen.view(bits).bitwise_and_(~keep)
+                    frozen_bits = frozen.view(bits).bitwise_and_(~keep)  # protected entries keep their bits
+                    derived["of"] = (frozen, protect, frozen._version, protect._version)
                 else:
                     frozen_bits = frozen.to(dtype).view(bits) & ~keep
-            key = (dtype, frozen._version, protect._version)
-            cached = (key, frozen, protect, keep, frozen_bits)
-            self.__dict__["_selector_cache"] = cached
-            self.forget_write_back()
-        return cached[3], cached[4]
+            derived[("bits", dtype)] = (keep, frozen_bits)
+        return derived[("bits", dtype)]
 
     @torch.no_grad()
     def update(self, effective: torch.Tensor, protect: torch.Tensor) -> None:
