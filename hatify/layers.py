@@ -253,18 +253,16 @@ class FoldedGate(Gate):
         self.__dict__["target"] = target  # not a submodule: it is registered at its own place
         self.target_name = target_name
         self.units = slice(*self.span)
-        self.folds: dict[type, object] = {}  # module class -> its fold (None: none), looked up once per class
+        module = target.copies[0] if isinstance(target, TaskIndexed) else target
+        self.kind = _base_type(module)
+        self.fold = _FOLDS[self.kind]
 
     def forward(self, x: torch.Tensor, masks: torch.Tensor, **kwargs) -> torch.Tensor:
         target = self.__dict__["target"]
         module = target.pick(kwargs["hat_task_id"]) if kwargs else target  # only TaskIndexed takes a task id
-        kind = type(module)
-        fold = self.folds.get(kind, False)
-        if fold is False:
-            fold = self.folds[kind] = _FOLDS.get(_base_type(module))
-        if fold is None or _hooked(module) or (kwargs and _hooked(target)):
+        if not isinstance(module, self.kind) or _hooked(module) or (kwargs and _hooked(target)):
             return super().forward(target(x, **kwargs), masks)
-        return fold(module, x, masks[self.units])
+        return self.fold(module, x, masks[self.units])
 
 
 class TaskIndexed(nn.Module):
