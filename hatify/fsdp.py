@@ -107,7 +107,7 @@ def adopt(hat: nn.Module) -> None:
 
 @torch.no_grad()
 def restore_shard(raw: torch.Tensor) -> None:
-    """Write the frozen values into this rank's shard of a protected weight (two bitwise passes)."""
+    """Write the frozen values into this rank's shard of a protected weight (one integer pass, as `Protect`)."""
     protect = raw._hat_protect()
     if protect is None or not protect.active:
         return
@@ -120,14 +120,15 @@ def restore_shard(raw: torch.Tensor) -> None:
         if bits is None or raw.is_complex():
             pieces = (None, local_piece(mask, raw), local_piece(frozen.to(raw.dtype), raw))
         else:
-            keep, frozen_bits = protect._selectors(raw.dtype, bits)
-            pieces = (bits, local_piece(keep, raw), local_piece(frozen_bits, raw))
+            free, frozen_bits = protect._selectors(raw.dtype, bits)
+            pieces = (bits, local_piece(free, raw), local_piece(frozen_bits, raw))
         cached = raw._hat_shard_selectors = (key, *pieces)
     _, bits, first, second = cached
     if bits is None:
         local.copy_(torch.where(first, second, local))
     else:
-        local.view(bits).bitwise_and_(first).bitwise_or_(second)
+        data = local.view(bits)
+        torch.addcmul(second, data, first, out=data)
 
 
 def _restore_after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:

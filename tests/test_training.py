@@ -188,6 +188,31 @@ def test_writes_through_data_cannot_move_finished_tasks():
     _assert_old_tasks_identical(after, hat, x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_write_back_restores_every_bit_and_zeroes_every_gradient_bit(dtype):
+    """NaN payloads, infinities, -0.0 and subnormals written over frozen entries are undone bit for bit, in place
+    (a parameter) and out of place (a tensor from outside); the protected gradient is exactly +0."""
+    model, x, classes = _data("conv")
+    hat = hatify.hatify(model, num_tasks=2, example_inputs=(x[:2],))
+    _, hat = train_tasks(hat, OPTIMIZERS["sgd"](hat.parameters()), x, classes, [0])
+    hat.to(dtype).train()
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[torch.finfo(dtype).bits // 8]
+    for raw, protect in _protected_parameters(hat):
+        where = protect.protect.expand(raw.shape)
+        frozen = protect.frozen.view(bits)[where]
+        junk = torch.tensor([float("nan"), float("-inf"), -0.0, torch.finfo(dtype).tiny / 4], dtype=dtype)
+        junk = junk.repeat(raw.numel() // 4 + 1)[:raw.numel()].view(raw.shape).view(bits) + 3  # NaN payloads
+        outside = junk.view(dtype).clone().requires_grad_()
+        assert torch.equal(protect(outside).detach().view(bits)[where], frozen)   # out of place
+        with torch.no_grad():
+            raw.copy_(junk.view(dtype))
+        assert torch.equal(protect(raw).detach().view(bits)[where], frozen)       # in place
+        raw.grad = None
+        (protect(raw) * junk.view(dtype).nan_to_num(0.5)).sum().backward()
+        assert torch.equal(raw.grad.view(bits)[where], torch.zeros_like(frozen))
+        assert not torch.equal(raw.grad.view(bits)[~where], torch.zeros_like(frozen[:0]).new_zeros((~where).sum()))
+
+
 def test_two_forwards_one_backward_match_the_out_of_place_weights():
     """`.grad` with the weights written back in place equals the gradient through the out-of-place selection
     (the path `torch.func.functional_call` takes), also when one backward covers two forwards."""
