@@ -11,21 +11,22 @@ from hatify.layers import FoldedGate
 
 
 class FoldNet(nn.Module):
-    """Conv + BatchNorm, conv + GroupNorm (its mask applied again after the norm), a linear layer over tokens (more rows than inputs: folded into its
-    rows), a wide linear layer (fewer rows than inputs: gated on its output), a head."""
+    """Conv + BatchNorm without affine parameters, conv + GroupNorm (its mask applied again after the norm), a
+    linear layer without bias over tokens (more rows than inputs: folded into its rows) + LayerNorm (mask applied
+    again), a wide linear layer (fewer rows than inputs: gated on its output), a head."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.c1, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c1, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, affine=False)
         self.c2, self.gn = nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8)
-        self.tok = nn.Linear(8, 12)
+        self.tok, self.ln = nn.Linear(8, 12, bias=False), nn.LayerNorm(12)
         self.wide = nn.Linear(12 * 16, 10)
         self.head = nn.Linear(10, 3)
 
     def forward(self, x):
         h = F.relu(self.bn(self.c1(x)))
         h = F.max_pool2d(F.relu(self.gn(self.c2(h))), 2)
-        t = F.gelu(self.tok(h.flatten(2).transpose(1, 2)))
+        t = F.gelu(self.ln(self.tok(h.flatten(2).transpose(1, 2))))
         return self.head(F.relu(self.wide(t.flatten(1))))
 
 
@@ -55,7 +56,7 @@ def _unfolded(hat):
 def test_gates_after_norms_and_linear_layers_are_folded_and_validate():
     hat, _ = _converted(validate=True)
     folded = {name for name, gate in hat.net.hat_gates.items() if isinstance(gate, FoldedGate)}
-    assert folded == {"bn", "gn", "tok", "wide"}  # c2's gate follows a convolution: applied on its own
+    assert folded == {"bn", "gn", "tok", "ln", "wide"}  # c2's gate follows a convolution: applied on its own
 
 
 def test_folded_gates_match_gates_on_the_outputs_in_training_and_eval():
