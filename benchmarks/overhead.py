@@ -190,7 +190,7 @@ def memory(plain: nn.Module, hat) -> dict:
             return "protection (frozen copy + protect mask)"
         if MaskBank in kinds:
             return "mask bank"
-        if Gate in kinds:
+        if any(issubclass(kind, Gate) for kind in kinds):
             return "gate index maps"
         if TaskIndexed in kinds or TaskParameter in kinds:
             return "per-task copies (norms, heads, loose params)"
