@@ -336,6 +336,14 @@ class TaskParameter(nn.Module):
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def _leading_broadcast(shape: torch.Size, full: torch.Size) -> bool:
+    """`shape` broadcasts to `full` over leading dimensions only (then each inner block is contiguous)."""
+    sizes = list(shape)
+    while sizes and sizes[-1] == full[len(sizes) - 1]:
+        sizes.pop()
+    return all(size == 1 for size in sizes)
+
+
 def _masked_gradient(grad: torch.Tensor, free: torch.Tensor, protect: torch.Tensor) -> torch.Tensor:
     """The gradient with protected entries exactly +0; differentiable under `create_graph=True`."""
     if torch.is_grad_enabled():
@@ -473,13 +481,20 @@ class Protect(nn.Module):
         """(free, frozen_bits), integers of the weight's width and full shape: `free` is 1 where the weight is
         free and 0 where it is protected; `frozen_bits` holds the frozen values' bits where protected, 0 elsewhere.
         Then `frozen_bits + bits * free` selects exactly (integer arithmetic: one of the terms is 0), in one pass.
-        `free` is materialised because a broadcast operand (a conv's (out, in, 1, 1) mask over its kernel) makes
-        the pass about 4x slower on CPU; the frozen buffer itself, its free entries zeroed in place, serves as
-        `frozen_bits`, so the run-time cache stays one weight-sized tensor."""
+        The frozen buffer itself, its free entries zeroed in place, serves as `frozen_bits`. `free` broadcasts
+        where that is fast: one value per row when whole rows are protected or free (a layer whose input carries
+        no mask), the protection mask's own shape when it broadcasts over leading dimensions (embeddings); it is
+        materialised at the weight's shape where the broadcast would run over a short inner block (a conv's
+        (out, in, 1, 1) mask over its kernel makes the pass about 4x slower on CPU)."""
         derived = self._derived()
         if ("bits", dtype) not in derived:
             frozen, protect = self._buffers["frozen"], self._buffers["protect"]
-            protected = protect.to(bits).expand(frozen.shape).contiguous()
+            protected = protect.to(bits)
+            per_row = protected.reshape(len(protected), -1) if protected.ndim > 1 else None
+            if per_row is not None and bool((per_row == per_row[:, :1]).all()):
+                protected = per_row[:, :1].reshape(-1, *[1] * (protected.ndim - 1)).clone()
+            elif not _leading_broadcast(protected.shape, frozen.shape):
+                protected = protected.expand(frozen.shape).contiguous()
             with torch.no_grad():
                 if frozen.dtype == dtype:
                     frozen_bits = frozen.view(bits).mul_(protected)  # protected entries keep their bits

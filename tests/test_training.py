@@ -189,14 +189,18 @@ def test_writes_through_data_cannot_move_finished_tasks():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_write_back_restores_every_bit_and_zeroes_every_gradient_bit(dtype):
+@pytest.mark.parametrize("model_name", ["conv", "tokens"])
+def test_write_back_restores_every_bit_and_zeroes_every_gradient_bit(model_name, dtype):
     """NaN payloads, infinities, -0.0 and subnormals written over frozen entries are undone bit for bit, in place
-    (a parameter) and out of place (a tensor from outside); the protected gradient is exactly +0."""
-    model, x, classes = _data("conv")
+    (a parameter) and out of place (a tensor from outside); the protected gradient is exactly +0. Covers every
+    shape of the `free` selector: one value per row (the first layer), the mask broadcast over leading dimensions
+    (an embedding), the full weight shape (a grouped convolution, a linear layer)."""
+    model, x, classes = _data(model_name)
     hat = hatify.hatify(model, num_tasks=2, example_inputs=(x[:2],))
     _, hat = train_tasks(hat, OPTIMIZERS["sgd"](hat.parameters()), x, classes, [0])
     hat.to(dtype).train()
     bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[torch.finfo(dtype).bits // 8]
+    shapes = set()
     for raw, protect in _protected_parameters(hat):
         where = protect.protect.expand(raw.shape)
         frozen = protect.frozen.view(bits)[where]
@@ -211,6 +215,9 @@ def test_write_back_restores_every_bit_and_zeroes_every_gradient_bit(dtype):
         (protect(raw) * junk.view(dtype).nan_to_num(0.5)).sum().backward()
         assert torch.equal(raw.grad.view(bits)[where], torch.zeros_like(frozen))
         assert not torch.equal(raw.grad.view(bits)[~where], torch.zeros_like(frozen[:0]).new_zeros((~where).sum()))
+        free = protect._selectors(dtype, bits)[0]
+        shapes.add("full" if free.shape == raw.shape else "row" if free[0].numel() == 1 else "leading")
+    assert shapes == ({"full", "row"} if model_name == "conv" else {"full", "row", "leading"})
 
 
 def test_two_forwards_one_backward_match_the_out_of_place_weights():
