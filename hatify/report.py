@@ -8,6 +8,8 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.markup import escape
 from rich.table import Table
 
+from .layers import FoldedGate
+
 
 @dataclass
 class Report:
@@ -19,13 +21,15 @@ class Report:
 
     @staticmethod
     def build(hat, seconds: float) -> "Report":
-        summary = _summary(hat.plan, seconds, converted=sum(p.numel() for p in hat.parameters()))
+        folded = sum(isinstance(gate, FoldedGate) for gate in hat.net.hat_gates.values())
+        summary = _summary(hat.plan, seconds, converted=sum(p.numel() for p in hat.parameters()), folded=folded)
         return Report(hat.net.__class__.__name__, seconds, hat.plan.to_dict(), summary)
 
     @staticmethod
     def from_plan(plan, model: str, seconds: float) -> "Report":
-        """The report of a dry run (`hatify.explain`): no converted model, so `converted_parameters` is None."""
-        return Report(model, seconds, plan.to_dict(), _summary(plan, seconds, converted=None))
+        """The report of a dry run (`hatify.explain`): no converted model, so `converted_parameters` and
+        `folded_gates` are None."""
+        return Report(model, seconds, plan.to_dict(), _summary(plan, seconds, converted=None, folded=None))
 
     @staticmethod
     def from_dict(data: dict) -> "Report":
@@ -57,8 +61,10 @@ class Report:
 
     def headline(self) -> str:
         s = self.summary
+        folded = f" ({s['folded_gates']} folded into the norm or linear layer before)" if s.get("folded_gates") else ""
         return (f"{s['hat_layers']} HAT layers, {s['heads']} heads, {s['task_indexed_modules']} task-indexed "
-                f"norms, {s['mask_units']} mask units, {s['nodes']} graph nodes; "
+                f"norms, {s['mask_units']} mask units, {s.get('gates', '?')} mask applications{folded}, "
+                f"{s['nodes']} graph nodes; "
                 f"{100 * s['hat_parameter_share']:.1f}% of parameters under HAT control; "
                 f"{'planned' if s['converted_parameters'] is None else 'converted'} in {s['conversion_seconds']:.2f} s")
 
@@ -117,7 +123,7 @@ def _action(policy: str, reason: str) -> str:
     return {"task_indexed": "task-indexed", "per_task": "copied per task", "freeze": "frozen"}.get(policy, policy)
 
 
-def _summary(plan, seconds: float, converted: int | None) -> dict:
+def _summary(plan, seconds: float, converted: int | None, folded: int | None) -> dict:
     masked = sum(layer.params for layer in plan.masked_layers)
     original = sum(layer.params for layer in plan.layers) + sum(m.params for m in plan.modules) + sum(
         math.prod(p.shape) for p in plan.params if p.policy != "head")
@@ -129,6 +135,7 @@ def _summary(plan, seconds: float, converted: int | None) -> dict:
         "opaque_modules": [m.name for m in plan.modules if m.reason.startswith("opaque")],
         "loose_parameters": [p.name for p in plan.params if p.policy != "head"],
         "unknown_ops": len(plan.unknown), "remasked_norms": len(plan.remask),
+        "gates": len(plan.gates) + len(plan.remask), "folded_gates": folded,
         "original_parameters": original, "parameters_in_hat_layers": masked,
         "hat_parameter_share": masked / max(1, original),
         "converted_parameters": converted,

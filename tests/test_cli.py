@@ -133,6 +133,7 @@ def test_convert_timm_with_reports(runs):
     data = json.loads((where / "report.json").read_text())
     assert set(data) == {"model", "summary", "plan", "validation"}
     assert data["model"] == "ResNet" and data["summary"]["hat_layers"] == 20 and data["summary"]["heads"] == 1
+    assert data["summary"]["gates"] == data["summary"]["folded_gates"] == 20  # every mask follows a BatchNorm
     assert data["validation"]["passed"] is True and data["plan"]["num_tasks"] == 2
     markdown = (where / "report.md").read_text()
     assert markdown.startswith("# hatify: ResNet") and "| layer4.1.conv2 | Conv2d | converted |" in markdown
@@ -185,6 +186,7 @@ def test_explain_writes_nothing(runs):
     where_json, (as_json,) = runs["explain_json"]
     data = json.loads(_ok(as_json).stdout)
     assert data["summary"]["opaque_modules"] == ["middle"] and data["summary"]["converted_parameters"] is None
+    assert data["summary"]["folded_gates"] is None
     assert data["validation"] is None
     assert _files(where) == _files(where_json) == set()
 
