@@ -222,7 +222,7 @@ def _fold_linear(module: nn.Linear, x: torch.Tensor, gate: torch.Tensor) -> torc
     """linear(x) * gate per output unit: through the weight's rows when the input has more rows than the weight
     has columns (sequences: fewer elements to scale, forward and backward), else on the output."""
     weight, bias = module.weight, module.bias
-    if x.numel() > weight.numel():
+    if x.numel() > weight.shape[1] ** 2:  # rows > columns: out * in products instead of rows * out
         return F.linear(x, _scaled(weight, gate, (-1, 1)), _scaled(bias, gate))
     y = F.linear(x, weight, bias)
     gate = gate if gate.dtype == y.dtype else gate.to(y.dtype)
