@@ -233,12 +233,16 @@ _FOLDS = {nn.BatchNorm1d: _fold_norm, nn.BatchNorm2d: _fold_norm, nn.BatchNorm3d
           nn.LayerNorm: _fold_norm, nn.GroupNorm: _fold_norm, nn.Linear: _fold_linear}
 
 
-def fold_axis(module: nn.Module) -> int | None:
-    """The axis of `module`'s output whose units a folded gate scales (None: no fold for this module)."""
+def fold_site(module: nn.Module) -> tuple[int, int] | None:
+    """(axis of `module`'s output, its number of units) that a folded gate scales; None: no fold for it."""
     kind = _base_type(module)
-    if kind in (nn.LayerNorm, nn.Linear):
-        return -1 if kind is nn.Linear or len(module.normalized_shape) == 1 else None
-    return 1 if kind in _FOLDS else None
+    if kind is nn.Linear:
+        return -1, module.out_features
+    if kind is nn.LayerNorm:
+        return (-1, module.normalized_shape[0]) if len(module.normalized_shape) == 1 else None
+    if kind is nn.GroupNorm:
+        return 1, module.num_channels
+    return (1, module.num_features) if kind in _FOLDS else None
 
 
 class FoldedGate(Gate):

@@ -5,7 +5,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from .capture import Capture
-from .layers import FoldedGate, Gate, MaskBank, Protect, TaskIndexed, TaskParameter, fold_axis, read_through_protect
+from .layers import FoldedGate, Gate, MaskBank, Protect, TaskIndexed, TaskParameter, fold_site, read_through_protect
 from .plan import LayerPlan, Plan
 from .shapes import TensorSpec
 
@@ -117,12 +117,10 @@ def _fold_gate(gm: fx.GraphModule, node: fx.Node, gated: fx.Node) -> None:
             or set(node.kwargs) - {TASK_ARG} or not isinstance(spec, TensorSpec):
         return
     target = gm.get_submodule(node.target)
-    module = target.copies[0] if isinstance(target, TaskIndexed) else target
-    axis = fold_axis(module)
-    units = getattr(module, "num_features", None) or getattr(module, "num_channels", None) or \
-        getattr(module, "out_features", None) or getattr(module, "normalized_shape", (None,))[-1]
-    if axis is None or units != gate.index.numel() or not spec.ndim:
+    site = fold_site(target.copies[0] if isinstance(target, TaskIndexed) else target)
+    if site is None or site[1] != gate.index.numel() or not spec.ndim:
         return
+    axis, units = site
     where = axis % spec.ndim - (spec.ndim - gate.index.ndim)
     if where < 0 or gate.index.shape[where] != units:
         return
