@@ -221,8 +221,8 @@ def memory(plain: nn.Module, hat) -> dict:
             continue
         seen.add(id(tensor))
         parts[owner_kind(name)] += nbytes(tensor)
-    # Derived at run time, not saved: the write-back operands of protected weights (the frozen rows, or the keep
-    # mask; the frozen bits are the frozen buffer itself, not counted twice).
+    # Derived at run time, not saved: the `free` selector of each protected weight (its frozen bits are the frozen
+    # buffer itself, not counted twice).
     cache = 0
     for m in hat.modules():
         if isinstance(m, Protect):

@@ -407,12 +407,13 @@ class Protect(nn.Module):
     exactly zero, whatever the optimizer does (momentum, weight decay, `.data` writes).
 
     In eager mode the frozen entries are written back into the parameter itself whenever it is read (one
-    in-place pass of integer arithmetic on the bits, no new tensor; through `.data`, so a graph that saved the weight sees no version
-    change, and it sees the same bits), and the layer uses the parameter as it is: an optimizer step may move
-    protected entries, the next forward puts them back bit for bit. The gradient is masked in place once it
-    is accumulated into `.grad`, by a hook that every training forward attaches to the parameter it reads
-    (so copies and reassigned parameters get it too). Under `torch.compile`, or for a weight that is not a leaf
-    parameter (`torch.func.functional_call`), the effective weight is computed out of place instead."""
+    in-place pass of integer arithmetic on the bits, no new tensor; through `.data`, so a graph that saved the
+    weight sees no version change, and it sees the same bits), and the layer uses the parameter as it is: an
+    optimizer step may move protected entries, the next forward puts them back bit for bit. The gradient is
+    masked in place once it is accumulated into `.grad`, by a hook that every training forward attaches to the
+    parameter it reads (so copies and reassigned parameters get it too). Under `torch.compile`, or for a weight
+    that is not a leaf parameter (`torch.func.functional_call`), the effective weight is computed out of place
+    instead."""
 
     def __init__(self, weight: torch.Tensor, protect_shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -482,8 +483,8 @@ class Protect(nn.Module):
         return derived
 
     def _selectors(self, dtype: torch.dtype, bits: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(free, frozen_bits), integers of the weight's width and full shape: `free` is 1 where the weight is
-        free and 0 where it is protected; `frozen_bits` holds the frozen values' bits where protected, 0 elsewhere.
+        """(free, frozen_bits), integers of the weight's width: `free` is 1 where the weight is free and 0 where
+        it is protected; `frozen_bits` holds the frozen values' bits where protected, 0 elsewhere.
         Then `frozen_bits + bits * free` selects exactly (integer arithmetic: one of the terms is 0), in one pass.
         The frozen buffer itself, its free entries zeroed in place, serves as `frozen_bits`. `free` broadcasts
         where that is fast: one value per row when whole rows are protected or free (a layer whose input carries
