@@ -16,7 +16,7 @@
 
 Notes:
 - From the second task on, Lightning warns "Found N module(s) in eval mode at the start of training": those are
-  the finished tasks' frozen copies (BatchNorm statistics, opaque modules), kept in eval mode on purpose so that
+  the finished tasks' frozen copies (their heads, norm layers, opaque modules), kept in eval mode on purpose so that
   training never updates them. The warning is harmless for a hatify model.
 - With `accumulate_grad_batches=k` the mask scale follows the optimizer step (micro-batch `batch_idx // k` of
   `ceil(num_training_batches / k)`), so all micro-batches of one step see the same masks.
