@@ -18,7 +18,7 @@ from .concrete import (MISSING, VALUE, evaluate, is_python_value, proxy_class, s
                        value_of, wrapped_calls)
 from .config import HATConfig
 from .errors import _OWN_DIR, HatifyError
-from .inputs import KEYWORD, Inputs, StructuredOutput, needs_spec
+from .inputs import CONSTANTS, KEYWORD, Inputs, StructuredOutput, is_constant, needs_spec
 
 
 @dataclass
@@ -165,6 +165,12 @@ class HatTracer(fx.Tracer):
             keywords = dict(zip(names[positional:], values[positional:]))
             out = root_fn(root, *values[:positional], **keywords, **constants)
             leaves, spec = pytree.tree_flatten(out)
+            for path, leaf in pytree.tree_flatten_with_path(out)[0]:
+                if not isinstance(leaf, fx.Proxy) and not is_constant(leaf) and not isinstance(leaf, torch.Tensor):
+                    raise HatifyError(
+                        f"the output {pytree.keystr(path) or ''} is a {type(leaf).__name__}, which a traced graph "
+                        "cannot return: leave it out of the output (a transformers model: pass use_cache=False "
+                        "with the example inputs)")
             if needs_spec(spec):
                 self.out_spec = spec
                 return tuple(leaves)
@@ -270,7 +276,8 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set,
     if not isinstance(example_inputs, int) and example_inputs is not None:
         given = Inputs.of(example_inputs)
         inputs = dict(zip(given.names(root), given.flat))
-        call = (len(given.args), {k: v for k, v in (config.concrete_args or {}).items() if k not in inputs})
+        call = (len(given.args), {**{k: v for k, v in (config.concrete_args or {}).items() if k not in inputs},
+                                  **given.constants})
     timm_leaves, autowrap = _timm_notrace()
     if inputs is not None:  # concrete values resolve the shape branches these modules are listed for
         timm_leaves = set()
@@ -284,6 +291,8 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set,
             graph = tracer.trace(root, concrete_args=concrete or None)
         finally:
             _restore_traced_attributes(before)
+    except HatifyError:
+        raise
     except Exception as exc:
         raise HatifyError(
             f"{type(model).__name__}.forward cannot be traced by torch.fx even with opaque-leaf fallbacks "
@@ -301,6 +310,7 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set,
         graph.set_codegen(StructuredOutput(tracer.out_spec))
     _anchor_metadata_reads(root, graph)
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    gm.meta[CONSTANTS] = dict(call[1]) if call else {}
     return Capture(gm, dict(tracer.opaque), list(tracer.mode_leaves), list(tracer.specialized))
 
 

@@ -23,8 +23,10 @@ _MODULE_PRODUCERS: dict[type, tuple[str, int, int | None]] = {
     nn.ConvTranspose3d: ("conv_transpose", 1, 1),
     nn.Embedding: ("embedding", -1, None),
 }
-# Functional producers: kind, axes, and the argument positions of weight, bias and groups.
+# Functional producers: kind, axes, and the argument positions of weight, bias and groups. "linear_t" is a
+# linear layer whose weight is stored (in, out): `torch.addmm(bias, x, weight)` (GPT-2's Conv1D).
 _FUNCTION_PRODUCERS: dict[str, tuple[str, int, int | None, int, int | None, int | None]] = {
+    "addmm": ("linear_t", -1, -1, 2, 0, None),
     "linear": ("linear", -1, -1, 1, 2, None),
     "conv1d": ("conv", 1, 1, 1, 2, 6), "conv2d": ("conv", 1, 1, 1, 2, 6), "conv3d": ("conv", 1, 1, 1, 2, 6),
     "conv_transpose1d": ("conv_transpose", 1, 1, 1, 2, 6), "conv_transpose2d": ("conv_transpose", 1, 1, 1, 2, 6),
@@ -47,7 +49,7 @@ class Producer:
 
     name: str
     op: str
-    kind: str                          # linear | conv | conv_transpose | embedding
+    kind: str                          # linear | linear_t | conv | conv_transpose | embedding
     units: int
     out_axis: int
     in_axis: int | None
@@ -140,6 +142,13 @@ def _producer_of(node: fx.Node, gm: fx.GraphModule) -> Producer | None:
                     groups if isinstance(groups, int) else 1, module=False, weight_transformed=transformed)
 
 
+def producer_input(node: fx.Node) -> Any:
+    """The data argument of a producer call (`addmm` takes its bias first)."""
+    if node.op == "call_function" and _canon(node.target) == "addmm":
+        return node.args[1] if len(node.args) > 1 else node.kwargs.get("mat1")
+    return node.args[0] if node.args else node.kwargs.get("input")
+
+
 def _chain_end(node: fx.Node, gm: fx.GraphModule, params: set[str]) -> fx.Node:
     """Walk past trailing per-channel affine ops (BatchNorm, a bias add) that only this producer feeds,
     so the mask lands where a masked unit is exactly zero for every later reader."""
@@ -184,7 +193,7 @@ def find_producers(gm: fx.GraphModule, config: HATConfig) -> list[Producer]:
         node_of[node] = producer
     for node, producer in node_of.items():
         end = _chain_end(node, gm, params)
-        data = node.args[0] if node.args else node.kwargs.get("input")
+        data = producer_input(node)
         producer.sites.append(CallSite(node.name, end.name, data.name if isinstance(data, fx.Node) else None,
                                        source_line(node)))
         if config.heads == "auto" and _reaches_output(end, set(node_of)):

@@ -16,7 +16,8 @@ from .errors import HatifyError
 @dataclass(frozen=True)
 class Inputs:
     """`model(*args, **kwargs)`. The converted graph takes the positional inputs first, then the keyword ones
-    by name (`flat` is that order); each keyword input is also a keyword of `hat(...)`.
+    by name (`flat` is that order); each keyword input is also a keyword of `hat(...)`. Keyword inputs that are
+    plain constants (`use_cache=False`, `return_dict=True`) are fixed in the trace instead (`constants`).
 
     Example:
         >>> Inputs.of({"input_ids": torch.zeros(2, 8, dtype=torch.long)}).names(nn.Identity())
@@ -44,8 +45,16 @@ class Inputs:
                           f"(args, kwargs), got {type(value).__name__}")
 
     @property
+    def constants(self) -> dict:
+        return {k: v for k, v in self.kwargs.items() if is_constant(v)}
+
+    @property
+    def traced_kwargs(self) -> dict:
+        return {k: v for k, v in self.kwargs.items() if not is_constant(v)}
+
+    @property
     def flat(self) -> tuple:
-        return (*self.args, *self.kwargs.values())
+        return (*self.args, *self.traced_kwargs.values())
 
     def call(self, fn: Callable, **extra: Any) -> Any:
         return fn(*self.args, **self.kwargs, **extra)
@@ -62,7 +71,14 @@ class Inputs:
         clash = set(positional) & set(self.kwargs)
         if clash:
             raise HatifyError(f"example_inputs gives {sorted(clash)} both positionally and by keyword")
-        return positional + list(self.kwargs)
+        return positional + list(self.traced_kwargs)
+
+
+def is_constant(value: Any) -> bool:
+    """Plain data a trace fixes (flags, counts, names), not an input that varies from call to call."""
+    if isinstance(value, (tuple, list)):
+        return all(is_constant(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def _keywords(value: dict) -> dict:
@@ -72,7 +88,8 @@ def _keywords(value: dict) -> dict:
     return dict(value)
 
 
-KEYWORD = "hat_keyword"   # node.meta flag of a placeholder the model takes by keyword
+KEYWORD = "hat_keyword"       # node.meta flag of a placeholder the model takes by keyword
+CONSTANTS = "hat_constants"   # graph_module.meta: keyword arguments fixed in the trace
 
 
 def needs_spec(spec: pytree.TreeSpec) -> bool:

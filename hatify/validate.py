@@ -12,6 +12,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from .errors import HatifyError
+from .flow import producer_input
 from .model import HATModel
 from .plan import LayerPlan
 from .rewrite import ROOT_HOLDER, SCALE_ARG, TASK_ARG
@@ -93,7 +94,7 @@ class _InputRecorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         if n.name in self.watch:
-            data = n.args[0] if n.args else n.kwargs.get("input")
+            data = producer_input(n)
             value = self.env.get(data) if isinstance(data, fx.Node) else None
             if isinstance(value, torch.Tensor):
                 self.seen.setdefault(n.name, []).append(value.detach())
@@ -143,7 +144,7 @@ def probe_flow(hat: HATModel, inputs: tuple, fractions=(0.5, 0.9, 1.0), seeds=(0
                     layer = watch[name]
                     pred = (keep_ext[layer.input_index] == 0).all(0)
                     for value in values:
-                        axis = (-1 if layer.kind == "linear" else 1) % value.ndim
+                        axis = (-1 if layer.kind in ("linear", "linear_t") else 1) % value.ndim
                         zero = _zero_units(value, layer, axis).cpu()
                         predicted += int(pred.sum())
                         actual += int(zero.sum())
