@@ -133,7 +133,10 @@ class HatTracer(fx.Tracer):
     def call_module(self, m, forward, args, kwargs):
         if self._evaluating:
             return forward(*args, **kwargs)
-        qualname = self.path_of_module(m)
+        try:
+            qualname = self.path_of_module(m)
+        except NameError:  # a module made inside forward (`nn.ReLU()(x)`, a kernel layer): trace its ops inline
+            return forward(*args, **kwargs)
         if self.is_leaf_module(m, qualname):
             return super().call_module(m, forward, args, kwargs)
         last = self.graph._root.prev
