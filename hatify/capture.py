@@ -311,6 +311,8 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set,
                 node.meta[KEYWORD] = True
     if tracer.out_spec is not None:
         graph.set_codegen(StructuredOutput(tracer.out_spec))
+    for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
+        graph.erase_node(node)  # a read whose value went nowhere (`isinstance(self.wo.weight, torch.Tensor)`)
     _anchor_metadata_reads(root, graph)
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     gm.meta[CONSTANTS] = dict(call[1]) if call else {}
