@@ -116,9 +116,19 @@ class ConcreteFloat(ConcreteProxy):
         return float(self._python("float"))
 
 
+class ConcreteInt(ConcreteProxy):
+    """A proxy whose example value is a Python int: an explicit int() (`int(math.ceil(h / p) * p)`) uses it.
+    No `__index__`: torch's argument parser takes only that for a number, so sizes passed on stay traced."""
+
+    def __int__(self) -> int:
+        return int(self._python("int"))
+
+
 def proxy_class(value: Any) -> type:
     if isinstance(value, (tuple, list)):
         return ConcreteSequence
+    if isinstance(value, int) and not isinstance(value, bool):
+        return ConcreteInt
     return ConcreteFloat if isinstance(value, float) else ConcreteProxy
 
 
