@@ -81,7 +81,7 @@ class HatTracer(fx.Tracer):
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         if self.inputs is not None and kind in ("call_function", "call_method") and value_of(proxy) is None \
-                and not getattr(target, "__name__", "").startswith("_assert"):
+                and not getattr(target, "__name__", "").startswith(("_assert", "_check")):
             # An optional result that is absent (a leaf's `None` output, a slot of a returned tuple): the
             # model branches on `is None`, which a proxy would always fail.
             self.specialize(proxy.node, "none", None)
