@@ -71,3 +71,36 @@ def test_a_kv_cache_output_is_refused_with_the_fix():
         hatify.hatify(model, 2, example_inputs=batch)
     hat = hatify.hatify(model, 2, example_inputs={**batch, "use_cache": False})
     assert hat(**batch, task_id=1).logits.shape == (2, hf_zoo.SEQ, hf_zoo.SMALL["vocab_size"])
+
+
+def test_cli_converts_an_hf_directory_and_load_rebuilds_it_from_the_recipe(tmp_path, monkeypatch):
+    from hatify.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    model, batch, _ = _bert()
+    model.save_pretrained(tmp_path / "my-bert")
+    args = ["convert", "hf:./my-bert", "--hf-class", "AutoModelForSequenceClassification", "-o", "bert.hat",
+            "--num-tasks", "2"]
+    assert main(args) == 0
+    hat = hatify.load(tmp_path / "bert.hat")  # no model=: the recipe holds the config
+    with hatify.masks_open(hat):
+        torch.testing.assert_close(hat(**batch, task_id=0).logits, model(**batch).logits)
+    meta = hatify.io.read_metadata(tmp_path / "bert.hat")
+    assert meta["source"]["kind"] == "hf" and set(meta["example_keyword_inputs"]) == {"input_ids", "attention_mask"}
+
+
+def test_cli_hf_model_type_with_named_input_shapes(tmp_path, monkeypatch):
+    from hatify.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    source = "hf:gpt2,n_embd=32,n_layer=1,n_head=2,vocab_size=50"
+    assert main(["convert", source, "--hf-class", "AutoModelForCausalLM", "-o", "gpt2.hat", "--num-tasks", "2",
+                 "--input-shape", "input_ids=2,8:int64"]) == 0
+    meta = hatify.io.read_metadata(tmp_path / "gpt2.hat")
+    assert meta["example_keyword_inputs"] == {"input_ids": {"shape": [2, 8], "dtype": "int64"}}
+    assert meta["example_constants"] == {"use_cache": False}
+    hat = hatify.load(tmp_path / "gpt2.hat")
+    ids = torch.randint(0, 50, (3, 8))
+    assert hat(input_ids=ids, task_id=1).logits.shape == (3, 8, 50)
+    assert main(["convert", "hf:./missing-dir", "-o", "x.hat", "--num-tasks", "2"]) == 2
+    assert main(["convert", "timm:resnet18", "--hf-class", "AutoModel", "-o", "x.hat", "--num-tasks", "2"]) == 2
