@@ -50,7 +50,8 @@ class HATModel(nn.Module):
                 mask_scale = float(mask_scale)
             else:
                 raise HatifyError(f"mask_scale must be a float or None, got {type(mask_scale).__name__}")
-        kwargs = self._keywords(kwargs)
+        if kwargs:
+            kwargs = self._keywords(inputs, kwargs)
         ids = self._task_ids(task_id, inputs, kwargs)
         if self.__dict__.get("_is_fsdp_managed_module"):
             fsdp.forget_write_backs(self)
@@ -58,12 +59,17 @@ class HATModel(nn.Module):
             return self.net(*inputs, **kwargs, **{TASK_ARG: ids, SCALE_ARG: mask_scale})
         return self._mixed(inputs, kwargs, ids, mask_scale)
 
-    def _keywords(self, kwargs: dict) -> dict:
+    def _keywords(self, inputs: tuple, kwargs: dict) -> dict:
         """Keyword inputs the graph takes; the constants fixed at conversion may be repeated, not changed."""
-        if not kwargs:
-            return kwargs
         constants = self.net.meta.get(CONSTANTS, {})
-        names = [n.target for n in self.net.graph.nodes if n.op == "placeholder" and n.target not in (TASK_ARG, SCALE_ARG)]
+        names = self.__dict__.get("_input_names")
+        if names is None:
+            names = self.__dict__["_input_names"] = [n.target for n in self.net.graph.nodes if n.op == "placeholder"
+                                                     and n.target not in (TASK_ARG, SCALE_ARG)]
+        missing = [name for name in names[len(inputs):] if name not in kwargs]
+        if missing:
+            raise HatifyError(f"missing input {missing[0]!r}: this model was converted with the inputs {names} "
+                              "and takes exactly those")
         for key, value in kwargs.items():
             if key in constants and value != constants[key]:
                 raise HatifyError(f"{key}={value!r}: this model was converted with {key}={constants[key]!r}, "

@@ -86,6 +86,8 @@ def test_constant_keyword_inputs_are_fixed_and_checked():
         hat(**batch, return_hidden=True, task_id=0)
     with pytest.raises(hatify.HatifyError, match="unexpected keyword input 'token_type_ids'"):
         hat(**batch, token_type_ids=batch["input_ids"], task_id=0)
+    with pytest.raises(hatify.HatifyError, match="missing input 'attention_mask'"):
+        hat(input_ids=batch["input_ids"], task_id=0)
 
 
 def test_keyword_model_trains_mixed_batches_saves_and_extracts():
