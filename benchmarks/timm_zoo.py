@@ -187,19 +187,34 @@ def _equal(a: Any, b: Any) -> bool:
                                       for u, v in zip(la, lb))
 
 
-def train_and_check(hat, x: torch.Tensor, steps: int = TRAIN_STEPS) -> bool:
+def _call(hat, x: torch.Tensor | dict, **task: Any) -> Any:
+    return hat(**x, **task) if isinstance(x, dict) else hat(x, **task)
+
+
+def _noisy(x: torch.Tensor | dict, gen: torch.Generator) -> torch.Tensor | dict:
+    """A new batch like `x`: float inputs get noise, integer inputs (ids, masks) stay."""
+    if isinstance(x, dict):
+        return {k: _noisy(v, gen) for k, v in x.items()}
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return x
+    return x + 0.1 * torch.randn(x.shape, generator=gen)
+
+
+def train_and_check(hat, x: torch.Tensor | dict, steps: int = TRAIN_STEPS) -> bool:
     """Tasks 0 and 1, `steps` batches each, one AdamW(weight_decay=0.01) for both; True when task 0's eval
-    outputs after task 1 are bit-identical to those right after task 0."""
+    outputs after task 1 are bit-identical to those right after task 0. `x` is one input, or a dict of
+    keyword inputs (`hat(**x, task_id=t)`)."""
     gen = torch.Generator().manual_seed(1)
+    batch = next(v for v in (x.values() if isinstance(x, dict) else [x]) if isinstance(v, torch.Tensor)).shape[0]
     opt = torch.optim.AdamW(hat.parameters(), lr=1e-3, weight_decay=0.01)
     after_task0 = None
     for t in range(2):
         hat.train()
         hat.begin_task(t)
         for b in range(steps):
-            xb = x + 0.1 * torch.randn(x.shape, generator=gen)
-            y = torch.randint(0, NUM_CLASSES, (x.shape[0],), generator=gen)
-            loss = _loss(hat(xb, task_id=t, mask_scale=hat.mask_scale(b, steps)), y) + hat.regularization()
+            xb = _noisy(x, gen)
+            y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
+            loss = _loss(_call(hat, xb, task_id=t, mask_scale=hat.mask_scale(b, steps)), y) + hat.regularization()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -207,10 +222,10 @@ def train_and_check(hat, x: torch.Tensor, steps: int = TRAIN_STEPS) -> bool:
         if t == 0:
             hat.eval()
             with torch.no_grad():
-                after_task0 = hat(x, task_id=0)
+                after_task0 = _call(hat, x, task_id=0)
     hat.eval()
     with torch.no_grad():
-        return _equal(hat(x, task_id=0), after_task0)
+        return _equal(_call(hat, x, task_id=0), after_task0)
 
 
 def check_model(name: str, sizes=None, **extra: Any) -> dict:

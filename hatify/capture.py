@@ -8,14 +8,17 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from .concrete import (MISSING, VALUE, evaluate, is_python_value, proxy_class, specialization, traced_sizes,
                        value_of, wrapped_calls)
 from .config import HATConfig
 from .errors import _OWN_DIR, HatifyError
+from .inputs import CONSTANTS, KEYWORD, Inputs, StructuredOutput, is_constant, needs_spec
 
 
 @dataclass
@@ -54,8 +57,11 @@ class HatTracer(fx.Tracer):
     With `inputs` (forward argument name -> example value) it traces concretely: every node carries its
     example value, and control flow on shapes is resolved at those shapes (see `hatify.concrete`)."""
 
-    def __init__(self, leaf_types: set, leaf_names: set, autowrap: tuple, inputs: dict | None = None) -> None:
+    def __init__(self, leaf_types: set, leaf_names: set, autowrap: tuple, inputs: dict | None = None,
+                 call: tuple[int, dict] | None = None) -> None:
         super().__init__(autowrap_functions=autowrap)
+        self.call = call  # (number of positional inputs, constant keyword arguments): trace the call as made
+        self.out_spec: pytree.TreeSpec | None = None
         self.record_stack_traces = True
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
@@ -75,7 +81,7 @@ class HatTracer(fx.Tracer):
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         if self.inputs is not None and kind in ("call_function", "call_method") and value_of(proxy) is None \
-                and not getattr(target, "__name__", "").startswith("_assert"):
+                and not getattr(target, "__name__", "").startswith(("_assert", "_check")):
             # An optional result that is absent (a leaf's `None` output, a slot of a returned tuple): the
             # model branches on `is None`, which a proxy would always fail.
             self.specialize(proxy.node, "none", None)
@@ -127,20 +133,53 @@ class HatTracer(fx.Tracer):
     def call_module(self, m, forward, args, kwargs):
         if self._evaluating:
             return forward(*args, **kwargs)
-        qualname = self.path_of_module(m)
+        try:
+            qualname = self.path_of_module(m)
+        except NameError:  # a module made inside forward (`nn.ReLU()(x)`, a kernel layer): trace its ops inline
+            return forward(*args, **kwargs)
         if self.is_leaf_module(m, qualname):
             return super().call_module(m, forward, args, kwargs)
         last = self.graph._root.prev
         stack, calls = collections.OrderedDict(self.module_stack), dict(self.num_calls)
+        before = _attributes(m)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as exc:  # any failure inside: this submodule becomes an opaque leaf
+            _restore_traced_attributes(before)
             self._rollback(last)
             self.module_stack, self.num_calls = stack, calls
             for inner in [name for name in self.opaque if name.startswith(qualname + ".")]:
                 del self.opaque[inner]  # now inside this leaf
             self.opaque[qualname] = untraceable(exc)
             return super().call_module(m, forward, args, kwargs)
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        """With a recorded call, the root's forward is called exactly as the user calls it, `forward(*args,
+        **kwargs)` with one placeholder per given input: decorated forwards (`wrapper(self, *args, **kwargs)`)
+        and `**kwargs` signatures work, and every argument left out keeps its default. The output is
+        flattened; `out_spec` rebuilds its structure (an HF `ModelOutput` stays one)."""
+        if self.call is None:
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        positional, constants = self.call
+        proxies = [self.create_proxy("placeholder", name, (), {}) for name in self.inputs]
+        names = list(self.inputs)
+
+        def call_root(root: nn.Module, *values: Any) -> Any:
+            keywords = dict(zip(names[positional:], values[positional:]))
+            out = root_fn(root, *values[:positional], **keywords, **constants)
+            leaves, spec = pytree.tree_flatten(out)
+            for path, leaf in pytree.tree_flatten_with_path(out)[0]:
+                if not isinstance(leaf, fx.Proxy) and not is_constant(leaf) and not isinstance(leaf, torch.Tensor):
+                    raise HatifyError(
+                        f"the output {pytree.keystr(path) or ''} is a {type(leaf).__name__}, which a traced graph "
+                        "cannot return: leave it out of the output (a transformers model: pass use_cache=False "
+                        "with the example inputs)")
+            if needs_spec(spec):
+                self.out_spec = spec
+                return tuple(leaves)
+            return out
+
+        return call_root, [self.root, *proxies]
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
         with traced_sizes(self), wrapped_calls():
@@ -160,6 +199,33 @@ class HatTracer(fx.Tracer):
         if self._attr_cache is not None:
             for key in [k for k, proxy in self._attr_cache.items() if proxy.node in erased]:
                 del self._attr_cache[key]
+
+
+def _attributes(module: nn.Module) -> dict[nn.Module, dict]:
+    return {m: {k: dict(v) if k in _SLOTS else v for k, v in vars(m).items()} for m in module.modules()}
+
+
+_SLOTS = ("_parameters", "_buffers", "_modules")
+
+
+def _restore_traced_attributes(before: dict[nn.Module, dict]) -> None:
+    """Attributes a traced forward set to traced values (`self.cell_anchors = [a.to(x.device) ...]`) get
+    their values from before the trace back: an eager replay of the module, or the graph module, must not
+    see proxies."""
+    for module, old in before.items():
+        current = vars(module)
+        for table, saved in [(current, old), *((current[k], old.get(k, {})) for k in _SLOTS if k in current)]:
+            for key in [k for k, v in table.items() if _holds_proxy(v)]:
+                if key in saved and not _holds_proxy(saved[key]):
+                    table[key] = saved[key]
+                else:
+                    del table[key]
+
+
+def _holds_proxy(value: Any) -> bool:
+    if isinstance(value, fx.Proxy):
+        return True
+    return isinstance(value, (tuple, list, dict)) and any(isinstance(v, fx.Proxy) for v in pytree.tree_leaves(value))
 
 
 def untraceable(exc: BaseException) -> str:
@@ -192,12 +258,14 @@ def _is_constant(value: object) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
-def capture(model: nn.Module, config: HATConfig, leaf_types: set, example_inputs: tuple | int | None = None) -> Capture:
-    """Trace a deep copy of `model` (the original is never modified). Forward arguments after the example
-    inputs are traced at their default values. Given the example inputs themselves (not only their number)
-    the trace is concrete: shape-dependent control flow is resolved at their shapes, so timm's no-trace
-    modules are traced through (each still falls back to an opaque leaf if it fails). timm's wrapped helper
-    functions stay single nodes (they call int() on sizes, which a traced size refuses).
+def capture(model: nn.Module, config: HATConfig, leaf_types: set,
+            example_inputs: Inputs | tuple | int | None = None) -> Capture:
+    """Trace a deep copy of `model` (the original is never modified). Given the example inputs themselves (not
+    only their number) the model is traced as it is called, `model(*args, **kwargs)`, with one placeholder per
+    given input (arguments left out keep their defaults), and the trace is concrete: shape-dependent control
+    flow is resolved at their shapes, so timm's no-trace modules are traced through (each still falls back to
+    an opaque leaf if it fails). timm's wrapped helper functions stay single nodes (they call int() on sizes,
+    which a traced size refuses). Forward arguments after a bare number of inputs are traced at their defaults.
 
     Example:
         >>> cap = capture(nn.Sequential(nn.Linear(4, 3)), HATConfig(), set(), (torch.randn(2, 4),))
@@ -206,29 +274,48 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set, example_inputs
     """
     if not isinstance(model, nn.Module):
         raise HatifyError(f"hatify needs an nn.Module, got {type(model).__name__}")
-    num_inputs = example_inputs if isinstance(example_inputs, int) or example_inputs is None else len(example_inputs)
     root = copy.deepcopy(model).eval()
-    inputs = None if isinstance(example_inputs, int) or example_inputs is None else _bind(root, example_inputs)
+    inputs = call = None
+    if not isinstance(example_inputs, int) and example_inputs is not None:
+        given = Inputs.of(example_inputs)
+        inputs = dict(zip(given.names(root), given.flat))
+        call = (len(given.args), {**{k: v for k, v in (config.concrete_args or {}).items() if k not in inputs},
+                                  **given.constants})
     timm_leaves, autowrap = _timm_notrace()
     if inputs is not None:  # concrete values resolve the shape branches these modules are listed for
         timm_leaves = set()
     extra_types = {m for m in config.leaf_modules if isinstance(m, type)}
     extra_names = {m for m in config.leaf_modules if isinstance(m, str)}
-    tracer = HatTracer(leaf_types | timm_leaves | extra_types, extra_names, autowrap, inputs)
+    tracer = HatTracer(leaf_types | timm_leaves | extra_types, extra_names, autowrap, inputs, call)
     try:
-        concrete = {**_defaults_beyond(model, num_inputs), **(config.concrete_args or {})}
-        graph = tracer.trace(root, concrete_args=concrete or None)
+        concrete = None if call else {**_defaults_beyond(model, example_inputs), **(config.concrete_args or {})}
+        before = _attributes(root)
+        try:
+            graph = tracer.trace(root, concrete_args=concrete or None)
+        finally:
+            _restore_traced_attributes(before)
+    except HatifyError:
+        raise
     except Exception as exc:
         raise HatifyError(
             f"{type(model).__name__}.forward cannot be traced by torch.fx even with opaque-leaf fallbacks "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Move the data-dependent "
-            "control flow into a submodule, or pass HATConfig(concrete_args=...) for the arguments it branches on."
+            f"({untraceable(exc)}). Move the data-dependent control flow into a submodule, or pass "
+            "HATConfig(concrete_args=...) for the arguments it branches on."
         ) from exc
     finally:
         for node in tracer.graph.nodes if getattr(tracer, "graph", None) is not None else ():
             node.meta.pop(VALUE, None)  # example activations and parameters must not ride along
+    if call:
+        for node in graph.nodes:
+            if node.op == "placeholder" and list(inputs).index(node.target) >= call[0]:
+                node.meta[KEYWORD] = True
+    if tracer.out_spec is not None:
+        graph.set_codegen(StructuredOutput(tracer.out_spec))
+    for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
+        graph.erase_node(node)  # a read whose value went nowhere (`isinstance(self.wo.weight, torch.Tensor)`)
     _anchor_metadata_reads(root, graph)
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    gm.meta[CONSTANTS] = dict(call[1]) if call else {}
     return Capture(gm, dict(tracer.opaque), list(tracer.mode_leaves), list(tracer.specialized))
 
 
@@ -249,10 +336,3 @@ def _anchor_metadata_reads(root: nn.Module, graph: fx.Graph) -> None:
             param = params[node.target]
             root.register_buffer(anchor, torch.empty(0, dtype=param.dtype, device=param.device), persistent=False)
         node.target = anchor
-
-
-def _bind(root: nn.Module, example_inputs: tuple) -> dict:
-    try:
-        return dict(inspect.signature(root.forward).bind_partial(*example_inputs).arguments)
-    except (TypeError, ValueError):
-        return {}

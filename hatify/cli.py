@@ -56,10 +56,15 @@ def _positive_int(text: str) -> int:
 
 def _source_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("source", metavar="SOURCE",
-                         help="timm:NAME[,key=value...] | package.module:factory[,key=value...] | a model file")
+                         help="timm:NAME[,key=value...] | hf:DIRECTORY | hf:MODEL_TYPE[,key=value...] | "
+                              "package.module:factory[,key=value...] | a model file")
     command.add_argument("--input-shape", action="append", default=[], metavar="SHAPE",
-                         help="example input shape, e.g. 1,3,224,224 (optionally :dtype, e.g. 2,16:int64); "
-                              "repeat for several inputs; a timm model's default size is used when omitted")
+                         help="example input shape, e.g. 1,3,224,224 (optionally :dtype, e.g. 2,16:int64), or a "
+                              "keyword input NAME=SHAPE, e.g. input_ids=2,16:int64; repeat for several inputs; a timm "
+                              "model's default size, or an hf: model's usual inputs, are used when omitted")
+    command.add_argument("--hf-class", metavar="CLASS",
+                         help="the transformers class an hf: SOURCE is built with, e.g. "
+                              "AutoModelForSequenceClassification (default: AutoModel)")
     command.add_argument("--arch", metavar="ARCH",
                          help="architecture for a state-dict SOURCE (.pt or .safetensors): timm:NAME or "
                               "package.module:factory, with optional ,key=value arguments")
@@ -148,9 +153,13 @@ def _prepare(args: argparse.Namespace, err: Console) -> tuple[Any, dict, tuple, 
     if arch is not None and spec.kind != "file":
         raise HatifyError("--arch is only for a state-dict file SOURCE (.pt or .safetensors)")
     with _step(err, f"loading {args.source}"):
-        model, recipe = load_model(spec, arch, args.trust_pickle)
+        model, recipe = load_model(spec, arch, args.trust_pickle, args.hf_class)
     model.eval()
-    if shapes:
+    if spec.kind == "hf":
+        from .hf_source import example_inputs as hf_inputs
+
+        inputs = hf_inputs(model, example_inputs(shapes) if shapes else None)
+    elif shapes:
         inputs = example_inputs(shapes)
     else:
         try:
@@ -224,7 +233,8 @@ def run_report(args: argparse.Namespace, out: Console, err: Console) -> int:
     about.add_row("file", args.file)
     about.add_row("source", describe_source(meta["source"]))
     about.add_row("tasks", f"{meta['num_tasks']} (trained: {', '.join(map(str, meta['trained_tasks'])) or 'none'})")
-    about.add_row("example inputs", ", ".join(_describe_input(s) for s in meta["example_inputs"]) or "-")
+    named = [f"{k}={_describe_input(s)}" for k, s in meta.get("example_keyword_inputs", {}).items()]
+    about.add_row("example inputs", ", ".join([_describe_input(s) for s in meta["example_inputs"]] + named) or "-")
     about.add_row("written by", f"hatify {meta['hatify_version']}, torch {meta['torch_version']}")
     out.print(about)
     out.print(Report.from_dict(meta["report"]))
@@ -245,6 +255,8 @@ def describe_source(source: dict) -> str:
         return f"timm:{source['name']}{kwargs}"
     if source.get("kind") == "factory":
         return f"{source['target']}{kwargs}"
+    if source.get("kind") == "hf":
+        return f"hf:{source.get('config', {}).get('model_type', '?')} ({source.get('class')}, config recorded)"
     if source.get("kind") == "module":
         return f"pickled {source['class']} (hatify.load needs model=)"
     return "unknown (hatify.load needs model=)"

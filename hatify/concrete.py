@@ -80,6 +80,10 @@ class ConcreteProxy(fx.Proxy):
     (`HatTracer.to_bool`, `.iter`), subclasses len() or int()/float() where the value has them."""
 
     def __getattr__(self, k: str) -> "ConcreteAttribute":
+        value = value_of(self)
+        if value is not MISSING and not hasattr(value, k):
+            # `hasattr(x, "jax")` (transformers' jax-jit check) must see what the real value has.
+            raise AttributeError(f"{type(value).__name__} has no attribute {k!r}")
         if k == "shape":  # read now, so that len(x.shape) sees a sequence
             return self.tracer.create_proxy("call_function", getattr, (self, k), {})
         return ConcreteAttribute(self, k)
@@ -112,9 +116,19 @@ class ConcreteFloat(ConcreteProxy):
         return float(self._python("float"))
 
 
+class ConcreteInt(ConcreteProxy):
+    """A proxy whose example value is a Python int: an explicit int() (`int(math.ceil(h / p) * p)`) uses it.
+    No `__index__`: torch's argument parser takes only that for a number, so sizes passed on stay traced."""
+
+    def __int__(self) -> int:
+        return int(self._python("int"))
+
+
 def proxy_class(value: Any) -> type:
     if isinstance(value, (tuple, list)):
         return ConcreteSequence
+    if isinstance(value, int) and not isinstance(value, bool):
+        return ConcreteInt
     return ConcreteFloat if isinstance(value, float) else ConcreteProxy
 
 
@@ -134,17 +148,22 @@ def specialization(node: fx.Node, what: str, value: Any) -> dict:
             "line": source_line(node)}
 
 
-# Sizes are plain ints to torch: `torch.zeros(B, N)` or `buffer.expand(B, -1)` with a traced B never reach
-# a proxy's `__torch_function__` and fail in torch.fx. While tracing, these record a node instead whenever
-# an argument is traced.
-_FACTORIES = ("arange", "empty", "eye", "full", "linspace", "ones", "rand", "randint", "randn", "zeros")
-_SIZE_METHODS = ("expand", "new_empty", "new_full", "new_ones", "new_zeros", "repeat", "reshape", "tile", "view")
+# Sizes are plain ints to torch: `torch.zeros(B, N)`, `buffer.expand(B, -1)`, `buffer[:, :n]` or
+# `torch.tensor(n)` with a traced B or n never reach a proxy's `__torch_function__` and fail in torch.fx; so
+# do `torch.finfo(x.dtype)` with a traced dtype and `torch._check(n <= size)` on a traced condition. While
+# tracing, these record a node instead whenever an argument is traced.
+_FACTORIES = ("arange", "empty", "eye", "full", "linspace", "ones", "rand", "randint", "randn", "zeros",
+              "tensor", "as_tensor", "finfo", "iinfo", "_check")
+_SIZE_METHODS = ("expand", "new_empty", "new_full", "new_ones", "new_zeros", "repeat", "reshape", "tile", "view",
+                 "__getitem__")
 
 
 @contextlib.contextmanager
 def traced_sizes(tracer: fx.Tracer) -> Iterator[None]:
     def traced(args: tuple, kwargs: dict) -> bool:
-        return any(isinstance(a, fx.Proxy) for a in pytree.tree_leaves((args, kwargs)))
+        leaves = pytree.tree_leaves((args, kwargs))
+        leaves += [end for s in leaves if isinstance(s, slice) for end in (s.start, s.stop, s.step)]
+        return any(isinstance(a, fx.Proxy) for a in leaves)
 
     def factory(fn):
         @functools.wraps(fn)
@@ -158,6 +177,8 @@ def traced_sizes(tracer: fx.Tracer) -> Iterator[None]:
         @functools.wraps(fn)
         def call(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             if traced(args, kwargs):
+                if name == "__getitem__":  # the node torch.fx records for a proxy's own indexing
+                    return tracer.create_proxy("call_function", operator.getitem, (self, *args), kwargs)
                 return tracer.create_proxy("call_method", name, (self, *args), kwargs)
             return fn(self, *args, **kwargs)
         return call

@@ -4,12 +4,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
 from torch import nn
 
 from .capture import capture
 from .config import HATConfig
 from .errors import HatifyError
+from .inputs import Inputs
 from .flow import analyse, find_producers
 from .model import HATModel
 from .plan import Plan, make_plan
@@ -26,13 +26,8 @@ def _check(model: Any, num_tasks: Any, example_inputs: Any, config: Any) -> tupl
     config = config or HATConfig()
     if not isinstance(config, HATConfig):
         raise HatifyError(f"config must be a hatify.HATConfig, got {type(config).__name__}")
-    if example_inputs is None:
-        example_inputs = infer_example_inputs(model)
-    elif isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    elif not isinstance(example_inputs, (tuple, list)):
-        raise HatifyError(f"example_inputs must be a tuple of inputs, got {type(example_inputs).__name__}")
-    return model, num_tasks, tuple(example_inputs), config
+    return model, num_tasks, Inputs.of(infer_example_inputs(model) if example_inputs is None else example_inputs), \
+        config
 
 
 def explain(model: nn.Module, num_tasks: int, example_inputs: Any = None, config: HATConfig | None = None) -> Plan:
@@ -50,7 +45,7 @@ def explain(model: nn.Module, num_tasks: int, example_inputs: Any = None, config
 def _plan(model, num_tasks, example_inputs, config):
     register_timm_rules()
     cap = capture(model, config, set(MODULE_LEAVES), example_inputs)
-    propagate(cap.graph_module, example_inputs)
+    propagate(cap.graph_module, example_inputs.flat)
     flow = analyse(cap.graph_module, find_producers(cap.graph_module, config), config)
     return cap, make_plan(cap, flow, num_tasks, config)
 
@@ -58,6 +53,8 @@ def _plan(model, num_tasks, example_inputs, config):
 def hatify(model: nn.Module, num_tasks: int, example_inputs: Any = None, config: HATConfig | None = None,
            source: dict | None = None) -> HATModel:
     """Convert any `nn.Module` into a HAT model with `num_tasks` tasks. The original is not modified.
+    `example_inputs` is how the model is called: a tuple of positional inputs, a dict of keyword inputs
+    (`{"input_ids": ids, "attention_mask": mask}`, then `hat(**batch, task_id=t)`), or `(args, kwargs)`.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))

@@ -23,8 +23,10 @@ _MODULE_PRODUCERS: dict[type, tuple[str, int, int | None]] = {
     nn.ConvTranspose3d: ("conv_transpose", 1, 1),
     nn.Embedding: ("embedding", -1, None),
 }
-# Functional producers: kind, axes, and the argument positions of weight, bias and groups.
+# Functional producers: kind, axes, and the argument positions of weight, bias and groups. "linear_t" is a
+# linear layer whose weight is stored (in, out): `torch.addmm(bias, x, weight)` (GPT-2's Conv1D).
 _FUNCTION_PRODUCERS: dict[str, tuple[str, int, int | None, int, int | None, int | None]] = {
+    "addmm": ("linear_t", -1, -1, 2, 0, None),
     "linear": ("linear", -1, -1, 1, 2, None),
     "conv1d": ("conv", 1, 1, 1, 2, 6), "conv2d": ("conv", 1, 1, 1, 2, 6), "conv3d": ("conv", 1, 1, 1, 2, 6),
     "conv_transpose1d": ("conv_transpose", 1, 1, 1, 2, 6), "conv_transpose2d": ("conv_transpose", 1, 1, 1, 2, 6),
@@ -47,7 +49,7 @@ class Producer:
 
     name: str
     op: str
-    kind: str                          # linear | conv | conv_transpose | embedding
+    kind: str                          # linear | linear_t | conv | conv_transpose | embedding
     units: int
     out_axis: int
     in_axis: int | None
@@ -122,6 +124,10 @@ def _producer_of(node: fx.Node, gm: fx.GraphModule) -> Producer | None:
         return Producer(node.target, type(module).__name__, kind, spec.shape[out_axis], out_axis, in_axis,
                         f"{node.target}.weight", f"{node.target}.bias" if getattr(module, "bias", None) is not None
                         else None, getattr(module, "groups", 1))
+    if node.op not in ("call_function", "call_method"):
+        return None
+    if _canon(node.target) == "matmul":
+        return _matmul_producer(node, gm, spec)
     if node.op != "call_function":
         return None
     entry = _FUNCTION_PRODUCERS.get(_canon(node.target))
@@ -138,6 +144,48 @@ def _producer_of(node: fx.Node, gm: fx.GraphModule) -> Producer | None:
     name = weight[: -len(".weight")] if weight.endswith(".weight") else weight
     return Producer(name, f"F.{_canon(node.target)}", kind, spec.shape[out_axis], out_axis, in_axis, weight, bias,
                     groups if isinstance(groups, int) else 1, module=False, weight_transformed=transformed)
+
+
+_TRANSPOSES = {("getattr", "T"), ("getattr", "mT"), ("t",), ("transpose", 0, 1), ("transpose", -1, -2),
+               ("transpose", 1, 0), ("transpose", -2, -1), ("permute", 1, 0)}
+
+
+def _matmul_producer(node: fx.Node, gm: fx.GraphModule, spec: TensorSpec) -> Producer | None:
+    """`x @ W.T` (a linear layer written out, Falcon's FalconLinear) or `x @ W` (weight stored (in, out)) on a
+    2-D parameter W; a following `+ b` on a parameter of the output's size is its bias."""
+    if len(node.args) != 2 or not isinstance(node.args[1], fx.Node):
+        return None
+    weight, kind = node.args[1], "linear_t"
+    if weight.op in ("call_function", "call_method") and isinstance(weight.args[0], fx.Node) and             ("getattr" if weight.target is getattr else _canon(weight.target), *weight.args[1:]) in _TRANSPOSES:
+        weight, kind = weight.args[0], "linear"
+    name = weight.target if weight.op == "get_attr" else None
+    try:
+        param = gm.get_parameter(name) if name else None
+    except AttributeError:
+        param = None
+    if param is None or param.ndim != 2 or not spec.ndim:
+        return None
+    bias = None
+    if len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op in ("call_function", "call_method") and _canon(user.target) == "add":
+            other = [a for a in user.args if a is not node]
+            if len(other) == 1 and isinstance(other[0], fx.Node) and other[0].op == "get_attr":
+                try:
+                    candidate = gm.get_parameter(other[0].target)
+                except AttributeError:
+                    candidate = None
+                if candidate is not None and tuple(candidate.shape) == (spec.shape[-1],):
+                    bias = other[0].target
+    layer = name[: -len(".weight")] if name.endswith(".weight") else name
+    return Producer(layer, "matmul", kind, spec.shape[-1], -1, -1, name, bias, module=False)
+
+
+def producer_input(node: fx.Node) -> Any:
+    """The data argument of a producer call (`addmm` takes its bias first)."""
+    if node.op == "call_function" and _canon(node.target) == "addmm":
+        return node.args[1] if len(node.args) > 1 else node.kwargs.get("mat1")
+    return node.args[0] if node.args else node.kwargs.get("input")
 
 
 def _chain_end(node: fx.Node, gm: fx.GraphModule, params: set[str]) -> fx.Node:
@@ -184,7 +232,7 @@ def find_producers(gm: fx.GraphModule, config: HATConfig) -> list[Producer]:
         node_of[node] = producer
     for node, producer in node_of.items():
         end = _chain_end(node, gm, params)
-        data = node.args[0] if node.args else node.kwargs.get("input")
+        data = producer_input(node)
         producer.sites.append(CallSite(node.name, end.name, data.name if isinstance(data, fx.Node) else None,
                                        source_line(node)))
         if config.heads == "auto" and _reaches_output(end, set(node_of)):

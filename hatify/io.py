@@ -25,6 +25,7 @@ from . import fsdp
 from .config import HATConfig
 from .convert import hatify
 from .errors import HatifyError
+from .inputs import CONSTANTS, KEYWORD, Inputs
 from .layers import Protect
 from .model import HATModel
 from .report import Report
@@ -74,7 +75,8 @@ def metadata(hat: HATModel) -> dict[str, Any]:
         "format": FORMAT, "hatify_version": __version__, "torch_version": torch.__version__,
         "source": hat.source, "model_class": hat.net.__class__.__name__, "num_tasks": hat.num_tasks,
         "config": config.to_dict(), "leaf_module_types": [isinstance(m, type) for m in config.leaf_modules],
-        "example_inputs": example_input_specs(hat), "trained_tasks": hat.trained_tasks,
+        "example_inputs": example_input_specs(hat), "example_keyword_inputs": example_input_specs(hat, keyword=True),
+        "example_constants": hat.net.meta.get(CONSTANTS, {}), "trained_tasks": hat.trained_tasks,
         "capacity": hat.capacity(),
         "report": report.to_dict(),
     }
@@ -139,8 +141,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> HATModel:
     was_training = model.training
     model.eval()
     try:
-        hat = hatify(model, meta["num_tasks"], example_inputs(meta["example_inputs"]), config_from(meta),
-                     source=meta["source"])
+        hat = hatify(model, meta["num_tasks"], recorded_inputs(meta), config_from(meta), source=meta["source"])
     finally:
         model.train(was_training)
     if hat.plan.total_units != meta["report"]["plan"]["total_units"]:
@@ -197,10 +198,14 @@ def _import_type(qualified: str) -> type:
     raise HatifyError(f"cannot import the leaf module type {qualified!r} named in the file's config")
 
 
-def example_input_specs(hat: HATModel) -> list:
-    """The example inputs the model was converted with, as JSON: shapes and dtypes, from the graph."""
-    specs = [n.meta.get("hat_spec") for n in hat.net.graph.nodes
-             if n.op == "placeholder" and n.target not in (TASK_ARG, SCALE_ARG)]
+def example_input_specs(hat: HATModel, keyword: bool = False) -> list | dict:
+    """The example inputs the model was converted with, as JSON: shapes and dtypes, from the graph; the
+    positional ones as a list, or (`keyword=True`) the keyword ones by name."""
+    placeholders = [n for n in hat.net.graph.nodes if n.op == "placeholder" and n.target not in (TASK_ARG, SCALE_ARG)
+                    and bool(n.meta.get(KEYWORD)) == keyword]
+    if keyword:
+        return {n.target: _spec_to_json(n.meta.get("hat_spec")) for n in placeholders}
+    specs = [n.meta.get("hat_spec") for n in placeholders]
     has_tensor = [any(isinstance(leaf, TensorSpec) for leaf in pytree.tree_leaves(s)) for s in specs]
     keep = max((i + 1 for i, flag in enumerate(has_tensor) if flag), default=0)
     return [_spec_to_json(s) for s in specs[:keep]]
@@ -216,6 +221,12 @@ def _spec_to_json(spec: Any) -> Any:
     if spec is None or isinstance(spec, (bool, int, float, str)):
         return {"value": spec}
     raise HatifyError(f"cannot record an example input of type {type(spec).__name__} in the file")
+
+
+def recorded_inputs(meta: dict) -> Inputs:
+    """The recorded example inputs (zero tensors of their shapes), keyword inputs and constants included."""
+    keywords = {name: example_inputs([spec])[0] for name, spec in meta.get("example_keyword_inputs", {}).items()}
+    return Inputs(example_inputs(meta["example_inputs"]), {**keywords, **meta.get("example_constants", {})})
 
 
 def example_inputs(specs: list) -> tuple:

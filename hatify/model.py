@@ -10,6 +10,7 @@ from torch.utils import _pytree as pytree
 
 from . import fsdp
 from .errors import HatifyError
+from .inputs import CONSTANTS
 from .layers import MaskBank, Protect, TaskIndexed, TaskParameter
 from .plan import LayerPlan, Plan
 from .rewrite import SCALE_ARG, TASK_ARG, _owner
@@ -49,12 +50,34 @@ class HATModel(nn.Module):
                 mask_scale = float(mask_scale)
             else:
                 raise HatifyError(f"mask_scale must be a float or None, got {type(mask_scale).__name__}")
+        if kwargs:
+            kwargs = self._keywords(inputs, kwargs)
         ids = self._task_ids(task_id, inputs, kwargs)
         if self.__dict__.get("_is_fsdp_managed_module"):
             fsdp.forget_write_backs(self)
         if isinstance(ids, int):
             return self.net(*inputs, **kwargs, **{TASK_ARG: ids, SCALE_ARG: mask_scale})
         return self._mixed(inputs, kwargs, ids, mask_scale)
+
+    def _keywords(self, inputs: tuple, kwargs: dict) -> dict:
+        """Keyword inputs the graph takes; the constants fixed at conversion may be repeated, not changed."""
+        constants = self.net.meta.get(CONSTANTS, {})
+        names = self.__dict__.get("_input_names")
+        if names is None:
+            names = self.__dict__["_input_names"] = [n.target for n in self.net.graph.nodes if n.op == "placeholder"
+                                                     and n.target not in (TASK_ARG, SCALE_ARG)]
+        missing = [name for name in names[len(inputs):] if name not in kwargs]
+        if missing:
+            raise HatifyError(f"missing input {missing[0]!r}: this model was converted with the inputs {names} "
+                              "and takes exactly those")
+        for key, value in kwargs.items():
+            if key in constants and value != constants[key]:
+                raise HatifyError(f"{key}={value!r}: this model was converted with {key}={constants[key]!r}, "
+                                  "which the trace fixed; convert again with the value you need")
+            if key not in constants and key not in names:
+                raise HatifyError(f"unexpected keyword input {key!r}: this model was converted with the inputs "
+                                  f"{names} (give {key} in example_inputs to convert with it)")
+        return {k: v for k, v in kwargs.items() if k not in constants}
 
     def _task_ids(self, task_id: Any, inputs: tuple, kwargs: dict) -> int | torch.Tensor:
         if isinstance(task_id, torch.Tensor):
@@ -234,11 +257,13 @@ def weight_protection(layer: LayerPlan, out: torch.Tensor, inp: torch.Tensor | N
                       shape: tuple[int, ...]) -> torch.Tensor:
     """Which weight entries are frozen: output unit used and input unit used (HAT's min rule with binary
     cumulative masks); grouped convolutions pair each output with its group's inputs."""
-    if inp is None or layer.kind == "embedding":
-        return out.view(1, -1) if layer.kind == "embedding" else out.view(-1, *([1] * (len(shape) - 1)))
+    if inp is None or layer.kind == "embedding":  # embedding and linear_t weights are (in, out)
+        return out.view(1, -1) if layer.kind in ("embedding", "linear_t") else out.view(-1, *([1] * (len(shape) - 1)))
     g = layer.groups
     if layer.kind == "linear":
         return out[:, None] & inp[None, :]
+    if layer.kind == "linear_t":
+        return inp[:, None] & out[None, :]
     if layer.kind == "conv":
         per_out = inp.view(g, -1).repeat_interleave(shape[0] // g, 0)
         grid = out[:, None] & per_out

@@ -142,6 +142,8 @@ def _describe(index: torch.Tensor, producers: list[Producer]) -> tuple[list[str]
 def _input_units(producer: Producer, weight: torch.Tensor) -> int | None:
     if producer.kind == "linear":
         return weight.shape[1]
+    if producer.kind == "linear_t":
+        return weight.shape[0]
     if producer.kind == "conv":
         return weight.shape[1] * producer.groups
     if producer.kind == "conv_transpose":
@@ -194,7 +196,7 @@ def make_plan(capture: Capture, flow: Flow, num_tasks: int, config: HATConfig) -
 
 
 def flow_axis(layer: LayerPlan, spec: TensorSpec) -> int:
-    return (-1 if layer.kind in ("linear", "embedding") else 1) % spec.ndim
+    return (-1 if layer.kind in ("linear", "linear_t", "embedding") else 1) % spec.ndim
 
 
 def _other_parameters(gm: fx.GraphModule, layers: list[LayerPlan], capture: Capture,

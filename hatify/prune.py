@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .flow import producer_input
 from .rules import PER_CHANNEL_MODULES, RULES, _canon
 from .shapes import TensorSpec
 
@@ -94,7 +95,7 @@ def _analyse(net: fx.GraphModule, layers: dict, unsafe: set, groups: _Groups) ->
         layer = layers.get(node.name)
         out = None
         if layer is not None:
-            data = node.args[0] if node.args else None
+            data = producer_input(node)
             if isinstance(data, fx.Node) and seg.get(data) is not None:
                 if getattr(module, "groups", 1) != 1 or not isinstance(module, _PRUNABLE):
                     spoil(seg[data])

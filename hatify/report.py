@@ -125,8 +125,9 @@ def _action(policy: str, reason: str) -> str:
 
 def _summary(plan, seconds: float, converted: int | None, folded: int | None) -> dict:
     masked = sum(layer.params for layer in plan.masked_layers)
-    original = sum(layer.params for layer in plan.layers) + sum(m.params for m in plan.modules) + sum(
-        math.prod(p.shape) for p in plan.params if p.policy != "head")
+    # A head module is also a head layer: count its parameters once.
+    original = sum(layer.params for layer in plan.layers) + sum(m.params for m in plan.modules if m.policy != "head") \
+        + sum(math.prod(p.shape) for p in plan.params if p.policy != "head")
     return {
         "nodes": plan.node_count, "hat_layers": len(plan.masked_layers),
         "heads": sum(layer.role == "head" for layer in plan.layers),

@@ -24,6 +24,7 @@ from torch import nn
 
 from .config import HATConfig
 from .errors import HatifyError
+from .inputs import Inputs
 
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")   # checkpoints that wrap a state dict
 FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".safetensors", ".hat")
@@ -34,7 +35,8 @@ _TARGET = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """A parsed SOURCE: kind "timm" (target: model name), "factory" (target: "module:function") or "file"."""
+    """A parsed SOURCE: kind "timm" (target: model name), "hf" (target: a directory or a model type),
+    "factory" (target: "module:function") or "file"."""
 
     kind: str
     target: str
@@ -55,6 +57,11 @@ def parse_source(text: str, what: str = "SOURCE", files: bool = True) -> SourceS
         SourceSpec(kind='timm', target='resnet18', kwargs={'num_classes': 10, 'img_size': (64, 64)})
     """
     text = text.strip()
+    if text.startswith("hf:"):
+        target, kwargs = _split_kwargs(text[len("hf:"):], what)
+        if not target:
+            raise HatifyError(f"{what} {text!r}: expected hf:DIRECTORY or hf:MODEL_TYPE, e.g. hf:bert")
+        return SourceSpec("hf", target, kwargs)
     if text.startswith("timm:"):
         name, kwargs = _split_kwargs(text[len("timm:"):], what)
         if not re.fullmatch(r"[\w.\-]+", name):
@@ -99,9 +106,19 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parse_input_shape(text: str) -> tuple[tuple[int, ...], str]:
-    """`1,3,224,224` or `2,16:int64` -> (shape, dtype name)."""
-    dims, _, dtype = text.strip().partition(":")
+def parse_input_shape(text: str) -> tuple[str | None, tuple[int, ...], str]:
+    """`1,3,224,224`, `2,16:int64` or a keyword input `input_ids=2,16:int64` -> (name or None, shape, dtype).
+
+    Example:
+        >>> parse_input_shape("input_ids=2,16:int64")
+        ('input_ids', (2, 16), 'int64')
+    """
+    name, sep, rest = text.strip().partition("=")
+    if not sep:
+        name, rest = None, text
+    elif not name.strip().isidentifier():
+        raise HatifyError(f"--input-shape {text!r}: a keyword input is NAME=SHAPE, e.g. input_ids=2,16:int64")
+    dims, _, dtype = rest.strip().partition(":")
     dtype = dtype.strip() or "float32"
     try:
         shape = tuple(int(d) for d in dims.split(","))
@@ -112,18 +129,26 @@ def parse_input_shape(text: str) -> tuple[tuple[int, ...], str]:
                           "e.g. 1,3,224,224 (optionally :dtype, e.g. 2,16:int64)")
     if dtype not in DTYPES:
         raise HatifyError(f"--input-shape {text!r}: unknown dtype {dtype!r}; one of {', '.join(DTYPES)}")
-    return shape, dtype
+    return (name.strip() if name else None), shape, dtype
 
 
-def example_inputs(shapes: list[tuple[tuple[int, ...], str]]) -> tuple:
-    """Seeded random floats (zeros for integer and bool inputs, which are usually indices)."""
+def example_inputs(shapes: list[tuple[str | None, tuple[int, ...], str]]) -> Inputs:
+    """Seeded random floats (ones for integer and bool inputs, which are usually indices or masks); named
+    shapes become keyword inputs, the others positional ones, in order."""
     gen = torch.Generator().manual_seed(0)
-    inputs = []
-    for shape, name in shapes:
-        dtype = getattr(torch, name)
-        inputs.append(torch.randn(shape, generator=gen).to(dtype) if dtype.is_floating_point
-                      else torch.zeros(shape, dtype=dtype))
-    return tuple(inputs)
+    args, kwargs = [], {}
+    for name, shape, dtype_name in shapes:
+        dtype = getattr(torch, dtype_name)
+        value = torch.randn(shape, generator=gen).to(dtype) if dtype.is_floating_point else torch.ones(shape, dtype=dtype)
+        if name is None:
+            if kwargs:
+                raise HatifyError("--input-shape: positional shapes come before the named ones (NAME=SHAPE)")
+            args.append(value)
+        elif name in kwargs:
+            raise HatifyError(f"--input-shape: {name} is given twice")
+        else:
+            kwargs[name] = value
+    return Inputs(tuple(args), kwargs)
 
 
 def config_with(overrides: list[str]) -> HATConfig:
@@ -171,6 +196,10 @@ def build_source(source: dict, model_class: str = "the model", weights: bool = F
     `pretrained=True`: a saved file brings its own weights."""
     kind = source.get("kind")
     kwargs = dict(source.get("kwargs") or {})
+    if kind == "hf":
+        from . import hf_source
+
+        return hf_source.build(source)
     if kind == "timm":
         import timm
 
@@ -217,9 +246,17 @@ def import_object(target: str) -> Callable:
     return obj
 
 
-def load_model(spec: SourceSpec, arch: SourceSpec | None = None, trust_pickle: bool = False
-               ) -> tuple[nn.Module, dict]:
+def load_model(spec: SourceSpec, arch: SourceSpec | None = None, trust_pickle: bool = False,
+               hf_class: str | None = None) -> tuple[nn.Module, dict]:
     """The model a SOURCE names, and the recipe that rebuilds its architecture (for `hatify.save`)."""
+    if hf_class is not None and spec.kind != "hf":
+        raise HatifyError("--hf-class is only for an hf: SOURCE")
+    if spec.kind == "hf":
+        from . import hf_source
+
+        if arch is not None:
+            raise HatifyError("--arch is only for a state-dict file SOURCE")
+        return hf_source.load(spec.target, spec.kwargs, hf_class)
     if spec.kind != "file":
         if arch is not None:
             raise HatifyError("--arch is only for a state-dict file SOURCE")

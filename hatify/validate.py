@@ -12,6 +12,8 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from .errors import HatifyError
+from .flow import producer_input
+from .inputs import Inputs
 from .model import HATModel
 from .plan import LayerPlan
 from .rewrite import ROOT_HOLDER, SCALE_ARG, TASK_ARG
@@ -68,14 +70,14 @@ def _leaves(out: Any) -> dict[str, torch.Tensor]:
     return {pytree.keystr(path) or "output": leaf for path, leaf in flat if isinstance(leaf, torch.Tensor)}
 
 
-def compare_open(model: nn.Module, hat: HATModel, inputs: tuple) -> tuple[dict[str, float], float]:
+def compare_open(model: nn.Module, hat: HATModel, inputs: Inputs) -> tuple[dict[str, float], float]:
     """Largest absolute difference per output between the original (eval) and the open-mask HAT model."""
     was_model, was_hat = model.training, hat.training
     model.eval(), hat.eval()
     try:
         with torch.no_grad(), masks_open(hat):
-            ref = _leaves(model(*inputs))
-            got = _leaves(hat(*inputs, task_id=0))
+            ref = _leaves(inputs.call(model))
+            got = _leaves(inputs.call(hat, task_id=0))
     finally:
         model.train(was_model), hat.train(was_hat)
     if ref.keys() != got.keys():
@@ -93,15 +95,15 @@ class _InputRecorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         if n.name in self.watch:
-            data = n.args[0] if n.args else n.kwargs.get("input")
+            data = producer_input(n)
             value = self.env.get(data) if isinstance(data, fx.Node) else None
             if isinstance(value, torch.Tensor):
                 self.seen.setdefault(n.name, []).append(value.detach())
         return super().run_node(n)
 
 
-def _positional(hat: HATModel, inputs: tuple, task: int, scale: float | None) -> list:
-    args = list(inputs)
+def _positional(hat: HATModel, inputs: Inputs, task: int, scale: float | None) -> list:
+    args = list(inputs.flat)
     for node in hat.net.graph.nodes:
         if node.op != "placeholder":
             continue
@@ -119,7 +121,7 @@ def _zero_units(value: torch.Tensor, layer: LayerPlan, axis: int) -> torch.Tenso
     return (moved == 0).all(0)
 
 
-def probe_flow(hat: HATModel, inputs: tuple, fractions=(0.5, 0.9, 1.0), seeds=(0, 1)) -> tuple[list[dict], int]:
+def probe_flow(hat: HATModel, inputs: Inputs, fractions=(0.5, 0.9, 1.0), seeds=(0, 1)) -> tuple[list[dict], int]:
     """Zero random mask units, run the model, and check that every consumer input unit the plan predicts to
     be zero is exactly zero (soundness). Also counts zeros the plan did not predict (conservatism)."""
     layers = [layer for layer in hat.plan.masked_layers if layer.input_index is not None]
@@ -143,7 +145,7 @@ def probe_flow(hat: HATModel, inputs: tuple, fractions=(0.5, 0.9, 1.0), seeds=(0
                     layer = watch[name]
                     pred = (keep_ext[layer.input_index] == 0).all(0)
                     for value in values:
-                        axis = (-1 if layer.kind == "linear" else 1) % value.ndim
+                        axis = (-1 if layer.kind in ("linear", "linear_t") else 1) % value.ndim
                         zero = _zero_units(value, layer, axis).cpu()
                         predicted += int(pred.sum())
                         actual += int(zero.sum())
@@ -174,13 +176,13 @@ def original_parameter_map(hat: HATModel) -> dict[str, str]:
     return mapping
 
 
-def check_gradients(hat: HATModel, inputs: tuple) -> list[str]:
+def check_gradients(hat: HATModel, inputs: Inputs) -> list[str]:
     """Names of original parameters that receive no gradient through the converted model (task 0)."""
     trial = copy.deepcopy(hat).eval()  # eval: norms use running statistics, so a batch of one works too
     params = dict(trial.net.named_parameters())
     mapping = {orig: params[name] for orig, name in original_parameter_map(trial).items()
                if name in params and params[name].requires_grad}
-    out = _leaves(trial(*inputs, task_id=0, mask_scale=1.0))
+    out = _leaves(inputs.call(trial, task_id=0, mask_scale=1.0))
     loss = sum(v.float().square().mean() for v in out.values() if v.is_floating_point() and v.requires_grad)
     if not isinstance(loss, torch.Tensor):
         return sorted(mapping)
@@ -190,7 +192,7 @@ def check_gradients(hat: HATModel, inputs: tuple) -> list[str]:
 
 def validate(model: nn.Module, hat: nn.Module, example_inputs: Any) -> ValidationResult:
     """Check a conversion: (a) open masks equal the original, (b) the mask-flow probe finds no unit the plan
-    calls zero that is not, (c) every original parameter gets a gradient.
+    calls zero that is not, (c) every original parameter gets a gradient. `example_inputs` as for `hatify`.
 
     Example:
         >>> result = hatify.validate(model, hat, (x,))
@@ -198,7 +200,7 @@ def validate(model: nn.Module, hat: nn.Module, example_inputs: Any) -> Validatio
         (True, 0.0)
     """
     hat = _unwrap(hat)
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    inputs = Inputs.of(example_inputs)
     diffs, tol = compare_open(model, hat, inputs)
     probes, violations = probe_flow(hat, inputs)
     missing = check_gradients(hat, inputs)

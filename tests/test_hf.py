@@ -1,0 +1,106 @@
+"""HuggingFace transformers as they are, in CI: a representative part of benchmarks/hf_zoo.py (BERT, GPT-2,
+Llama, T5, ViT from tiny configs, random weights) through the zoo's three checks with keyword inputs, sdpa and
+eager attention, padded and unpadded masks; the converted model returns the model's own `ModelOutput`, and a
+converted BERT saves and loads."""
+import importlib.util
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import hatify
+
+transformers = pytest.importorskip("transformers")
+
+_spec = importlib.util.spec_from_file_location(
+    "hf_zoo", Path(__file__).resolve().parents[1] / "benchmarks" / "hf_zoo.py")
+hf_zoo = importlib.util.module_from_spec(_spec)
+sys.modules["hf_zoo"] = hf_zoo
+_spec.loader.exec_module(hf_zoo)
+
+# (zoo name, attention, padded mask, least share of parameters under HAT). The causal LMs' and T5's shares
+# are bounded by their output layers: the LM head is a per-task head, and T5's output includes the encoder's
+# last hidden state, so the encoder's residual writers are heads too.
+REPRESENTATIVE = [
+    ("bert", "sdpa", True, 0.95),
+    ("bert", "eager", False, 0.95),
+    ("gpt2", "sdpa", True, 0.9),
+    ("gpt2", "eager", True, 0.9),
+    ("llama", "sdpa", True, 0.9),
+    ("llama", "eager", False, 0.9),
+    ("t5", "eager", True, 0.7),
+    ("vit", "sdpa", False, 0.95),
+]
+
+
+@pytest.mark.parametrize("name,attn,padded,share", REPRESENTATIVE,
+                         ids=[f"{r[0]}-{r[1]}-{'padded' if r[2] else 'full'}" for r in REPRESENTATIVE])
+def test_architecture_converts_validates_and_keeps_task0(name, attn, padded, share):
+    row = hf_zoo.check(name, attn, padded)
+    assert row["status"] == "pass", f"{name} ({attn}): {row['reason']}: {row['why']}"
+    assert not row["opaque"], f"{name}: opaque submodules {row['opaque']}"
+    assert row["hat_parameter_share"] >= share, f"{name}: only {row['hat_parameter_share']:.0%} under HAT"
+
+
+def _bert():
+    _, model_type, auto_class, kwargs, kind = next(e for e in hf_zoo.ZOO if e[0] == "bert")
+    model = hf_zoo.build(model_type, auto_class, kwargs, "sdpa")
+    return model, hf_zoo.inputs_for(model, kind, padded=True), (model_type, auto_class, kwargs)
+
+
+def test_output_is_the_model_output_class_and_save_load_keeps_it():
+    model, batch, (model_type, auto_class, kwargs) = _bert()
+    hat = hatify.hatify(model, 2, example_inputs=batch)
+    out = hat(**batch, task_id=0)
+    assert type(out) is type(model(**batch)) and out.logits.shape == (2, hf_zoo.NUM_CLASSES)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bert.hat"
+        hatify.save(hat, path)
+        again = hatify.load(path, model=hf_zoo.build(model_type, auto_class, kwargs, "sdpa"))
+        assert torch.equal(again(**batch, task_id=0).logits, out.logits)
+        assert type(hat.extract(0)(**batch)) is type(out)
+
+
+def test_a_kv_cache_output_is_refused_with_the_fix():
+    config = transformers.AutoConfig.for_model("gpt2", **hf_zoo.SMALL)  # use_cache left on
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    batch = hf_zoo.inputs_for(model, "text", padded=False)
+    with pytest.raises(hatify.HatifyError, match="use_cache=False"):
+        hatify.hatify(model, 2, example_inputs=batch)
+    hat = hatify.hatify(model, 2, example_inputs={**batch, "use_cache": False})
+    assert hat(**batch, task_id=1).logits.shape == (2, hf_zoo.SEQ, hf_zoo.SMALL["vocab_size"])
+
+
+def test_cli_converts_an_hf_directory_and_load_rebuilds_it_from_the_recipe(tmp_path, monkeypatch):
+    from hatify.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    model, batch, _ = _bert()
+    model.save_pretrained(tmp_path / "my-bert")
+    args = ["convert", "hf:./my-bert", "--hf-class", "AutoModelForSequenceClassification", "-o", "bert.hat",
+            "--num-tasks", "2"]
+    assert main(args) == 0
+    hat = hatify.load(tmp_path / "bert.hat")  # no model=: the recipe holds the config
+    with hatify.masks_open(hat):
+        torch.testing.assert_close(hat(**batch, task_id=0).logits, model(**batch).logits)
+    meta = hatify.io.read_metadata(tmp_path / "bert.hat")
+    assert meta["source"]["kind"] == "hf" and set(meta["example_keyword_inputs"]) == {"input_ids", "attention_mask"}
+
+
+def test_cli_hf_model_type_with_named_input_shapes(tmp_path, monkeypatch):
+    from hatify.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    source = "hf:gpt2,n_embd=32,n_layer=1,n_head=2,vocab_size=50"
+    assert main(["convert", source, "--hf-class", "AutoModelForCausalLM", "-o", "gpt2.hat", "--num-tasks", "2",
+                 "--input-shape", "input_ids=2,8:int64"]) == 0
+    meta = hatify.io.read_metadata(tmp_path / "gpt2.hat")
+    assert meta["example_keyword_inputs"] == {"input_ids": {"shape": [2, 8], "dtype": "int64"}}
+    assert meta["example_constants"] == {"use_cache": False}
+    hat = hatify.load(tmp_path / "gpt2.hat")
+    ids = torch.randint(0, 50, (3, 8))
+    assert hat(input_ids=ids, task_id=1).logits.shape == (3, 8, 50)
+    assert main(["convert", "hf:./missing-dir", "-o", "x.hat", "--num-tasks", "2"]) == 2
+    assert main(["convert", "timm:resnet18", "--hf-class", "AutoModel", "-o", "x.hat", "--num-tasks", "2"]) == 2
