@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from .concrete import (MISSING, VALUE, evaluate, is_python_value, proxy_class, specialization, traced_sizes,
                        value_of, wrapped_calls)
@@ -141,6 +142,25 @@ class HatTracer(fx.Tracer):
                 del self.opaque[inner]  # now inside this leaf
             self.opaque[qualname] = untraceable(exc)
             return super().call_module(m, forward, args, kwargs)
+
+    def trace_through(self, fn, args: tuple, kwargs: dict) -> tuple[bool, object]:
+        """A function marked with `torch.fx.wrap` is one opaque node to torch.fx, marked so for its shape
+        branches, which concrete values resolve. Handed a tensor, its body is traced instead, so the layers it
+        hides become HAT layers (torchvision's Swin window attention calls `F.linear` on its `qkv_weight`)
+        and its data movement gets rules. A tracer's autowrap function (timm's no-trace helpers) is traced
+        through only when handed a parameter. If tracing fails, the graph is rolled back and the call stays
+        one node, as torch.fx makes it. Returns (traced, result)."""
+        values = [value_of(a) for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy)]
+        wanted = any(isinstance(v, nn.Parameter) for v in values) or (
+            id(fn) not in self._autowrap_function_ids and any(isinstance(v, torch.Tensor) for v in values))
+        if self.inputs is None or not wanted:
+            return False, None
+        last = self.graph._root.prev
+        try:
+            return True, fn(*args, **kwargs)
+        except Exception:  # torch.fx's own behaviour: one opaque node
+            self._rollback(last)
+            return False, None
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
         with traced_sizes(self), wrapped_calls():

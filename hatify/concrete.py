@@ -186,7 +186,9 @@ def wrapped_calls() -> Iterator[None]:
     become one node when called with a traced argument. torch.fx's wrapper marks the node through the proxy
     that `create_proxy` returns, but the concrete tracer answers a call whose example result is `None` with
     `None` itself (so that the model's `if mask is None:` takes the branch it really takes), which that
-    wrapper cannot take. While tracing, this wrapper is used instead: the same node, and `None` passed on."""
+    wrapper cannot take. While tracing, this wrapper is used instead: the same node, and `None` passed on.
+    A tracer with a `trace_through(fn, args, kwargs) -> (traced, result)` hook may trace the call's body
+    instead (see `HatTracer.trace_through`)."""
     original = getattr(_symbolic_trace, "_create_wrapped_func", None)
     if original is None:  # a torch.fx without this hook: its own wrapper stays
         yield
@@ -199,6 +201,10 @@ def wrapped_calls() -> Iterator[None]:
             fx.node.map_aggregate((args, kwargs), lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
             if not found:
                 return orig_fn(*args, **kwargs)
+            through = getattr(found[-1].tracer, "trace_through", None)
+            traced, result = through(orig_fn, args, kwargs) if through is not None else (False, None)
+            if traced:
+                return result
             result = found[-1].tracer.create_proxy("call_function", orig_fn, args, kwargs)
             if result is not None:
                 result.node.meta["is_wrapped"] = True

@@ -12,7 +12,7 @@ from torch import fx, nn
 from .config import HATConfig
 from .errors import source_line
 from .maps import UnitMap
-from .rules import PER_CHANNEL_MODULES, RuleContext, _canon, rule_for
+from .rules import PER_CHANNEL_MODULES, RuleContext, _canon, fallback_rule, rule_for
 from .shapes import TensorSpec
 
 # Producer kinds: weight layout, output channel axis, input channel axis (None: the input is indices).
@@ -234,7 +234,7 @@ def analyse(gm: fx.GraphModule, producers: list[Producer], config: HATConfig) ->
             flows[node] = None
             continue
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
-        rule = rule_for(node, module)
+        rule = rule_for(node, module) or fallback_rule(node, module)
         ctx = RuleContext(node, flows, module, config.max_union_terms)
         if rule is None:
             flows[node] = UnitMap.ones()
