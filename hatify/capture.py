@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import inspect
 import os
 import sys
@@ -13,6 +14,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from .attention import DECOMPOSED_MODULES, add_attention_dropout, traced_attention
 from .concrete import (MISSING, VALUE, evaluate, is_python_value, proxy_class, specialization, traced_sizes,
                        value_of, wrapped_calls)
 from .config import HATConfig
@@ -46,6 +48,12 @@ def _reads_training_flag(module: nn.Module) -> bool:
         return "self.training" in inspect.getsource(type(module).forward)
     except (OSError, TypeError):
         return False
+
+
+# torch.nn modules made of ops hatify has rules for: traced into (torch.fx keeps every torch.nn module whole),
+# so their projections become HAT layers instead of one opaque per-task copy.
+TRACED_TORCH_MODULES: set[type] = {*DECOMPOSED_MODULES, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+                                   nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer}
 
 
 class HatTracer(fx.Tracer):
@@ -113,6 +121,8 @@ class HatTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if type(m) in self.leaf_types or qualname in self.leaf_names or qualname in self.opaque:
             return True
+        if type(m) in TRACED_TORCH_MODULES:
+            return False
         if not type(m).__module__.startswith("torch.nn") and _reads_training_flag(m):
             if qualname not in self.mode_leaves:
                 self.mode_leaves.append(qualname)
@@ -131,6 +141,8 @@ class HatTracer(fx.Tracer):
         qualname = self.path_of_module(m)
         if self.is_leaf_module(m, qualname):
             return super().call_module(m, forward, args, kwargs)
+        if type(m) in DECOMPOSED_MODULES:
+            forward = functools.partial(DECOMPOSED_MODULES[type(m)], m)
         last = self.graph._root.prev
         stack, calls = collections.OrderedDict(self.module_stack), dict(self.num_calls)
         try:
@@ -163,7 +175,7 @@ class HatTracer(fx.Tracer):
             return False, None
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
-        with traced_sizes(self), wrapped_calls():
+        with traced_sizes(self), wrapped_calls(), traced_attention():
             return super().trace(root, concrete_args)
 
     def _rollback(self, last: fx.Node) -> None:
@@ -228,6 +240,7 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set, example_inputs
         raise HatifyError(f"hatify needs an nn.Module, got {type(model).__name__}")
     num_inputs = example_inputs if isinstance(example_inputs, int) or example_inputs is None else len(example_inputs)
     root = copy.deepcopy(model).eval()
+    add_attention_dropout(root)
     inputs = None if isinstance(example_inputs, int) or example_inputs is None else _bind(root, example_inputs)
     timm_leaves, autowrap = _timm_notrace()
     if inputs is not None:  # concrete values resolve the shape branches these modules are listed for
@@ -248,6 +261,8 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set, example_inputs
         for node in tracer.graph.nodes if getattr(tracer, "graph", None) is not None else ():
             node.meta.pop(VALUE, None)  # example activations and parameters must not ride along
     _anchor_metadata_reads(root, graph)
+    for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
+        graph.erase_node(node)  # a read only Python looked at (torch's fast-path checks): no data use
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     return Capture(gm, dict(tracer.opaque), list(tracer.mode_leaves), list(tracer.specialized))
 
