@@ -110,6 +110,11 @@ class HatTracer(fx.Tracer):
 
     def iter(self, obj: fx.Proxy):
         value = value_of(obj)
+        if self.inputs is not None and isinstance(value, (dict, type({}.keys()))) \
+                and all(is_python_value(k) for k in value):
+            # `"masks" in prediction`, `for key in outputs`, `losses.update(found)`: iterate the keys
+            self.specialize(obj.node, "keys", tuple(value))
+            return iter(list(value))
         if self.inputs is None or not isinstance(value, (tuple, list)):
             return super().iter(obj)
         self.specialize(obj.node, "iter", len(value))
@@ -145,9 +150,15 @@ class HatTracer(fx.Tracer):
             forward = functools.partial(DECOMPOSED_MODULES[type(m)], m)
         last = self.graph._root.prev
         stack, calls = collections.OrderedDict(self.module_stack), dict(self.num_calls)
+        # Attributes a forward assigns (torchvision's AnchorGenerator caches `cell_anchors`) hold proxies
+        # after a failed trace; the opaque leaf's replay needs the values it had before.
+        attributes = [(mod, dict(vars(mod))) for mod in m.modules()]
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as exc:  # any failure inside: this submodule becomes an opaque leaf
+            for mod, saved in attributes:
+                vars(mod).clear()
+                vars(mod).update(saved)
             self._rollback(last)
             self.module_stack, self.num_calls = stack, calls
             for inner in [name for name in self.opaque if name.startswith(qualname + ".")]:

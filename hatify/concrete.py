@@ -98,7 +98,13 @@ class ConcreteProxy(fx.Proxy):
 
 
 class ConcreteAttribute(ConcreteProxy, fx.proxy.Attribute):
-    pass
+    """Its node is made on first use; made inside a sub-trace that was rolled back, it is made again."""
+
+    @property
+    def node(self) -> fx.Node:
+        if self._node is not None and getattr(self._node, "_erased", False):
+            self._node = None
+        return fx.proxy.Attribute.node.fget(self)
 
 
 class ConcreteFloat(ConcreteProxy):
@@ -137,7 +143,8 @@ def specialization(node: fx.Node, what: str, value: Any) -> dict:
 # Sizes are plain ints to torch: `torch.zeros(B, N)` or `buffer.expand(B, -1)` with a traced B never reach
 # a proxy's `__torch_function__` and fail in torch.fx. While tracing, these record a node instead whenever
 # an argument is traced.
-_FACTORIES = ("arange", "empty", "eye", "full", "linspace", "ones", "rand", "randint", "randn", "zeros")
+_FACTORIES = ("arange", "as_tensor", "empty", "eye", "full", "linspace", "ones", "rand", "randint", "randn",
+              "scalar_tensor", "tensor", "zeros")
 _SIZE_METHODS = ("expand", "new_empty", "new_full", "new_ones", "new_zeros", "repeat", "reshape", "tile", "view")
 
 
