@@ -172,7 +172,7 @@ def _loss(out: Any, y: torch.Tensor) -> torch.Tensor:
     from torch.utils import _pytree as pytree
     terms = []
     for leaf in pytree.tree_leaves(out):
-        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.requires_grad:
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.requires_grad and leaf.numel():
             if leaf.ndim == 2 and leaf.shape == (y.shape[0], NUM_CLASSES):
                 terms.append(torch.nn.functional.cross_entropy(leaf.float(), y))
             else:
@@ -187,19 +187,33 @@ def _equal(a: Any, b: Any) -> bool:
                                       for u, v in zip(la, lb))
 
 
-def train_and_check(hat, x: torch.Tensor, steps: int = TRAIN_STEPS) -> bool:
+def _noised(x: Any, gen: torch.Generator) -> Any:
+    """Every floating tensor of the inputs (a tensor, a tuple of them, a list of images) plus a little noise."""
+    from torch.utils import _pytree as pytree
+    return pytree.tree_map(lambda t: t + 0.1 * torch.randn(t.shape, generator=gen)
+                           if isinstance(t, torch.Tensor) and t.is_floating_point() else t, x)
+
+
+def train_and_check(hat, x: Any, steps: int = TRAIN_STEPS, train_mode: bool = True) -> bool:
     """Tasks 0 and 1, `steps` batches each, one AdamW(weight_decay=0.01) for both; True when task 0's eval
-    outputs after task 1 are bit-identical to those right after task 0."""
+    outputs after task 1 are bit-identical to those right after task 0. `x` is the input or a tuple of the
+    inputs; `train_mode=False` trains with the model's layers in eval mode, on its eval outputs (detectors
+    need targets in train mode)."""
     gen = torch.Generator().manual_seed(1)
+    inputs = x if isinstance(x, tuple) else (x,)
+    batch = len(inputs[0]) if isinstance(inputs[0], list) else inputs[0].shape[0]
     opt = torch.optim.AdamW(hat.parameters(), lr=1e-3, weight_decay=0.01)
     after_task0 = None
     for t in range(2):
         hat.train()
+        if not train_mode:  # the model's layers in eval mode; HAT's mask bank trains (regulariser)
+            hat.net.eval()
+            hat.masks.train()
         hat.begin_task(t)
         for b in range(steps):
-            xb = x + 0.1 * torch.randn(x.shape, generator=gen)
-            y = torch.randint(0, NUM_CLASSES, (x.shape[0],), generator=gen)
-            loss = _loss(hat(xb, task_id=t, mask_scale=hat.mask_scale(b, steps)), y) + hat.regularization()
+            y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
+            loss = _loss(hat(*_noised(inputs, gen), task_id=t, mask_scale=hat.mask_scale(b, steps)), y) + \
+                hat.regularization()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -207,17 +221,14 @@ def train_and_check(hat, x: torch.Tensor, steps: int = TRAIN_STEPS) -> bool:
         if t == 0:
             hat.eval()
             with torch.no_grad():
-                after_task0 = hat(x, task_id=0)
+                after_task0 = hat(*inputs, task_id=0)
     hat.eval()
     with torch.no_grad():
-        return _equal(hat(x, task_id=0), after_task0)
+        return _equal(hat(*inputs, task_id=0), after_task0)
 
 
 def check_model(name: str, sizes=None, **extra: Any) -> dict:
     """Create, convert, validate and train one model; a result row (status "pass" or "fail" + reason)."""
-    import hatify
-    from hatify.validate import ValidationResult
-
     row: dict = {"model": name, "status": "fail", "reason": "", "why": ""}
     try:
         try:
@@ -226,34 +237,45 @@ def check_model(name: str, sizes=None, **extra: Any) -> dict:
             raise
         except Exception as exc:
             raise _Fail("create_error", f"{type(exc).__name__}: {_first_line(exc)}") from exc
-        row.update(input=list(x.shape), kwargs=kwargs,
-                   params=sum(p.numel() for p in model.parameters()))
-        start = time.perf_counter()
-        try:
-            hat = hatify.hatify(model, num_tasks=2, example_inputs=(x,))
-        except Exception as exc:
-            raise _Fail("convert_error", f"{type(exc).__name__}: {_first_line(exc)}") from exc
-        row["convert_s"] = round(time.perf_counter() - start, 3)
-        row.update(_summary(hat))
-        try:
-            result: ValidationResult = hatify.validate(model, hat, (x,))
-        except Exception as exc:
-            raise _Fail("validate_error", f"{type(exc).__name__}: {_first_line(exc)}") from exc
-        row["max_abs_diff"] = result.largest_difference
-        row["validate"] = result.passed
-        if not result.passed:
-            code = "open_mismatch" if any(m.startswith("output") for m in result.messages) else \
-                "probe_violation" if result.probe_violations else "missing_gradient"
-            raise _Fail(code, "; ".join(result.messages)[:200])
-        try:
-            kept = train_and_check(hat, x)
-        except Exception as exc:
-            raise _Fail("train_error", f"{type(exc).__name__}: {_first_line(exc)}") from exc
-        if not kept:
-            raise _Fail("forgot_task0", REASONS["forgot_task0"])
-        row["status"] = "pass"
+        row.update(input=list(x.shape), kwargs=kwargs)
+        check_converted(model, (x,), row)
     except _Fail as fail:
         row["reason"], row["why"] = fail.code, fail.why
+    return row
+
+
+def check_converted(model: torch.nn.Module, inputs: tuple, row: dict, train_mode: bool = True) -> dict:
+    """The three checks on a created model: convert, validate, task 0 kept. Fills `row` (status "pass");
+    raises `_Fail` with the reason code otherwise."""
+    import hatify
+    from hatify.validate import ValidationResult
+
+    row["params"] = sum(p.numel() for p in model.parameters())
+    start = time.perf_counter()
+    try:
+        hat = hatify.hatify(model, num_tasks=2, example_inputs=inputs)
+    except Exception as exc:
+        raise _Fail("convert_error", f"{type(exc).__name__}: {_first_line(exc)}") from exc
+    row["convert_s"] = round(time.perf_counter() - start, 3)
+    row.update(_summary(hat))
+    try:
+        result: ValidationResult = hatify.validate(model, hat, inputs)
+    except Exception as exc:
+        raise _Fail("validate_error", f"{type(exc).__name__}: {_first_line(exc)}") from exc
+    row["max_abs_diff"] = result.largest_difference
+    row["validate"] = result.passed
+    if not result.passed:
+        code = "open_mismatch" if any(m.startswith("output") for m in result.messages) else \
+            "probe_violation" if result.probe_violations else "missing_gradient"
+        raise _Fail(code, "; ".join(result.messages)[:200])
+    try:
+        kept = train_and_check(hat, inputs if len(inputs) > 1 or isinstance(inputs[0], list) else inputs[0],
+                               train_mode=train_mode)
+    except Exception as exc:
+        raise _Fail("train_error", f"{type(exc).__name__}: {_first_line(exc)}") from exc
+    if not kept:
+        raise _Fail("forgot_task0", REASONS["forgot_task0"])
+    row["status"] = "pass"
     return row
 
 
