@@ -69,7 +69,7 @@ FAMILIES: dict[str, tuple[str, dict, Callable[[], tuple], bool]] = {
     "efficientnet_v2": ("efficientnet_v2_s", {}, _image(32), True),
     "googlenet": ("googlenet", {"aux_logits": False, "init_weights": True}, _image(32), True),
     "inception": ("inception_v3", {"aux_logits": False, "init_weights": True}, _image(80), True),
-    "maxvit": ("maxvit_t", {"input_size": (64, 64), "partition_size": 2}, _image(64), True),
+    "maxvit": ("maxvit_t", {}, _image(224), True),  # its partition size 7 needs 7 * 32
     "mnasnet": ("mnasnet0_5", {}, _image(32), True),
     "mobilenetv2": ("mobilenet_v2", {}, _image(32), True),
     "mobilenetv3": ("mobilenet_v3_small", {}, _image(32), True),
