@@ -172,7 +172,7 @@ def _loss(out: Any, y: torch.Tensor) -> torch.Tensor:
     from torch.utils import _pytree as pytree
     terms = []
     for leaf in pytree.tree_leaves(out):
-        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.requires_grad:
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.requires_grad and leaf.numel():
             if leaf.ndim == 2 and leaf.shape == (y.shape[0], NUM_CLASSES):
                 terms.append(torch.nn.functional.cross_entropy(leaf.float(), y))
             else:
@@ -187,34 +187,42 @@ def _equal(a: Any, b: Any) -> bool:
                                       for u, v in zip(la, lb))
 
 
-def _call(hat, x: torch.Tensor | dict, **task: Any) -> Any:
-    return hat(**x, **task) if isinstance(x, dict) else hat(x, **task)
-
-
-def _noisy(x: torch.Tensor | dict, gen: torch.Generator) -> torch.Tensor | dict:
-    """A new batch like `x`: float inputs get noise, integer inputs (ids, masks) stay."""
+def _call(hat, x: Any, **task: Any) -> Any:
+    """`hat` called on `x`: one input, a tuple of inputs, or a dict of keyword inputs."""
     if isinstance(x, dict):
-        return {k: _noisy(v, gen) for k, v in x.items()}
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        return x
-    return x + 0.1 * torch.randn(x.shape, generator=gen)
+        return hat(**x, **task)
+    return hat(*x, **task) if isinstance(x, tuple) else hat(x, **task)
 
 
-def train_and_check(hat, x: torch.Tensor | dict, steps: int = TRAIN_STEPS) -> bool:
+def _noised(x: Any, gen: torch.Generator) -> Any:
+    """A new batch like `x`: every floating tensor (a tensor, a tuple or dict of them, a list of images) plus a
+    little noise; integer inputs (ids, masks) stay."""
+    from torch.utils import _pytree as pytree
+    return pytree.tree_map(lambda t: t + 0.1 * torch.randn(t.shape, generator=gen)
+                           if isinstance(t, torch.Tensor) and t.is_floating_point() else t, x)
+
+
+def train_and_check(hat, x: Any, steps: int = TRAIN_STEPS, train_mode: bool = True) -> bool:
     """Tasks 0 and 1, `steps` batches each, one AdamW(weight_decay=0.01) for both; True when task 0's eval
-    outputs after task 1 are bit-identical to those right after task 0. `x` is one input, or a dict of
-    keyword inputs (`hat(**x, task_id=t)`)."""
+    outputs after task 1 are bit-identical to those right after task 0. `x` is the input, a tuple of the
+    inputs, or a dict of keyword inputs (`hat(**x, task_id=t)`); `train_mode=False` trains with the model's
+    layers in eval mode, on its eval outputs (detectors need targets in train mode)."""
     gen = torch.Generator().manual_seed(1)
-    batch = next(v for v in (x.values() if isinstance(x, dict) else [x]) if isinstance(v, torch.Tensor)).shape[0]
+    values = list(x.values()) if isinstance(x, dict) else list(x) if isinstance(x, tuple) else [x]
+    first = next(v for v in values if isinstance(v, (torch.Tensor, list)))
+    batch = len(first) if isinstance(first, list) else first.shape[0]
     opt = torch.optim.AdamW(hat.parameters(), lr=1e-3, weight_decay=0.01)
     after_task0 = None
     for t in range(2):
         hat.train()
+        if not train_mode:  # the model's layers in eval mode; HAT's mask bank trains (regulariser)
+            hat.net.eval()
+            hat.masks.train()
         hat.begin_task(t)
         for b in range(steps):
-            xb = _noisy(x, gen)
             y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
-            loss = _loss(_call(hat, xb, task_id=t, mask_scale=hat.mask_scale(b, steps)), y) + hat.regularization()
+            loss = _loss(_call(hat, _noised(x, gen), task_id=t, mask_scale=hat.mask_scale(b, steps)), y) + \
+                hat.regularization()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -230,9 +238,6 @@ def train_and_check(hat, x: torch.Tensor | dict, steps: int = TRAIN_STEPS) -> bo
 
 def check_model(name: str, sizes=None, **extra: Any) -> dict:
     """Create, convert, validate and train one model; a result row (status "pass" or "fail" + reason)."""
-    import hatify
-    from hatify.validate import ValidationResult
-
     row: dict = {"model": name, "status": "fail", "reason": "", "why": ""}
     try:
         try:
@@ -241,34 +246,45 @@ def check_model(name: str, sizes=None, **extra: Any) -> dict:
             raise
         except Exception as exc:
             raise _Fail("create_error", f"{type(exc).__name__}: {_first_line(exc)}") from exc
-        row.update(input=list(x.shape), kwargs=kwargs,
-                   params=sum(p.numel() for p in model.parameters()))
-        start = time.perf_counter()
-        try:
-            hat = hatify.hatify(model, num_tasks=2, example_inputs=(x,))
-        except Exception as exc:
-            raise _Fail("convert_error", f"{type(exc).__name__}: {_first_line(exc)}") from exc
-        row["convert_s"] = round(time.perf_counter() - start, 3)
-        row.update(_summary(hat))
-        try:
-            result: ValidationResult = hatify.validate(model, hat, (x,))
-        except Exception as exc:
-            raise _Fail("validate_error", f"{type(exc).__name__}: {_first_line(exc)}") from exc
-        row["max_abs_diff"] = result.largest_difference
-        row["validate"] = result.passed
-        if not result.passed:
-            code = "open_mismatch" if any(m.startswith("output") for m in result.messages) else \
-                "probe_violation" if result.probe_violations else "missing_gradient"
-            raise _Fail(code, "; ".join(result.messages)[:200])
-        try:
-            kept = train_and_check(hat, x)
-        except Exception as exc:
-            raise _Fail("train_error", f"{type(exc).__name__}: {_first_line(exc)}") from exc
-        if not kept:
-            raise _Fail("forgot_task0", REASONS["forgot_task0"])
-        row["status"] = "pass"
+        row.update(input=list(x.shape), kwargs=kwargs)
+        check_converted(model, (x,), row)
     except _Fail as fail:
         row["reason"], row["why"] = fail.code, fail.why
+    return row
+
+
+def check_converted(model: torch.nn.Module, inputs: tuple, row: dict, train_mode: bool = True) -> dict:
+    """The three checks on a created model: convert, validate, task 0 kept. Fills `row` (status "pass");
+    raises `_Fail` with the reason code otherwise."""
+    import hatify
+    from hatify.validate import ValidationResult
+
+    row["params"] = sum(p.numel() for p in model.parameters())
+    start = time.perf_counter()
+    try:
+        hat = hatify.hatify(model, num_tasks=2, example_inputs=inputs)
+    except Exception as exc:
+        raise _Fail("convert_error", f"{type(exc).__name__}: {_first_line(exc)}") from exc
+    row["convert_s"] = round(time.perf_counter() - start, 3)
+    row.update(_summary(hat))
+    try:
+        result: ValidationResult = hatify.validate(model, hat, inputs)
+    except Exception as exc:
+        raise _Fail("validate_error", f"{type(exc).__name__}: {_first_line(exc)}") from exc
+    row["max_abs_diff"] = result.largest_difference
+    row["validate"] = result.passed
+    if not result.passed:
+        code = "open_mismatch" if any(m.startswith("output") for m in result.messages) else \
+            "probe_violation" if result.probe_violations else "missing_gradient"
+        raise _Fail(code, "; ".join(result.messages)[:200])
+    try:
+        kept = train_and_check(hat, inputs if len(inputs) > 1 or isinstance(inputs[0], list) else inputs[0],
+                               train_mode=train_mode)
+    except Exception as exc:
+        raise _Fail("train_error", f"{type(exc).__name__}: {_first_line(exc)}") from exc
+    if not kept:
+        raise _Fail("forgot_task0", REASONS["forgot_task0"])
+    row["status"] = "pass"
     return row
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import inspect
 import os
 import sys
@@ -14,6 +15,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from .attention import DECOMPOSED_MODULES, add_attention_dropout, traced_attention
 from .concrete import (MISSING, VALUE, evaluate, is_python_value, proxy_class, specialization, traced_sizes,
                        value_of, wrapped_calls)
 from .config import HATConfig
@@ -48,6 +50,12 @@ def _reads_training_flag(module: nn.Module) -> bool:
         return "self.training" in inspect.getsource(type(module).forward)
     except (OSError, TypeError):
         return False
+
+
+# torch.nn modules made of ops hatify has rules for: traced into (torch.fx keeps every torch.nn module whole),
+# so their projections become HAT layers instead of one opaque per-task copy.
+TRACED_TORCH_MODULES: set[type] = {*DECOMPOSED_MODULES, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+                                   nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer}
 
 
 class HatTracer(fx.Tracer):
@@ -107,6 +115,11 @@ class HatTracer(fx.Tracer):
 
     def iter(self, obj: fx.Proxy):
         value = value_of(obj)
+        if self.inputs is not None and isinstance(value, (dict, type({}.keys()))) \
+                and all(is_python_value(k) for k in value):
+            # `"masks" in prediction`, `for key in outputs`, `losses.update(found)`: iterate the keys
+            self.specialize(obj.node, "keys", tuple(value))
+            return iter(list(value))
         if self.inputs is None or not isinstance(value, (tuple, list)):
             return super().iter(obj)
         self.specialize(obj.node, "iter", len(value))
@@ -118,6 +131,8 @@ class HatTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if type(m) in self.leaf_types or qualname in self.leaf_names or qualname in self.opaque:
             return True
+        if type(m) in TRACED_TORCH_MODULES:
+            return False
         if not type(m).__module__.startswith("torch.nn") and _reads_training_flag(m):
             if qualname not in self.mode_leaves:
                 self.mode_leaves.append(qualname)
@@ -139,6 +154,8 @@ class HatTracer(fx.Tracer):
             return forward(*args, **kwargs)
         if self.is_leaf_module(m, qualname):
             return super().call_module(m, forward, args, kwargs)
+        if type(m) in DECOMPOSED_MODULES:
+            forward = functools.partial(DECOMPOSED_MODULES[type(m)], m)
         last = self.graph._root.prev
         stack, calls = collections.OrderedDict(self.module_stack), dict(self.num_calls)
         before = _attributes(m)
@@ -180,9 +197,27 @@ class HatTracer(fx.Tracer):
             return out
 
         return call_root, [self.root, *proxies]
+    def trace_through(self, fn, args: tuple, kwargs: dict) -> tuple[bool, object]:
+        """A function marked with `torch.fx.wrap` is one opaque node to torch.fx, marked so for its shape
+        branches, which concrete values resolve. Handed a tensor, its body is traced instead, so the layers it
+        hides become HAT layers (torchvision's Swin window attention calls `F.linear` on its `qkv_weight`)
+        and its data movement gets rules. A tracer's autowrap function (timm's no-trace helpers) is traced
+        through only when handed a parameter. If tracing fails, the graph is rolled back and the call stays
+        one node, as torch.fx makes it. Returns (traced, result)."""
+        values = [value_of(a) for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy)]
+        wanted = any(isinstance(v, nn.Parameter) for v in values) or (
+            id(fn) not in self._autowrap_function_ids and any(isinstance(v, torch.Tensor) for v in values))
+        if self.inputs is None or not wanted:
+            return False, None
+        last = self.graph._root.prev
+        try:
+            return True, fn(*args, **kwargs)
+        except Exception:  # torch.fx's own behaviour: one opaque node
+            self._rollback(last)
+            return False, None
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
-        with traced_sizes(self), wrapped_calls():
+        with traced_sizes(self), wrapped_calls(), traced_attention():
             return super().trace(root, concrete_args)
 
     def _rollback(self, last: fx.Node) -> None:
@@ -275,6 +310,7 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set,
     if not isinstance(model, nn.Module):
         raise HatifyError(f"hatify needs an nn.Module, got {type(model).__name__}")
     root = copy.deepcopy(model).eval()
+    add_attention_dropout(root)
     inputs = call = None
     if not isinstance(example_inputs, int) and example_inputs is not None:
         given = Inputs.of(example_inputs)
@@ -311,9 +347,9 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set,
                 node.meta[KEYWORD] = True
     if tracer.out_spec is not None:
         graph.set_codegen(StructuredOutput(tracer.out_spec))
-    for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
-        graph.erase_node(node)  # a read whose value went nowhere (`isinstance(self.wo.weight, torch.Tensor)`)
     _anchor_metadata_reads(root, graph)
+    for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
+        graph.erase_node(node)  # a read only Python looked at (`isinstance(self.wo.weight, Tensor)`): no data use
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     gm.meta[CONSTANTS] = dict(call[1]) if call else {}
     return Capture(gm, dict(tracer.opaque), list(tracer.mode_leaves), list(tracer.specialized))

@@ -102,7 +102,13 @@ class ConcreteProxy(fx.Proxy):
 
 
 class ConcreteAttribute(ConcreteProxy, fx.proxy.Attribute):
-    pass
+    """Its node is made on first use; made inside a sub-trace that was rolled back, it is made again."""
+
+    @property
+    def node(self) -> fx.Node:
+        if self._node is not None and getattr(self._node, "_erased", False):
+            self._node = None
+        return fx.proxy.Attribute.node.fget(self)
 
 
 class ConcreteFloat(ConcreteProxy):
@@ -152,8 +158,8 @@ def specialization(node: fx.Node, what: str, value: Any) -> dict:
 # `torch.tensor(n)` with a traced B or n never reach a proxy's `__torch_function__` and fail in torch.fx; so
 # do `torch.finfo(x.dtype)` with a traced dtype and `torch._check(n <= size)` on a traced condition. While
 # tracing, these record a node instead whenever an argument is traced.
-_FACTORIES = ("arange", "empty", "eye", "full", "linspace", "ones", "rand", "randint", "randn", "zeros",
-              "tensor", "as_tensor", "finfo", "iinfo", "_check")
+_FACTORIES = ("arange", "as_tensor", "empty", "eye", "full", "linspace", "ones", "rand", "randint", "randn",
+              "scalar_tensor", "tensor", "zeros", "finfo", "iinfo", "_check")
 _SIZE_METHODS = ("expand", "new_empty", "new_full", "new_ones", "new_zeros", "repeat", "reshape", "tile", "view",
                  "__getitem__")
 
@@ -207,7 +213,9 @@ def wrapped_calls() -> Iterator[None]:
     become one node when called with a traced argument. torch.fx's wrapper marks the node through the proxy
     that `create_proxy` returns, but the concrete tracer answers a call whose example result is `None` with
     `None` itself (so that the model's `if mask is None:` takes the branch it really takes), which that
-    wrapper cannot take. While tracing, this wrapper is used instead: the same node, and `None` passed on."""
+    wrapper cannot take. While tracing, this wrapper is used instead: the same node, and `None` passed on.
+    A tracer with a `trace_through(fn, args, kwargs) -> (traced, result)` hook may trace the call's body
+    instead (see `HatTracer.trace_through`)."""
     original = getattr(_symbolic_trace, "_create_wrapped_func", None)
     if original is None:  # a torch.fx without this hook: its own wrapper stays
         yield
@@ -220,6 +228,10 @@ def wrapped_calls() -> Iterator[None]:
             fx.node.map_aggregate((args, kwargs), lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
             if not found:
                 return orig_fn(*args, **kwargs)
+            through = getattr(found[-1].tracer, "trace_through", None)
+            traced, result = through(orig_fn, args, kwargs) if through is not None else (False, None)
+            if traced:
+                return result
             result = found[-1].tracer.create_proxy("call_function", orig_fn, args, kwargs)
             if result is not None:
                 result.node.meta["is_wrapped"] = True

@@ -12,7 +12,7 @@ from torch import fx, nn
 from .config import HATConfig
 from .errors import source_line
 from .maps import UnitMap
-from .rules import PER_CHANNEL_MODULES, RuleContext, _canon, rule_for
+from .rules import PER_CHANNEL_MODULES, RuleContext, _canon, fallback_rule, rule_for
 from .shapes import TensorSpec
 
 # Producer kinds: weight layout, output channel axis, input channel axis (None: the input is indices).
@@ -283,15 +283,17 @@ def analyse(gm: fx.GraphModule, producers: list[Producer], config: HATConfig) ->
             continue
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
         rule = rule_for(node, module)
+        fallback = fallback_rule(node, module) if rule is None else None
         ctx = RuleContext(node, flows, module, config.max_union_terms)
-        if rule is None:
-            flows[node] = UnitMap.ones()
-            if ctx.tensor_inputs() and not all(ctx.map_of(n).is_ones for n in ctx.tensor_inputs()):
-                op = type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target))
-                unknown.append(UnknownOp(node.name, op, "no mask rule: output treated as all ones", source_line(node)))
-            continue
-        result = rule.fn(ctx)
+        result = (rule or fallback).fn(ctx) if rule or fallback else UnitMap.ones()
         flows[node] = result
+        if rule is None:
+            if ctx.tensor_inputs() and not all(ctx.map_of(n).is_ones for n in ctx.tensor_inputs()) \
+                    and isinstance(result, UnitMap) and result.is_ones:
+                op = type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target))
+                why = "zeros not kept when probed in train and eval mode" if fallback else "no mask rule"
+                unknown.append(UnknownOp(node.name, op, f"{why}: output treated as all ones", source_line(node)))
+            continue
         if rule.remask and isinstance(result, UnitMap) and not result.is_ones:
             remask[node.name] = result
         if isinstance(result, UnitMap) and result.truncated:

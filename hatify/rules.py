@@ -195,6 +195,51 @@ def passthrough(ctx: RuleContext) -> Any:
     return _per_element(ctx)
 
 
+def _zero_pattern_kept(module: nn.Module, spec: TensorSpec, extra: tuple, kwargs: dict) -> bool:
+    """Run `module` in train and in eval mode on random inputs with random zeros: every zero input element
+    must give a zero output element. The global RNG is left as it was (drop path draws from it)."""
+    was_training = module.training
+    try:
+        with torch.random.fork_rng(), torch.no_grad():
+            gen = torch.Generator().manual_seed(0)
+            for training in (True, False, True):
+                module.train(training)
+                x = torch.randn(spec.shape, generator=gen) * (torch.rand(spec.shape, generator=gen) > 0.5)
+                out = module(x.to(spec.dtype), *extra, **kwargs)
+                if not isinstance(out, torch.Tensor) or out.shape != x.shape or bool(out[x == 0].ne(0).any()):
+                    return False
+    except Exception:  # cannot be checked: not zero-preserving as far as hatify knows
+        return False
+    finally:
+        module.train(was_training)
+    return True
+
+
+def zero_probe(ctx: RuleContext) -> UnitMap:
+    """A parameter-free leaf module without a rule (drop path / stochastic depth kept whole because it reads
+    `self.training`, a user's leaf): when zeros stay zero element by element in train and eval mode, on
+    random zero patterns, the output keeps the input's map; otherwise all ones."""
+    src = ctx.arg(0, "input")
+    spec, others = ctx.spec(src), [n for n in ctx.tensor_inputs() if n is not src]
+    if not isinstance(spec, TensorSpec) or others or not isinstance(ctx.out, TensorSpec) \
+            or ctx.out.shape != spec.shape or not spec.dtype.is_floating_point:
+        return UnitMap.ones()
+    if not _zero_pattern_kept(ctx.module, spec, tuple(ctx.spec(a) for a in ctx.node.args[1:]),
+                              {k: ctx.spec(v) for k, v in ctx.node.kwargs.items()}):
+        return UnitMap.ones()
+    return ctx.map_of(src)
+
+
+_ZERO_PROBE = Rule("zero_probe", zero_probe)
+
+
+def fallback_rule(node: fx.Node, module: nn.Module | None) -> Rule | None:
+    """The rule for an op without a registered one: the zero probe for a parameter-free leaf module."""
+    if node.op == "call_module" and module is not None and not any(True for _ in module.parameters()):
+        return _ZERO_PROBE
+    return None
+
+
 _WINDOW_OPS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
                nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,

@@ -176,18 +176,29 @@ def original_parameter_map(hat: HATModel) -> dict[str, str]:
     return mapping
 
 
-def check_gradients(hat: HATModel, inputs: Inputs) -> list[str]:
-    """Names of original parameters that receive no gradient through the converted model (task 0)."""
-    trial = copy.deepcopy(hat).eval()  # eval: norms use running statistics, so a batch of one works too
-    params = dict(trial.net.named_parameters())
-    mapping = {orig: params[name] for orig, name in original_parameter_map(trial).items()
-               if name in params and params[name].requires_grad}
-    out = _leaves(inputs.call(trial, task_id=0, mask_scale=1.0))
-    loss = sum(v.float().square().mean() for v in out.values() if v.is_floating_point() and v.requires_grad)
+def _without_gradient(out: Any, mapping: dict[str, torch.Tensor]) -> list[str]:
+    loss = sum(v.float().square().mean() for v in _leaves(out).values() if v.is_floating_point() and v.requires_grad)
     if not isinstance(loss, torch.Tensor):
         return sorted(mapping)
     grads = torch.autograd.grad(loss, list(mapping.values()), allow_unused=True)
     return [orig for orig, g in zip(mapping, grads) if g is None]
+
+
+def check_gradients(hat: HATModel, inputs: Inputs, model: nn.Module | None = None) -> list[str]:
+    """Names of original parameters that receive no gradient through the converted model (task 0). Given
+    the original `model`, those that get none through it either are left out (a detector's eval outputs
+    are chosen boxes: its proposal head gets no gradient from them in the original)."""
+    trial = copy.deepcopy(hat).eval()  # eval: norms use running statistics, so a batch of one works too
+    params = dict(trial.net.named_parameters())
+    mapping = {orig: params[name] for orig, name in original_parameter_map(trial).items()
+               if name in params and params[name].requires_grad}
+    missing = _without_gradient(inputs.call(trial, task_id=0, mask_scale=1.0), mapping)
+    if model is None or not missing:
+        return missing
+    reference = copy.deepcopy(model).eval()
+    own = dict(reference.named_parameters())
+    unreached = set(_without_gradient(inputs.call(reference), {n: own[n] for n in mapping if n in own}))
+    return [name for name in missing if name not in unreached]
 
 
 def validate(model: nn.Module, hat: nn.Module, example_inputs: Any) -> ValidationResult:
@@ -203,7 +214,7 @@ def validate(model: nn.Module, hat: nn.Module, example_inputs: Any) -> Validatio
     inputs = Inputs.of(example_inputs)
     diffs, tol = compare_open(model, hat, inputs)
     probes, violations = probe_flow(hat, inputs)
-    missing = check_gradients(hat, inputs)
+    missing = check_gradients(hat, inputs, model)
     messages = [f"output {k}: open-mask difference {v:.3g} > {tol:.3g}" for k, v in diffs.items() if v > tol]
     if violations:
         messages.append(f"mask-flow probe: {violations} input units predicted zero were not")

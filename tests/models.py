@@ -353,7 +353,7 @@ class ChunkSplit(nn.Module):
 
 
 class RecurrentAndMHA(nn.Module):
-    """nn.LSTM and nn.MultiheadAttention: opaque leaves between HAT layers."""
+    """nn.LSTM (an opaque leaf) and nn.MultiheadAttention (converted) between HAT layers."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -290,13 +290,14 @@ def test_data_dependent_submodule_becomes_opaque() -> None:
     assert {m.name: m.policy for m in hat.plan.modules}["gate"] == "per_task"
 
 
-def test_lstm_and_mha_are_opaque_leaves() -> None:
+def test_lstm_is_an_opaque_leaf_and_mha_is_converted() -> None:
     hat = converted("lstm_mha").hat
     policies = {m.name: (m.op, m.policy) for m in hat.plan.modules}
     assert policies["lstm"] == ("LSTM", "per_task")
-    assert policies["mha"] == ("MultiheadAttention", "per_task")
+    assert "mha" not in policies
     assert "lstm" in {u.node for u in hat.plan.unknown}
-    assert bool((hat.plan.layer("fc").input_index == ONES).all())
+    assert hat.plan.layer("mha.in_proj_weight").input_producers == []  # behind the opaque LSTM
+    assert_input_index(hat, "fc", units(hat, "mha.out_proj"))
 
 
 def test_embedding_roles() -> None:
