@@ -57,7 +57,8 @@ class ModulePlan:
 
     name: str
     op: str
-    policy: str                    # "task_indexed" | "head" | "per_task" | "freeze" | "frozen" | "shared"
+    # "task_indexed" | "statistics_per_task" (frozen affine) | "head" | "per_task" | "freeze" | "frozen" | "shared"
+    policy: str
     reason: str
     params: int
 
@@ -240,11 +241,11 @@ def _other_parameters(gm: fx.GraphModule, layers: list[LayerPlan], kept: dict[st
         elif layer is not None:
             modules.append(ModulePlan(node.target, op, "head", layer.reason, count))
         elif type(module) in NORM_MODULES and count + _buffers(module):
-            # Running statistics move in train mode, frozen affine or not: one copy per task unless shared.
+            # Running statistics move in train mode even when the affine parameters are frozen: one copy per task.
             policy, reason = _policy(node.target, values, config, "task_indexed",
                                      "normalisation: affine parameters and statistics per task")
             if _buffers(module) and policy == "frozen":
-                policy, reason = "task_indexed", f"{reason}; its running statistics still get one copy per task"
+                policy, reason = "statistics_per_task", f"{reason}; its running statistics get one copy per task"
             modules.append(ModulePlan(node.target, op, policy, reason, count))
         elif count:
             why = capture.opaque.get(node.target, "leaf module with parameters hatify has no rule for")

@@ -127,7 +127,8 @@ _COLUMNS = ("layer", "op", "action", "units", "params", "input from", "input map
 
 
 _ACTIONS = {"task_indexed": "task-indexed", "per_task": "copied per task", "freeze": "frozen",
-            "frozen": "kept frozen", "shared": "SHARED (forgets)"}
+            "frozen": "kept frozen", "shared": "SHARED (forgets)",
+            "statistics_per_task": "statistics per task, affine frozen"}
 
 
 def _action(policy: str, reason: str) -> str:
@@ -148,7 +149,7 @@ def _summary(plan, seconds: float, converted: int | None, folded: int | None) ->
         "nodes": plan.node_count, "hat_layers": len(plan.masked_layers),
         "heads": sum(layer.role == "head" for layer in plan.layers),
         "mask_units": plan.total_units,
-        "task_indexed_modules": sum(m.policy == "task_indexed" for m in plan.modules),
+        "task_indexed_modules": sum(m.policy in ("task_indexed", "statistics_per_task") for m in plan.modules),
         "opaque_modules": [m.name for m in plan.modules if m.reason.startswith("opaque")],
         "loose_parameters": [p.name for p in plan.params if p.policy != "head"],
         "unknown_ops": len(plan.unknown), "remasked_norms": len(plan.remask),

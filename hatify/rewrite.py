@@ -76,6 +76,8 @@ def rewrite(capture: Capture, plan: Plan) -> fx.GraphModule:
             if module_plan.policy == "frozen":
                 original.requires_grad_(False)
             continue
+        if module_plan.policy == "statistics_per_task":
+            original.requires_grad_(False)
         owner.add_module(attr, TaskIndexed(original, plan.num_tasks, shared=module_plan.policy == "freeze"))
         for node in graph.nodes:
             if node.op == "call_module" and node.target == module_plan.name:

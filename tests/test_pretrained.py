@@ -15,6 +15,7 @@ from torch.nn.utils import parametrize
 import hatify
 from hatify.cli import main
 from hatify.layers import Protect, TaskIndexed
+from hatify.sources import config_with
 
 VIT = "vit_tiny_patch16_224"
 VIT_KWARGS = {"num_classes": 3, "img_size": 16, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
@@ -131,7 +132,8 @@ def test_frozen_layers_kept_as_they_are():
     assert [layer.name for layer in hat.plan.layers] == ["fc", "head"]
     policies = {m.name: m.policy for m in hat.plan.modules}
     # bn1's affine is frozen, its running statistics still move in train mode: one copy per task.
-    assert policies == {"conv1": "frozen", "conv2": "frozen", "bn1": "task_indexed", "head": "head"}
+    assert policies == {"conv1": "frozen", "conv2": "frozen", "bn1": "statistics_per_task", "head": "head"}
+    assert not any(p.requires_grad for p in hat.net.get_submodule("bn1").parameters())
     assert hat.report.summary["frozen"] == ["conv1", "conv2"]
     assert "kept frozen" in str(hat.report)
     assert hatify.validate(model, hat, x).passed
@@ -193,6 +195,23 @@ def test_include_selects_where_hat_goes(policy):
         assert isinstance(hat.net.get_submodule("blocks.0.linear"), TaskIndexed)
 
 
+def test_unselected_batchnorm_keeps_statistics_per_task():
+    model = ConvBackbone()
+    x = (torch.randn(8, 3, 8, 8),)
+    hat = hatify.hatify(model, 2, x, config=hatify.HATConfig(include=("conv2", "fc")))
+    assert [layer.name for layer in hat.plan.masked_layers] == ["conv2", "fc"]
+    policies = {m.name: m.policy for m in hat.plan.modules}
+    assert policies == {"conv1": "frozen", "bn1": "statistics_per_task", "head": "head"}
+    bn1 = hat.net.get_submodule("bn1")
+    assert isinstance(bn1, TaskIndexed) and not any(p.requires_grad for p in bn1.parameters())
+    conv1 = model.conv1.weight.detach().clone()
+    after = _train(hat, x)
+    _assert_old_tasks_identical(hat, x, after)
+    assert torch.equal(hat.net.get_parameter("conv1.weight"), conv1)
+    # Each task's copy counted only its own 4 training batches (one shared copy would have seen 8).
+    assert [int(copy.num_batches_tracked) for copy in bn1.copies] == [4, 4]
+
+
 def test_exclude_and_patterns():
     config = hatify.HATConfig(exclude=("blocks.0.*", "*.norm"))
     assert config.selects("blocks.1.linear") and not config.selects("blocks.0.linear")
@@ -200,6 +219,9 @@ def test_exclude_and_patterns():
         "blocks.0.attn.qkv.lora_A.default")
     hat = hatify.hatify(Blocks(), 2, (torch.randn(4, 12),), config=config)
     assert [layer.name for layer in hat.plan.masked_layers] == ["blocks.1.linear", "blocks.2.linear"]
+    from_cli = config_with(["include=blocks.1,*.lora_*", "unselected=per_task", "frozen_layers=gate"])
+    assert (from_cli.include, from_cli.unselected, from_cli.frozen_layers) == (("blocks.1", "*.lora_*"), "per_task",
+                                                                               "gate")
     with pytest.raises(hatify.HatifyError, match="include"):
         hatify.HATConfig(include="blocks.1")
     with pytest.raises(hatify.HatifyError, match="unselected"):
