@@ -172,6 +172,20 @@ def _assert_forget_and_extract(hat, x, after) -> None:
     _assert_old_tasks_identical(hat, x, {0: after[0]})
 
 
+def test_frozen_weight_trainable_bias_protects_the_bias_only():
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3))
+    model[0].weight.requires_grad_(False)   # BitFit-style: biases train, weights stay
+    weight = model[0].weight.detach().clone()
+    x = (torch.randn(8, 6),)
+    hat = hatify.hatify(model, 2, x)
+    layer = hat.plan.layer("0")
+    assert layer.role == "masked" and layer.frozen == ["0.weight"] and layer.protected == ["0.bias"]
+    assert sorted(_protected(hat)) == ["0.bias"]
+    after = _train(hat, x)
+    _assert_old_tasks_identical(hat, x, after)
+    assert torch.equal(hat.net.get_parameter("0.weight"), weight)
+
+
 @pytest.mark.parametrize("policy", ["frozen", "per_task", "shared"])
 def test_include_selects_where_hat_goes(policy):
     model = Blocks()
