@@ -56,7 +56,8 @@ def lora(name: str) -> tuple[nn.Module, hatify.HATConfig]:
     """PEFT LoRA (r=8) on every qkv and fc1 of a frozen backbone; the head trains."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(timm.create_model(name, **VIT_KWARGS), LoraConfig(r=8, lora_alpha=16, target_modules=["qkv", "fc1"])).get_base_model()
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["qkv", "fc1"])
+    model = get_peft_model(timm.create_model(name, **VIT_KWARGS), config).get_base_model()
     model.head.requires_grad_(True)
     return model, hatify.HATConfig()
 
@@ -133,7 +134,8 @@ def run_case(model_name: str, build: Callable, rounds: int) -> dict:
     return {
         "parameters": sum(p.numel() for p in plain.parameters()), "trainable": trainable,
         "plain_train_mb": plain_train * mb, "hat_train_mb": hat_train * mb,
-        "added_mb": (hat_train - plain_train) * mb, "added_share_of_plain_params": (hat_train - plain_train) / plain_params,
+        "added_mb": (hat_train - plain_train) * mb,
+        "added_share_of_plain_params": (hat_train - plain_train) / plain_params,
         "ratio": hat_train / plain_train,
         "beyond_protection_share": (hat_train - plain_train - (mem["by_kind_mb"][PROTECTION] + mem["runtime_cache_mb"])
                                     / mb) / plain_params,
@@ -158,7 +160,8 @@ def render(results: dict) -> str:
     for name, r in results["cases"].items():
         md.append(f"| {name} | {r['parameters']:,} | {r['trainable']:,} | {r['plain_train_mb']:.2f} | "
                   f"{r['hat_train_mb']:.2f} | {r['added_mb']:.2f} | {100 * r['added_share_of_plain_params']:.1f}% | "
-                  f"{100 * r['beyond_protection_share']:.1f}% | {r['ratio']:.2f} | {r['frozen_copies_of_frozen_tensors_mb']:.2f} | {r['step_cpu_ms']['plain']:.1f} | "
+                  f"{100 * r['beyond_protection_share']:.1f}% | {r['ratio']:.2f} | "
+                  f"{r['frozen_copies_of_frozen_tensors_mb']:.2f} | {r['step_cpu_ms']['plain']:.1f} | "
                   f"{r['step_cpu_ms']['hat']:.1f} | {r['step_ratio']:.2f} |")
     kinds = list(next(iter(results["cases"].values()))["by_kind_mb"])
     md += ["", "## HAT model parameters and buffers by kind, and Protect's run-time selectors (MB)", "",

@@ -42,7 +42,7 @@ class HATConfig:
     # protection buffers, no gradient mask, no per-task copy (a BatchNorm with running statistics still gets one
     # copy per task: its statistics move in train mode). For a layer whose parameters are all frozen, "keep"
     # (default) leaves it without a gate, as in the original; "gate" gives it a per-task gate on its output units
-    # (each task selects units of the fixed layer).
+    # (each task selects units of the fixed layer). A frozen head is kept as it is, not copied per task.
     frozen_layers: Literal["keep", "gate"] = "keep"
     # Where HAT goes: fnmatch patterns on module and parameter names (`blocks.10.*`, `*.lora_*`); a pattern also
     # matches everything inside the module it names. Empty `include`: everything. Heads follow `heads`.
