@@ -18,6 +18,7 @@ bench: install
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/compile.py
+	$(PY) benchmarks/pretrained.py
 	$(PY) benchmarks/continual.py
 
 zoo: install

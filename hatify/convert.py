@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 from torch import nn
@@ -71,4 +72,8 @@ def hatify(model: nn.Module, num_tasks: int, example_inputs: Any = None, config:
     hat = HATModel(rewrite(cap, plan), plan, source)
     hat.train(was_training)
     hat.report = Report.build(hat, seconds=time.perf_counter() - start)
+    if hat.report.summary["shared_trainable"]:
+        warnings.warn(f"HATConfig.unselected='shared': {len(hat.report.summary['shared_trainable'])} modules/"
+                      f"parameters train for every task without protection; old tasks will forget "
+                      f"(report.summary['shared_trainable'])", stacklevel=2)
     return hat

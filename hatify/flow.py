@@ -59,6 +59,9 @@ class Producer:
     module: bool = True                # called as a module (False: functional on a parameter)
     weight_transformed: bool = False   # weight passes through ops before use (weight standardisation ...)
     head: bool = False
+    # Not a HAT layer (no mask, no protection): its policy ("frozen", "per_task", "shared") and why.
+    kept: str | None = None
+    kept_reason: str = ""
     offset: int | None = None
     sites: list[CallSite] = field(default_factory=list)
 
@@ -240,15 +243,32 @@ def find_producers(gm: fx.GraphModule, config: HATConfig) -> list[Producer]:
     if isinstance(config.heads, (tuple, list)):
         for producer in by_name.values():
             producer.head = producer.name in config.heads
+    for producer in by_name.values():
+        _select(producer, gm, config)
     offset = 0
     for producer in by_name.values():
-        if producer.head:
+        if producer.head or producer.kept:
             for site in producer.sites:
                 site.apply_after = None
             continue
         producer.offset = offset
         offset += producer.units
     return list(by_name.values())
+
+
+def _select(producer: Producer, gm: fx.GraphModule, config: HATConfig) -> None:
+    """Keep a layer out of HAT (`producer.kept`) when all its parameters are frozen (`frozen_layers="keep"`, or
+    a head: a per-task copy of a tensor that cannot change is useless) or when `include`/`exclude` leave it out
+    (heads follow `heads` only)."""
+    frozen = not any(gm.get_parameter(p).requires_grad for p in (producer.weight, producer.bias) if p)
+    if frozen and (producer.head or config.frozen_layers == "keep"):
+        producer.kept, producer.kept_reason = "frozen", "requires_grad=False at conversion: kept as it is"
+    elif not producer.head and not config.selects(producer.name):
+        producer.kept, producer.kept_reason = config.unselected, "outside HATConfig.include/exclude"
+    if producer.kept:
+        producer.head = False
+        for site in producer.sites:
+            site.apply_after = None
 
 
 def analyse(gm: fx.GraphModule, producers: list[Producer], config: HATConfig) -> Flow:
@@ -259,7 +279,7 @@ def analyse(gm: fx.GraphModule, producers: list[Producer], config: HATConfig) ->
     """
     mask_at: dict[str, UnitMap] = {}
     for p in producers:
-        if p.head:
+        if p.head or p.kept:
             continue
         for site in p.sites:
             spec = _spec_by_name(gm, site.apply_after)
@@ -299,7 +319,7 @@ def analyse(gm: fx.GraphModule, producers: list[Producer], config: HATConfig) ->
         if isinstance(result, UnitMap) and result.truncated:
             unknown.append(UnknownOp(node.name, str(node.target), "too many union terms: all ones", source_line(node)))
     return Flow(producers, {n.name: f for n, f in flows.items()}, remask, unknown,
-                sum(p.units for p in producers if not p.head))
+                sum(p.units for p in producers if not (p.head or p.kept)))
 
 
 def _has_tensor(spec: Any) -> bool:

@@ -140,10 +140,17 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> HATModel:
         raise HatifyError(f"load(path, model=...) needs an nn.Module, got {type(model).__name__}")
     was_training = model.training
     model.eval()
+    # Parameters frozen at conversion were kept out of HAT: freeze them again for the conversion only.
+    frozen = set(meta["report"]["plan"].get("frozen", ()))
+    thawed = [p for name, p in model.named_parameters() if name in frozen and p.requires_grad]
     try:
+        for p in thawed:
+            p.requires_grad_(False)
         hat = hatify(model, meta["num_tasks"], recorded_inputs(meta), config_from(meta), source=meta["source"])
     finally:
         model.train(was_training)
+        for p in thawed:
+            p.requires_grad_(True)
     if hat.plan.total_units != meta["report"]["plan"]["total_units"]:
         raise HatifyError(f"the rebuilt architecture has {hat.plan.total_units} mask units but {path} was saved "
                           f"with {meta['report']['plan']['total_units']}: pass the original architecture as model=")
@@ -175,8 +182,9 @@ def config_from(meta: dict) -> HATConfig:
     kinds = meta.get("leaf_module_types") or [False] * len(recorded.get("leaf_modules", ()))
     recorded["leaf_modules"] = tuple(_import_type(m) if is_type else m
                                      for m, is_type in zip(recorded.get("leaf_modules", ()), kinds))
-    if isinstance(recorded.get("heads"), list):
-        recorded["heads"] = tuple(recorded["heads"])
+    for key in ("heads", "include", "exclude"):
+        if isinstance(recorded.get(key), list):
+            recorded[key] = tuple(recorded[key])
     return HATConfig(**recorded)
 
 

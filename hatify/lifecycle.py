@@ -33,9 +33,7 @@ def forget_task(hat, t: int) -> None:
         for layer in hat.plan.masked_layers:
             out = cum[layer.offset: layer.offset + layer.units]
             inp = cum_ext[layer.input_index.to(cum.device)].any(0) if layer.input_index is not None else None
-            for qualname in (layer.weight, layer.bias):
-                if qualname is None:
-                    continue
+            for qualname in layer.protected:
                 owner, attr = _owner(hat.net, qualname)
                 effective = getattr(owner, attr).detach().clone()
                 p: Protect = owner.parametrizations[attr][0]

@@ -188,12 +188,13 @@ class HATModel(nn.Module):
         for layer in self.plan.masked_layers:
             out = cum[layer.offset: layer.offset + layer.units]
             inp = cum_ext[layer.input_index.to(cum.device)].any(0) if layer.input_index is not None else None
-            owner, attr = _owner(self.net, layer.weight)
-            shape = tuple(owner.parametrizations[attr].original.shape)  # a DTensor's shape is the full one
-            _update_protect(owner, attr, weight_protection(layer, out, inp, shape))
-            if layer.bias is not None:
-                owner, attr = _owner(self.net, layer.bias)
-                _update_protect(owner, attr, out)
+            for qualname in layer.protected:  # frozen parameters (requires_grad=False) need no protection
+                owner, attr = _owner(self.net, qualname)
+                if qualname == layer.weight:
+                    shape = tuple(owner.parametrizations[attr].original.shape)  # a DTensor's: the full shape
+                    _update_protect(owner, attr, weight_protection(layer, out, inp, shape))
+                else:
+                    _update_protect(owner, attr, out)
 
     # ------------------------------------------------------------------------------ training helpers
     def mask_scale(self, batch_index: int, num_batches: int) -> float:

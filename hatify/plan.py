@@ -36,13 +36,19 @@ class LayerPlan:
     rule: str = ""
     status: str = "converted"
     reason: str = ""
+    frozen: list[str] = field(default_factory=list)   # its parameters with requires_grad=False: not protected
+
+    @property
+    def protected(self) -> list[str]:
+        """The layer's parameters that `Protect` guards (the trainable ones)."""
+        return [q for q in (self.weight, self.bias) if q and q not in self.frozen]
 
     def to_dict(self) -> dict:
         return {"name": self.name, "op": self.op, "kind": self.kind, "role": self.role, "units": self.units,
                 "offset": self.offset, "weight": self.weight, "bias": self.bias, "groups": self.groups,
                 "calls": [vars(s) for s in self.sites], "input_units": self.input_units, "params": self.params,
                 "input_producers": self.input_producers, "input_map": self.input_map, "rule": self.rule,
-                "status": self.status, "reason": self.reason}
+                "status": self.status, "reason": self.reason, "frozen": self.frozen}
 
 
 @dataclass
@@ -51,7 +57,8 @@ class ModulePlan:
 
     name: str
     op: str
-    policy: str                    # "task_indexed" | "head" | "per_task" | "freeze"
+    # "task_indexed" | "statistics_per_task" (frozen affine) | "head" | "per_task" | "freeze" | "frozen" | "shared"
+    policy: str
     reason: str
     params: int
 
@@ -62,7 +69,7 @@ class ParamPlan:
 
     name: str
     shape: tuple
-    policy: str                    # "per_task" | "freeze" | "head"
+    policy: str                    # "per_task" | "freeze" | "head" | "frozen" | "shared"
     reason: str
 
 
@@ -82,6 +89,9 @@ class Plan:
     node_count: int
     # Where the trace resolved Python control flow at the example inputs' shapes (reason, node, line).
     specialized: list[dict] = field(default_factory=list)
+    # Parameters that had requires_grad=False at conversion (kept as they are; recorded so that `load` rebuilds
+    # the same plan from a fresh architecture).
+    frozen: list[str] = field(default_factory=list)
 
     def layer(self, name: str) -> LayerPlan:
         for layer in self.layers:
@@ -100,7 +110,8 @@ class Plan:
                     {**vars(p), "shape": list(p.shape)} for p in self.params],
                 "remask": sorted(self.remask), "unknown": [vars(u) for u in self.unknown],
                 "opaque": self.opaque, "mode_leaves": self.mode_leaves, "total_units": self.total_units,
-                "node_count": self.node_count, "specialized": self.specialized}
+                "node_count": self.node_count, "specialized": self.specialized,
+                "frozen": self.frozen}
 
 
 def stacked_index(unit_map: UnitMap, ones_index: int) -> torch.Tensor:
@@ -157,11 +168,14 @@ def make_plan(capture: Capture, flow: Flow, num_tasks: int, config: HATConfig) -
     ones_index = flow.total_units
     layers = []
     for p in flow.producers:
+        if p.kept:
+            continue
         weight = gm.get_parameter(p.weight)
         layer = LayerPlan(p.name, p.op, p.kind, "head" if p.head else "masked", p.units, p.offset, p.weight,
                           p.bias, p.groups, p.sites, _input_units(p, weight),
                           weight.numel() + (gm.get_parameter(p.bias).numel() if p.bias else 0),
-                          rule=f"{p.kind}{'/module' if p.module else '/functional'}")
+                          rule=f"{p.kind}{'/module' if p.module else '/functional'}",
+                          frozen=[q for q in (p.weight, p.bias) if q and not gm.get_parameter(q).requires_grad])
         if p.head:
             layer.status, layer.reason = "head", "reaches the model output: one copy per task"
         elif layer.input_units is not None:
@@ -190,18 +204,20 @@ def make_plan(capture: Capture, flow: Flow, num_tasks: int, config: HATConfig) -
                 gates[site.apply_after] = stacked_index(
                     UnitMap.units(layer.offset, layer.units, spec.ndim, flow_axis(layer, spec)), ones_index)
     remask = {name: stacked_index(m, ones_index) for name, m in flow.remask.items() if name not in gates}
-    modules, params = _other_parameters(gm, layers, capture, config)
+    kept = {p.name: p for p in flow.producers if p.kept and p.module}
+    modules, params = _other_parameters(gm, layers, kept, capture, config)
+    frozen = [name for name, value in gm.named_parameters() if not value.requires_grad]
     return Plan(num_tasks, config, layers, modules, params, gates, remask, flow.unknown, dict(capture.opaque),
-                list(capture.mode_leaves), flow.total_units, len(gm.graph.nodes), list(capture.specialized))
+                list(capture.mode_leaves), flow.total_units, len(gm.graph.nodes), list(capture.specialized), frozen)
 
 
 def flow_axis(layer: LayerPlan, spec: TensorSpec) -> int:
     return (-1 if layer.kind in ("linear", "linear_t", "embedding") else 1) % spec.ndim
 
 
-def _other_parameters(gm: fx.GraphModule, layers: list[LayerPlan], capture: Capture,
+def _other_parameters(gm: fx.GraphModule, layers: list[LayerPlan], kept: dict[str, Producer], capture: Capture,
                       config: HATConfig) -> tuple[list[ModulePlan], list[ParamPlan]]:
-    """Policies for every parameter not owned by a masked HAT layer."""
+    """Policies for every parameter not owned by a masked HAT layer (`kept`: layers left out of HAT)."""
     from .rules import NORM_MODULES
 
     layer_by_name = {layer.name: layer for layer in layers}
@@ -220,15 +236,23 @@ def _other_parameters(gm: fx.GraphModule, layers: list[LayerPlan], capture: Capt
         if layer is not None and layer.role == "masked":
             continue
         seen_modules.add(node.target)
-        if layer is not None:
-            modules.append(ModulePlan(node.target, type(module).__name__, "head", layer.reason, count))
+        op, values = type(module).__name__, list(module.parameters())
+        if node.target in kept:
+            producer = kept[node.target]
+            modules.append(ModulePlan(node.target, op, producer.kept, producer.kept_reason, count))
+        elif layer is not None:
+            modules.append(ModulePlan(node.target, op, "head", layer.reason, count))
         elif type(module) in NORM_MODULES and count + _buffers(module):
-            modules.append(ModulePlan(node.target, type(module).__name__, "task_indexed",
-                                      "normalisation: affine parameters and statistics per task", count))
+            # Running statistics move in train mode even when the affine parameters are frozen: one copy per task.
+            policy, reason = _policy(node.target, values, config, "task_indexed",
+                                     "normalisation: affine parameters and statistics per task")
+            if _buffers(module) and policy == "frozen":
+                policy, reason = "statistics_per_task", f"{reason}; its running statistics get one copy per task"
+            modules.append(ModulePlan(node.target, op, policy, reason, count))
         elif count:
             why = capture.opaque.get(node.target, "leaf module with parameters hatify has no rule for")
-            modules.append(ModulePlan(node.target, type(module).__name__, config.loose_params,
-                                      f"opaque: {why}", count))
+            modules.append(ModulePlan(node.target, op, *_policy(node.target, values, config, config.loose_params,
+                                                                f"opaque: {why}"), count))
     params: list[ParamPlan] = []
     seen_params = set()
     for node in gm.graph.nodes:
@@ -242,9 +266,20 @@ def _other_parameters(gm: fx.GraphModule, layers: list[LayerPlan], capture: Capt
         if node.target in head_params:
             params.append(ParamPlan(node.target, tuple(value.shape), "head", "parameter of a per-task head"))
         else:
-            params.append(ParamPlan(node.target, tuple(value.shape), config.loose_params,
-                                    "parameter used outside any HAT layer"))
+            params.append(ParamPlan(node.target, tuple(value.shape), *_policy(
+                node.target, [value], config, config.loose_params, "parameter used outside any HAT layer")))
     return modules, params
+
+
+def _policy(name: str, values: list[torch.Tensor], config: HATConfig, default: str, reason: str) -> tuple[str, str]:
+    """The policy of a module or parameter outside the HAT layers: kept as it is when frozen at conversion, the
+    `unselected` policy outside `include`/`exclude`, else `default`."""
+    if values and not any(v.requires_grad for v in values):
+        opaque = f"{reason}; " if reason.startswith("opaque") else ""
+        return "frozen", f"{opaque}requires_grad=False at conversion: kept as it is"
+    if not config.selects(name):
+        return config.unselected, f"{reason}; outside HATConfig.include/exclude"
+    return default, reason
 
 
 def _buffers(module: nn.Module) -> int:

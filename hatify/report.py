@@ -73,6 +73,15 @@ class Report:
         notes = [("opaque", f"{name}: {why}") for name, why in self.plan["opaque"].items()]
         notes += [("unknown op", f"{op['node']} ({op['op']}) at {op['line'] or '?'}: {op['reason']}")
                   for op in self.plan["unknown"]]
+        s = self.summary
+        if s.get("frozen"):
+            notes.append(("frozen", f"{len(s['frozen'])} modules/parameters kept as they are (requires_grad=False: "
+                                    f"no gate, no protection, no per-task copy): {_listed(s['frozen'])}"))
+        if s.get("gated_frozen_layers"):
+            notes.append(("frozen", f"frozen layers with a per-task gate only: {_listed(s['gated_frozen_layers'])}"))
+        if s.get("shared_trainable"):
+            notes.append(("SHARED", f"trainable by every task and NOT protected, old tasks forget: "
+                                    f"{_listed(s['shared_trainable'])}"))
         if self.validation:
             v = self.validation
             notes.append(("validation", f"{'passed' if v['passed'] else 'FAILED'}: largest open-mask difference "
@@ -89,7 +98,7 @@ class Report:
             table.add_row(*map(escape, row))
         yield table
         yield f"[bold]{self.headline()}[/]"
-        styles = {"opaque": "yellow", "unknown op": "yellow", "validation": "green"}
+        styles = {"opaque": "yellow", "unknown op": "yellow", "validation": "green", "frozen": "cyan", "SHARED": "red"}
         for kind, text in self.notes():
             style = "red" if kind == "validation" and not self.validation["passed"] else styles[kind]
             yield f"[{style}]{kind}[/] {escape(text)}"
@@ -117,10 +126,19 @@ class Report:
 _COLUMNS = ("layer", "op", "action", "units", "params", "input from", "input map / reason")
 
 
+_ACTIONS = {"task_indexed": "task-indexed", "per_task": "copied per task", "freeze": "frozen",
+            "frozen": "kept frozen", "shared": "SHARED (forgets)",
+            "statistics_per_task": "statistics per task, affine frozen"}
+
+
 def _action(policy: str, reason: str) -> str:
-    if reason.startswith("opaque"):
-        return "opaque, frozen" if policy == "freeze" else "opaque, copied per task"
-    return {"task_indexed": "task-indexed", "per_task": "copied per task", "freeze": "frozen"}.get(policy, policy)
+    return f"opaque, {_ACTIONS.get(policy, policy)}" if reason.startswith("opaque") else _ACTIONS.get(policy, policy)
+
+
+def kept_names(plan, policy: str) -> list[str]:
+    """Modules and parameters left out of HAT with `policy` ("frozen": kept as they are, never trained;
+    "shared": trainable by every task, unprotected)."""
+    return [m.name for m in plan.modules if m.policy == policy] + [p.name for p in plan.params if p.policy == policy]
 
 
 def _summary(plan, seconds: float, converted: int | None, folded: int | None) -> dict:
@@ -132,7 +150,7 @@ def _summary(plan, seconds: float, converted: int | None, folded: int | None) ->
         "nodes": plan.node_count, "hat_layers": len(plan.masked_layers),
         "heads": sum(layer.role == "head" for layer in plan.layers),
         "mask_units": plan.total_units,
-        "task_indexed_modules": sum(m.policy == "task_indexed" for m in plan.modules),
+        "task_indexed_modules": sum(m.policy in ("task_indexed", "statistics_per_task") for m in plan.modules),
         "opaque_modules": [m.name for m in plan.modules if m.reason.startswith("opaque")],
         "loose_parameters": [p.name for p in plan.params if p.policy != "head"],
         "unknown_ops": len(plan.unknown), "remasked_norms": len(plan.remask),
@@ -140,8 +158,15 @@ def _summary(plan, seconds: float, converted: int | None, folded: int | None) ->
         "original_parameters": original, "parameters_in_hat_layers": masked,
         "hat_parameter_share": masked / max(1, original),
         "converted_parameters": converted,
+        "frozen": kept_names(plan, "frozen"), "shared_trainable": kept_names(plan, "shared"),
+        "frozen_parameters": len(plan.frozen),
+        "gated_frozen_layers": [layer.name for layer in plan.masked_layers if layer.frozen],
         "conversion_seconds": round(seconds, 4),
     }
+
+
+def _listed(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 class _Null:

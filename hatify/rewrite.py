@@ -13,6 +13,8 @@ TASK_ARG, SCALE_ARG = "hat_task_id", "hat_mask_scale"
 
 
 ROOT_HOLDER = "hat_root_params"
+# Policies of modules and parameters left as they are (no per-task copy): see HATConfig.unselected.
+KEPT = ("frozen", "shared")
 
 
 def _owner(gm: nn.Module, qualname: str) -> tuple[nn.Module, str]:
@@ -70,6 +72,12 @@ def rewrite(capture: Capture, plan: Plan) -> fx.GraphModule:
     for module_plan in plan.modules:
         owner, attr = _owner(gm, module_plan.name)
         original = owner.get_submodule(attr)
+        if module_plan.policy in KEPT:  # left as it is; "frozen" ones never train
+            if module_plan.policy == "frozen":
+                original.requires_grad_(False)
+            continue
+        if module_plan.policy == "statistics_per_task":
+            original.requires_grad_(False)
         owner.add_module(attr, TaskIndexed(original, plan.num_tasks, shared=module_plan.policy == "freeze"))
         for node in graph.nodes:
             if node.op == "call_module" and node.target == module_plan.name:
@@ -77,6 +85,10 @@ def rewrite(capture: Capture, plan: Plan) -> fx.GraphModule:
 
     for param_plan in plan.params:
         owner, attr = _owner(gm, param_plan.name)
+        if param_plan.policy in KEPT:
+            if param_plan.policy == "frozen":
+                owner._parameters[attr].requires_grad_(False)
+            continue
         value = owner._parameters.pop(attr)
         owner.add_module(attr, TaskParameter(value, plan.num_tasks, shared=param_plan.policy == "freeze"))
         for node in list(graph.nodes):
@@ -91,9 +103,7 @@ def rewrite(capture: Capture, plan: Plan) -> fx.GraphModule:
         _fold_gate(gm, nodes[name], gated)
 
     for layer in plan.masked_layers:
-        for qualname in (layer.weight, layer.bias):
-            if qualname is None:
-                continue
+        for qualname in layer.protected:
             if "." not in qualname:
                 _move_root_parameter(gm, qualname)
             owner, attr = _owner(gm, qualname)

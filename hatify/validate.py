@@ -16,7 +16,7 @@ from .flow import producer_input
 from .inputs import Inputs
 from .model import HATModel
 from .plan import LayerPlan
-from .rewrite import ROOT_HOLDER, SCALE_ARG, TASK_ARG
+from .rewrite import KEPT, ROOT_HOLDER, SCALE_ARG, TASK_ARG
 
 
 def _unwrap(hat: Any) -> HATModel:
@@ -164,15 +164,19 @@ def original_parameter_map(hat: HATModel) -> dict[str, str]:
     plan, mapping = hat.plan, {}
     for layer in plan.masked_layers:
         for qualname in (layer.weight, layer.bias):
-            if qualname:
+            if qualname in layer.protected:
                 owner, _, attr = qualname.rpartition(".")
                 mapping[qualname] = f"{owner or ROOT_HOLDER}.parametrizations.{attr}.original"
+            elif qualname:
+                mapping[qualname] = qualname
     for module_plan in plan.modules:
-        module = hat.net.get_submodule(module_plan.name).copies[0]
-        for name, _ in module.named_parameters():
-            mapping[f"{module_plan.name}.{name}"] = f"{module_plan.name}.copies.0.{name}"
+        kept = module_plan.policy in KEPT
+        module = hat.net.get_submodule(module_plan.name)
+        for name, _ in (module if kept else module.copies[0]).named_parameters():
+            mapping[f"{module_plan.name}.{name}"] = f"{module_plan.name}.{name}" if kept else \
+                f"{module_plan.name}.copies.0.{name}"
     for param_plan in plan.params:
-        mapping[param_plan.name] = f"{param_plan.name}.0"
+        mapping[param_plan.name] = param_plan.name if param_plan.policy in KEPT else f"{param_plan.name}.0"
     return mapping
 
 
