@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import copy
 import inspect
 import os
 import sys
@@ -15,6 +14,7 @@ from torch import fx, nn
 from .concrete import (MISSING, VALUE, evaluate, is_python_value, proxy_class, specialization, traced_sizes,
                        value_of, wrapped_calls)
 from .config import HATConfig
+from .copying import detached_deepcopy
 from .errors import _OWN_DIR, HatifyError
 
 
@@ -206,8 +206,9 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set, example_inputs
     """
     if not isinstance(model, nn.Module):
         raise HatifyError(f"hatify needs an nn.Module, got {type(model).__name__}")
+    _check_top_level_names(model)
     num_inputs = example_inputs if isinstance(example_inputs, int) or example_inputs is None else len(example_inputs)
-    root = copy.deepcopy(model).eval()
+    root = detached_deepcopy(model).eval()
     inputs = None if isinstance(example_inputs, int) or example_inputs is None else _bind(root, example_inputs)
     timm_leaves, autowrap = _timm_notrace()
     if inputs is not None:  # concrete values resolve the shape branches these modules are listed for
@@ -230,6 +231,26 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set, example_inputs
     _anchor_metadata_reads(root, graph)
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     return Capture(gm, dict(tracer.opaque), list(tracer.mode_leaves), list(tracer.specialized))
+
+
+def _reserved_names() -> set[str]:
+    """Attribute names of a GraphModule (class and instance) and of the converted model's own submodules."""
+    empty = fx.GraphModule(nn.Module(), fx.Graph())
+    return set(dir(fx.GraphModule)) | set(vars(empty)) | {"meta", "graph", "code", "hat_masks", "hat_gates",
+                                                          "hat_root_params"}
+
+
+def _check_top_level_names(model: nn.Module) -> None:
+    """The converted model is a GraphModule holding the model's top-level submodules, parameters and buffers
+    under their own names: a name that is also a GraphModule attribute (`meta`, `graph`, `code`, `forward`)
+    cannot be held."""
+    names = [*model._modules, *model._parameters, *model._buffers]
+    clash = sorted(set(names) & _reserved_names())
+    if clash:
+        raise HatifyError(
+            f"{type(model).__name__} has a top-level submodule, parameter or buffer named {clash[0]!r}, which is also "
+            "an attribute of torch.fx.GraphModule (the converted model) or of hatify's own layers; rename it "
+            f"(e.g. to {clash[0].strip('_') + '_'!r}) or wrap the model in a container module")
 
 
 _METADATA = ("dtype", "device")

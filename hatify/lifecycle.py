@@ -1,7 +1,6 @@
 """After training: forget a task, and extract one task as a plain PyTorch module."""
 from __future__ import annotations
 
-import copy
 import math
 import operator
 
@@ -10,6 +9,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from . import fsdp
+from .copying import detached_deepcopy
 from .errors import HatifyError
 from .layers import FoldedGate, Gate, Protect, TaskIndexed, TaskParameter
 from .rewrite import SCALE_ARG, TASK_ARG, _owner
@@ -37,8 +37,9 @@ def forget_task(hat, t: int) -> None:
                 if qualname is None:
                     continue
                 owner, attr = _owner(hat.net, qualname)
-                effective = getattr(owner, attr).detach().clone()
                 p: Protect = owner.parametrizations[attr][0]
+                p.forget_write_back()  # an optimizer may have moved frozen entries since the last read
+                effective = getattr(owner, attr).detach().clone()
                 keep = (weight_protection(layer, out, inp, tuple(effective.shape)) if qualname == layer.weight
                         else out).reshape(p.protect.shape)
                 released = (p.protect & ~keep).expand_as(effective)
@@ -80,7 +81,7 @@ def extract(hat, t: int, prune: bool = False) -> fx.GraphModule:
     `prune=True` also removes the units task t does not use where shapes allow (`net.prune_summary`)."""
     hat._task_ids(t, (), {})
     fsdp.refuse_sharded(hat, "extract()")
-    net = copy.deepcopy(hat.net).eval()
+    net = detached_deepcopy(hat.net).eval()
     with torch.no_grad():
         masks = net.hat_masks(t, None)
     graph = net.graph

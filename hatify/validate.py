@@ -11,6 +11,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from .copying import detached_deepcopy
 from .errors import HatifyError
 from .model import HATModel
 from .plan import LayerPlan
@@ -174,18 +175,30 @@ def original_parameter_map(hat: HATModel) -> dict[str, str]:
     return mapping
 
 
-def check_gradients(hat: HATModel, inputs: tuple) -> list[str]:
-    """Names of original parameters that receive no gradient through the converted model (task 0)."""
-    trial = copy.deepcopy(hat).eval()  # eval: norms use running statistics, so a batch of one works too
+def _ungraded(model: nn.Module, params: dict[str, torch.Tensor], run) -> set[str]:
+    """Names in `params` that get no gradient from a loss on `run(model)`'s outputs."""
+    out = _leaves(run(model))
+    loss = sum(v.float().square().mean() for v in out.values() if v.is_floating_point() and v.requires_grad)
+    if not isinstance(loss, torch.Tensor):
+        return set(params)
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    return {name for name, g in zip(params, grads) if g is None}
+
+
+def check_gradients(hat: HATModel, inputs: tuple, model: nn.Module | None = None) -> list[str]:
+    """Names of original parameters that receive no gradient through the converted model (task 0), leaving out
+    those that get none through `model` (the original) either: an unused pooler, an untaken branch."""
+    trial = detached_deepcopy(hat).eval()  # eval: norms use running statistics, so a batch of one works too
     params = dict(trial.net.named_parameters())
     mapping = {orig: params[name] for orig, name in original_parameter_map(trial).items()
                if name in params and params[name].requires_grad}
-    out = _leaves(trial(*inputs, task_id=0, mask_scale=1.0))
-    loss = sum(v.float().square().mean() for v in out.values() if v.is_floating_point() and v.requires_grad)
-    if not isinstance(loss, torch.Tensor):
-        return sorted(mapping)
-    grads = torch.autograd.grad(loss, list(mapping.values()), allow_unused=True)
-    return [orig for orig, g in zip(mapping, grads) if g is None]
+    missing = _ungraded(trial, mapping, lambda m: m(*inputs, task_id=0, mask_scale=1.0))
+    if missing and model is not None:
+        reference = detached_deepcopy(model).eval()
+        own = {name: p for name, p in reference.named_parameters(remove_duplicate=False)
+               if name in missing and p.requires_grad}
+        missing -= _ungraded(reference, own, lambda m: m(*inputs)) if own else set()
+    return [name for name in mapping if name in missing]
 
 
 def validate(model: nn.Module, hat: nn.Module, example_inputs: Any) -> ValidationResult:
@@ -201,7 +214,7 @@ def validate(model: nn.Module, hat: nn.Module, example_inputs: Any) -> Validatio
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     diffs, tol = compare_open(model, hat, inputs)
     probes, violations = probe_flow(hat, inputs)
-    missing = check_gradients(hat, inputs)
+    missing = check_gradients(hat, inputs, model)
     messages = [f"output {k}: open-mask difference {v:.3g} > {tol:.3g}" for k, v in diffs.items() if v > tol]
     if violations:
         messages.append(f"mask-flow probe: {violations} input units predicted zero were not")
