@@ -59,6 +59,7 @@ class Producer:
     module: bool = True                # called as a module (False: functional on a parameter)
     weight_transformed: bool = False   # weight passes through ops before use (weight standardisation ...)
     head: bool = False
+    weight_shared: bool = False        # the weight is read by calls of different kinds (tied embeddings)
     offset: int | None = None
     sites: list[CallSite] = field(default_factory=list)
 
@@ -197,6 +198,8 @@ def _disown(gm: fx.GraphModule, by_name: dict[str, Producer], node_of: dict[fx.N
         bad = outside_reads(gm, [p for p in (producer.weight, producer.bias) if p], sites, args)
         if bad:
             reason = f"weight also read outside the layer at {node_location(bad[0])}"
+        elif producer.weight_shared:
+            reason = f"weight read as two kinds of layer (tied), at {sites[0].name} and {sites[-1].name}"
         if reason:
             del by_name[producer.name]
             for site in sites:
@@ -218,6 +221,8 @@ def find_producers(gm: fx.GraphModule, config: HATConfig) -> list[Producer]:
         if found is None:
             continue
         producer = by_name.setdefault(found.name, found)
+        if (found.kind, found.units) != (producer.kind, producer.units):  # one weight, read as two kinds of layer
+            producer.weight_shared = True
         node_of[node] = producer
     gm.meta["hat_disowned"] = _disown(gm, by_name, node_of)
     for node, producer in node_of.items():

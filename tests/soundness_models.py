@@ -92,10 +92,10 @@ class TiedEmbedding(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.emb, self.fc = nn.Embedding(10, 6), nn.Linear(6, 6)
+        self.emb, self.fc, self.head = nn.Embedding(10, 6), nn.Linear(6, 6), nn.Linear(10, 3)
 
     def forward(self, ids):
-        return F.linear(F.relu(self.fc(self.emb(ids))), self.emb.weight)
+        return self.head(F.linear(F.relu(self.fc(self.emb(ids))), self.emb.weight))
 
 
 class MaxNormEmbedding(nn.Module):
@@ -167,15 +167,26 @@ class KeywordAdd(nn.Module):
         return self.head(F.relu(self.c(torch.add(F.relu(self.a(x)), other=F.relu(self.b(x))))))
 
 
-class UnusedPooler(nn.Module):
-    """A parameter that gets no gradient in the original either (class 12)."""
+class Branchy(nn.Module):
+    """Data-dependent control flow: an opaque leaf whose untaken branch gets no gradient."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.fc, self.pooler, self.head = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.taken, self.untaken = nn.Linear(6, 6), nn.Linear(6, 6)
 
     def forward(self, x):
-        return self.head(F.relu(self.fc(x)))
+        return self.taken(x) if bool(x.sum() > -1e9) else self.untaken(x)
+
+
+class UntakenBranch(nn.Module):
+    """Parameters that get no gradient in the original either (class 12): an untaken branch, a detached path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.branchy, self.frozen_path, self.head = nn.Linear(6, 6), Branchy(), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(self.branchy(self.fc(x))) + self.frozen_path(x).detach())
 
 
 class CachesActivation(nn.Module):
