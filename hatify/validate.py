@@ -120,38 +120,57 @@ def _zero_units(value: torch.Tensor, layer: LayerPlan, axis: int) -> torch.Tenso
     return (moved == 0).all(0)
 
 
-def probe_flow(hat: HATModel, inputs: tuple, fractions=(0.5, 0.9, 1.0), seeds=(0, 1)) -> tuple[list[dict], int]:
-    """Zero random mask units, run the model, and check that every consumer input unit the plan predicts to
-    be zero is exactly zero (soundness). Also counts zeros the plan did not predict (conservatism)."""
+def probe_patterns(hat: HATModel, random_draws: int = 2) -> list[tuple[str, torch.Tensor]]:
+    """Deterministic mask patterns (1 = unit kept) for the mask-flow probe: every unit zero; `random_draws` seeded
+    draws zeroing half the units (a wrong map within a layer, an offset, a permutation, shows where one unit is
+    zero and the unit it really depends on is not); and, for every bit of the layer index, the layers with that
+    bit set zeroed and then the others (every pair of layers is split by one of these: a map that names the
+    wrong layer, or misses an operand, shows)."""
+    units = hat.plan.total_units
+    patterns = [("all zero", torch.zeros(units))]
+    for seed in range(random_draws):
+        gen = torch.Generator().manual_seed(seed)
+        patterns.append((f"random half, seed {seed}", (torch.rand(units, generator=gen) >= 0.5).float()))
+    layers = [layer for layer in hat.plan.masked_layers if layer.offset is not None]
+    for bit in range(max(1, len(layers) - 1).bit_length()):
+        for polarity in (1, 0):
+            keep = torch.ones(units)
+            for i, layer in enumerate(layers):
+                if (i >> bit) & 1 == polarity:
+                    keep[layer.offset: layer.offset + layer.units] = 0
+            patterns.append((f"layers with index bit {bit} = {polarity} zero", keep))
+    return patterns
+
+
+def probe_flow(hat: HATModel, inputs: tuple, patterns: list[tuple[str, torch.Tensor]] | None = None
+               ) -> tuple[list[dict], int]:
+    """Zero mask units (`probe_patterns`), run the model, and check that every consumer input unit the plan
+    predicts to be zero is exactly zero (soundness). Also counts zeros the plan did not predict (conservatism)."""
     layers = [layer for layer in hat.plan.masked_layers if layer.input_index is not None]
     watch = {site.node: layer for layer in layers for site in layer.sites}
-    units = hat.plan.total_units
     results, violations = [], 0
     was = hat.training
     hat.eval()
     try:
-        for fraction in fractions:
-            for seed in seeds:
-                gen = torch.Generator().manual_seed(seed)
-                keep = (torch.rand(units, generator=gen) >= fraction).float()
-                hat.masks.override = keep
-                recorder = _InputRecorder(hat.net, set(watch))
-                with torch.no_grad():
-                    recorder.run(*_positional(hat, inputs, 0, None))
-                predicted = actual = bad = 0
-                keep_ext = torch.cat([keep, torch.ones(1)])
-                for name, values in recorder.seen.items():
-                    layer = watch[name]
-                    pred = (keep_ext[layer.input_index] == 0).all(0)
-                    for value in values:
-                        axis = (-1 if layer.kind == "linear" else 1) % value.ndim
-                        zero = _zero_units(value, layer, axis).cpu()
-                        predicted += int(pred.sum())
-                        actual += int(zero.sum())
-                        bad += int((pred & ~zero).sum())
-                violations += bad
-                results.append({"fraction": fraction, "seed": seed, "layers": len(recorder.seen),
-                                "predicted_zero": predicted, "actual_zero": actual, "violations": bad})
+        for name, keep in patterns if patterns is not None else probe_patterns(hat):
+            hat.masks.override = keep
+            recorder = _InputRecorder(hat.net, set(watch))
+            with torch.no_grad():
+                recorder.run(*_positional(hat, inputs, 0, None))
+            predicted = actual = bad = 0
+            keep_ext = torch.cat([keep, torch.ones(1)])
+            for node, values in recorder.seen.items():
+                layer = watch[node]
+                pred = (keep_ext[layer.input_index] == 0).all(0)
+                for value in values:
+                    axis = (-1 if layer.kind == "linear" else 1) % value.ndim
+                    zero = _zero_units(value, layer, axis).cpu()
+                    predicted += int(pred.sum())
+                    actual += int(zero.sum())
+                    bad += int((pred & ~zero).sum())
+            violations += bad
+            results.append({"pattern": name, "layers": len(recorder.seen), "predicted_zero": predicted,
+                            "actual_zero": actual, "violations": bad})
     finally:
         hat.masks.override = None
         hat.train(was)
