@@ -96,7 +96,11 @@ def extract(hat, t: int, prune: bool = False) -> fx.GraphModule:
     for node in list(graph.nodes):
         if node.op != "call_module":
             continue
-        target = net.get_submodule(node.target)
+        try:
+            target = net.get_submodule(node.target)
+        except AttributeError:  # a per-task parameter read twice: the first read made it a plain parameter
+            node.op, node.args, node.kwargs = "get_attr", (), {}
+            continue
         if isinstance(target, FoldedGate):  # back to the module call, then the product
             node.target, node.args = target.target_name, node.args[:1]
             with graph.inserting_before(node):
@@ -110,9 +114,10 @@ def extract(hat, t: int, prune: bool = False) -> fx.GraphModule:
             with graph.inserting_before(node):
                 gate = constant(target, node.name)
             node.op, node.target, node.args = "call_function", operator.mul, (node.args[0], gate)
-        elif isinstance(target, TaskIndexed):
-            owner, attr = _owner(net, node.target)
-            owner.add_module(attr, target.copies[0 if target.shared else t])
+        elif isinstance(target, TaskIndexed) or (TASK_ARG in node.kwargs and not isinstance(target, TaskParameter)):
+            if isinstance(target, TaskIndexed):  # (else a second call: the copy is in place already)
+                owner, attr = _owner(net, node.target)
+                owner.add_module(attr, target.copies[0 if target.shared else t])
             node.kwargs = {k: v for k, v in node.kwargs.items() if k != TASK_ARG}
         elif isinstance(target, TaskParameter):
             owner, attr = _owner(net, node.target)
