@@ -214,3 +214,38 @@ class NamedLikeGraphModule(nn.Module):
 
     def forward(self, x):
         return getattr(self, self.last)(F.relu(self.fc(x)))
+
+
+class PruneShapes(nn.Module):
+    """Shapes where extract(t, prune=True) used to give wrong numbers or crash (classes 6 and 9)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.a, self.b, self.c, self.head = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.norm, self.conv = nn.LayerNorm(8), nn.Conv1d(8, 3, 1)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        if self.kind == "offset":
+            h = h + 0.5
+        elif self.kind == "one_minus":
+            h = 1 - h
+        elif self.kind == "clamp":
+            h = h.clamp(min=0.1)
+        elif self.kind == "hardtanh":
+            h = F.hardtanh(h, 0.1, 1.0)
+        elif self.kind == "pool_over_units":
+            h = F.max_pool1d(h.unsqueeze(1), 3, 1, padding=1).squeeze(1)
+        elif self.kind == "in_place":
+            h = h.clone()
+            h.add_(0.5)
+        elif self.kind == "layer_twice":
+            h = F.relu(self.c(F.relu(self.c(h))))
+        elif self.kind == "norm_twice":
+            h = self.norm(self.norm(h))
+        elif self.kind == "linear_into_conv1d":
+            return self.conv(self.c(h).unsqueeze(-1)).squeeze(-1)
+        elif self.kind == "keyword_add":
+            h = torch.add(h, other=F.relu(self.b(x)))
+        return self.head(F.relu(self.c(h)))

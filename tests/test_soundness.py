@@ -8,7 +8,7 @@ from torch import nn
 
 import hatify
 from soundness_models import (CachesActivation, InPlace, KeywordAdd, MaxNormEmbedding, NamedLikeGraphModule,
-                              TiedEmbedding, TransformedWeight, UntakenBranch, WeightReadOutside, WithRunningMean,
+                              PruneShapes, TiedEmbedding, TransformedWeight, UntakenBranch, WeightReadOutside, WithRunningMean,
                               task0_drift, train_task)
 
 X = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
@@ -102,3 +102,18 @@ def test_diverging_task_cannot_poison_a_finished_one():
     hat.end_task()
     hat.eval()
     assert torch.equal(hat(X, task_id=0), before)
+
+
+PRUNE_KINDS = ["offset", "one_minus", "clamp", "hardtanh", "pool_over_units", "in_place", "layer_twice",
+               "norm_twice", "linear_into_conv1d", "keyword_add"]
+
+
+@pytest.mark.parametrize("kind", PRUNE_KINDS)
+def test_class6_and_9_extract_and_prune_give_the_task_outputs(kind):
+    hat = hatify.hatify(PruneShapes(kind), 2, (X,))
+    train_task(hat, 0, (X,), torch.optim.SGD(hat.parameters(), lr=0.1))
+    hat.eval()
+    with torch.no_grad():
+        expected = hat(X, task_id=0)
+        for prune in (False, True):
+            torch.testing.assert_close(hat.extract(0, prune=prune)(X), expected, rtol=1e-5, atol=1e-6)
