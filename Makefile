@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test bench zoo clean
+.PHONY: install test bench zoo fuzz clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,9 @@ bench: install
 	$(PY) benchmarks/compile.py
 	$(PY) benchmarks/pretrained.py
 	$(PY) benchmarks/continual.py
+
+fuzz: install  # 5,000 random architectures through every check of tests/test_fuzz.py
+	HATIFY_FUZZ_EXAMPLES=5000 HATIFY_FUZZ_SEED=1 $(PY) -m pytest tests/test_fuzz.py -q -p no:cacheprovider
 
 zoo: install
 	$(PY) benchmarks/timm_zoo.py

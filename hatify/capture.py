@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import copy
 import functools
 import inspect
 import os
@@ -19,6 +18,7 @@ from .attention import DECOMPOSED_MODULES, add_attention_dropout, traced_attenti
 from .concrete import (MISSING, VALUE, evaluate, is_python_value, proxy_class, specialization, traced_sizes,
                        value_of, wrapped_calls)
 from .config import HATConfig
+from .copying import detached_deepcopy
 from .errors import _OWN_DIR, HatifyError
 from .inputs import CONSTANTS, KEYWORD, Inputs, StructuredOutput, is_constant, needs_spec
 
@@ -309,7 +309,8 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set,
     """
     if not isinstance(model, nn.Module):
         raise HatifyError(f"hatify needs an nn.Module, got {type(model).__name__}")
-    root = copy.deepcopy(model).eval()
+    _check_top_level_names(model)
+    root = detached_deepcopy(model).eval()
     add_attention_dropout(root)
     inputs = call = None
     if not isinstance(example_inputs, int) and example_inputs is not None:
@@ -353,6 +354,26 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set,
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     gm.meta[CONSTANTS] = dict(call[1]) if call else {}
     return Capture(gm, dict(tracer.opaque), list(tracer.mode_leaves), list(tracer.specialized))
+
+
+def _reserved_names() -> set[str]:
+    """Attribute names of a GraphModule (class and instance) and of the converted model's own submodules."""
+    empty = fx.GraphModule(nn.Module(), fx.Graph())
+    return set(dir(fx.GraphModule)) | set(vars(empty)) | {"meta", "graph", "code", "hat_masks", "hat_gates",
+                                                          "hat_root_params"}
+
+
+def _check_top_level_names(model: nn.Module) -> None:
+    """The converted model is a GraphModule holding the model's top-level submodules, parameters and buffers
+    under their own names: a name that is also a GraphModule attribute (`meta`, `graph`, `code`, `forward`)
+    cannot be held."""
+    names = [*model._modules, *model._parameters, *model._buffers]
+    clash = sorted(set(names) & _reserved_names())
+    if clash:
+        raise HatifyError(
+            f"{type(model).__name__} has a top-level submodule, parameter or buffer named {clash[0]!r}, which is also "
+            "an attribute of torch.fx.GraphModule (the converted model) or of hatify's own layers; rename it "
+            f"(e.g. to {clash[0].strip('_') + '_'!r}) or wrap the model in a container module")
 
 
 _METADATA = ("dtype", "device")

@@ -185,7 +185,7 @@ def run_convert(args: argparse.Namespace, out: Console, err: Console) -> int:
         raise HatifyError(f"-o {args.output} would overwrite SOURCE")
     model, recipe, inputs, config = _prepare(args, err)
     with _step(err, f"converting {type(model).__name__}"):
-        hat = hatify(model, args.num_tasks, inputs, config, source=recipe)
+        hat = hatify(model, args.num_tasks, inputs, config, source=recipe, validate=False)
     with _step(err, "validating"):
         result = validate(model, hat, inputs)
     hat.report.validation = result.to_dict()

@@ -9,7 +9,7 @@ from torch import nn
 
 from .capture import capture
 from .config import HATConfig
-from .errors import HatifyError
+from .errors import HatifyError, ValidationFailed
 from .inputs import Inputs
 from .flow import analyse, find_producers
 from .model import HATModel
@@ -52,10 +52,15 @@ def _plan(model, num_tasks, example_inputs, config):
 
 
 def hatify(model: nn.Module, num_tasks: int, example_inputs: Any = None, config: HATConfig | None = None,
-           source: dict | None = None) -> HATModel:
+           source: dict | None = None, validate: bool = True) -> HATModel:
     """Convert any `nn.Module` into a HAT model with `num_tasks` tasks. The original is not modified.
     `example_inputs` is how the model is called: a tuple of positional inputs, a dict of keyword inputs
     (`{"input_ids": ids, "attention_mask": mask}`, then `hat(**batch, task_id=t)`), or `(args, kwargs)`.
+
+    With `validate` (the default) the conversion is checked on the example inputs (`hatify.validate`: open masks
+    equal the original, the mask-flow probe finds no unit predicted zero that is not, every parameter that learns
+    in the original learns in the conversion); the figures go into `hat.report.validation`, and a failure raises
+    `HatifyError` with the report attached as `error.report`.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
@@ -76,4 +81,19 @@ def hatify(model: nn.Module, num_tasks: int, example_inputs: Any = None, config:
         warnings.warn(f"HATConfig.unselected='shared': {len(hat.report.summary['shared_trainable'])} modules/"
                       f"parameters train for every task without protection; old tasks will forget "
                       f"(report.summary['shared_trainable'])", stacklevel=2)
+    if validate:
+        _validate(model, hat, example_inputs)
     return hat
+
+
+def _validate(model: nn.Module, hat: HATModel, example_inputs: tuple) -> None:
+    from .validate import validate
+
+    start = time.perf_counter()
+    result = validate(model, hat, example_inputs)
+    hat.report.validation = {**result.to_dict(), "seconds": round(time.perf_counter() - start, 4)}
+    if not result.passed:
+        raise ValidationFailed(
+            f"the conversion of {type(model).__name__} failed validation: {'; '.join(result.messages)}. Its "
+            "finished tasks might not stay intact; see error.report (plan and figures) and error.result, and pass "
+            "validate=False to inspect the converted model anyway", hat.report, result)

@@ -8,6 +8,15 @@ class HatifyError(ValueError):
     """Bad input to hatify: the message names the module, node or argument at fault and what to do."""
 
 
+class ValidationFailed(HatifyError):
+    """`hatify()` converted the model but the conversion failed validation; `report` holds the plan and figures,
+    `result` the `ValidationResult`."""
+
+    def __init__(self, message: str, report=None, result=None) -> None:
+        super().__init__(message)
+        self.report, self.result = report, result
+
+
 def node_location(node) -> str:
     """`node 'conv1' (call_module conv1) at model.py:42` for error messages and report entries."""
     where = f"node '{node.name}' ({node.op} {getattr(node.target, '__name__', node.target)})"

@@ -2,7 +2,6 @@
 cover every tensor of the graph (as unit maps), following the rule registry."""
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,8 +9,11 @@ import torch
 from torch import fx, nn
 
 from .config import HATConfig
-from .errors import source_line
+from .errors import node_location, source_line
+from .inplace import aliased_writes, writes_input
+from . import maps
 from .maps import UnitMap
+from .ownership import inline_shared_layers, keeps_rows, outside_reads
 from .rules import PER_CHANNEL_MODULES, RuleContext, _canon, fallback_rule, rule_for
 from .shapes import TensorSpec
 
@@ -62,6 +64,7 @@ class Producer:
     # Not a HAT layer (no mask, no protection): its policy ("frozen", "per_task", "shared") and why.
     kept: str | None = None
     kept_reason: str = ""
+    weight_shared: bool = False        # the weight is read by calls of different kinds (tied embeddings)
     offset: int | None = None
     sites: list[CallSite] = field(default_factory=list)
 
@@ -121,7 +124,8 @@ def _producer_of(node: fx.Node, gm: fx.GraphModule) -> Producer | None:
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         entry = _MODULE_PRODUCERS.get(type(module))
-        if entry is None:
+        # max_norm renormalises whole rows in place on every forward: protected and free columns move together.
+        if entry is None or getattr(module, "max_norm", None) is not None:
             return None
         kind, out_axis, in_axis = entry
         return Producer(node.target, type(module).__name__, kind, spec.shape[out_axis], out_axis, in_axis,
@@ -139,7 +143,7 @@ def _producer_of(node: fx.Node, gm: fx.GraphModule) -> Producer | None:
     kind, out_axis, in_axis, w_pos, b_pos, g_pos = entry
     arg = lambda i, name: node.args[i] if i is not None and i < len(node.args) else node.kwargs.get(name)
     weight, transformed = _param_root(arg(w_pos, "weight"), gm)
-    if weight is None:
+    if weight is None or (kind == "embedding" and arg(3, "max_norm") is not None):
         return None
     bias_node = arg(b_pos, "bias")
     bias = bias_node.target if isinstance(bias_node, fx.Node) and bias_node.op == "get_attr" else None
@@ -222,8 +226,44 @@ def _reaches_output(start: fx.Node, producer_nodes: set[fx.Node]) -> bool:
     return False
 
 
+def _weight_args(node: fx.Node, producer: Producer) -> list[fx.Node]:
+    """The graph nodes a functional producer call takes its weight and bias from."""
+    if producer.module:
+        return []
+    _, _, _, w_pos, b_pos, _ = _FUNCTION_PRODUCERS[_canon(node.target)]
+    found = [node.args[i] if i is not None and i < len(node.args) else node.kwargs.get(name)
+             for i, name in ((w_pos, "weight"), (b_pos, "bias"))]
+    return [a for a in found if isinstance(a, fx.Node)]
+
+
+def _disown(gm: fx.GraphModule, by_name: dict[str, Producer], node_of: dict[fx.Node, Producer]) -> list[UnknownOp]:
+    """Drop the layers whose weight is read outside the layer or transformed across rows (see `ownership`)."""
+    dropped = []
+    for producer in list(by_name.values()):
+        sites = [n for n, p in node_of.items() if p is producer]
+        args = [a for site in sites for a in _weight_args(site, producer)]
+        reason = ""
+        if producer.weight_transformed and not all(
+                keeps_rows(_weight_args(site, producer)[0], producer.weight, gm) for site in sites):
+            reason = "weight transformed across rows before use (not provably row-local)"
+        bad = outside_reads(gm, [p for p in (producer.weight, producer.bias) if p], sites, args)
+        if bad:
+            reason = f"weight also read outside the layer at {node_location(bad[0])}"
+        elif producer.weight_shared:
+            reason = f"weight read as two kinds of layer (tied), at {sites[0].name} and {sites[-1].name}"
+        if reason:
+            del by_name[producer.name]
+            for site in sites:
+                del node_of[site]
+            dropped.append(UnknownOp(sites[0].name, producer.op, f"not a HAT layer: {reason}; its parameters "
+                                     "follow the loose-parameter policy", source_line(sites[0])))
+    return dropped
+
+
 def find_producers(gm: fx.GraphModule, config: HATConfig) -> list[Producer]:
-    """Every HAT layer with its call sites, mask placement and head role; offsets into the unit vector."""
+    """Every HAT layer with its call sites, mask placement and head role; offsets into the unit vector.
+    Layers that do not own their weight are left out and listed in `gm.meta["hat_disowned"]`."""
+    inline_shared_layers(gm)
     params = {name for name, _ in gm.named_parameters()}
     by_name: dict[str, Producer] = {}
     node_of: dict[fx.Node, Producer] = {}
@@ -232,7 +272,10 @@ def find_producers(gm: fx.GraphModule, config: HATConfig) -> list[Producer]:
         if found is None:
             continue
         producer = by_name.setdefault(found.name, found)
+        if (found.kind, found.units) != (producer.kind, producer.units):  # one weight, read as two kinds of layer
+            producer.weight_shared = True
         node_of[node] = producer
+    gm.meta["hat_disowned"] = _disown(gm, by_name, node_of)
     for node, producer in node_of.items():
         end = _chain_end(node, gm, params)
         data = producer_input(node)
@@ -285,41 +328,59 @@ def analyse(gm: fx.GraphModule, producers: list[Producer], config: HATConfig) ->
             spec = _spec_by_name(gm, site.apply_after)
             mask_at[site.apply_after] = UnitMap.units(p.offset, p.units, spec.ndim, p.out_axis % spec.ndim)
     producer_nodes = {site.node for p in producers for site in p.sites}
-    # A tensor written in place by item assignment holds whatever was written: unknown.
-    written = {n.args[0] for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.setitem}
+    # A tensor written in place while a view shares its storage: unknown. One written with no view on it: its
+    # map is the union of what it held and what was written (`merge_into`).
+    written, merge_into = aliased_writes(gm)
+    group_of = {n: members for members in merge_into.values() for n in members}
     flows: dict[fx.Node, Any] = {}
     remask: dict[str, UnitMap] = {}
-    unknown: list[UnknownOp] = []
+    unknown: list[UnknownOp] = list(gm.meta.get("hat_disowned", []))
     for node in gm.graph.nodes:
-        spec = node.meta.get("hat_spec")
-        if node.name in mask_at:
-            flows[node] = mask_at[node.name]
-            continue
-        if node.op in ("placeholder", "get_attr", "output") or node.name in producer_nodes or node in written:
-            flows[node] = UnitMap.ones() if isinstance(spec, TensorSpec) else None
-            continue
-        if not _has_tensor(spec):
-            flows[node] = None
-            continue
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
-        rule = rule_for(node, module)
-        fallback = fallback_rule(node, module) if rule is None else None
-        ctx = RuleContext(node, flows, module, config.max_union_terms)
-        result = (rule or fallback).fn(ctx) if rule or fallback else UnitMap.ones()
-        flows[node] = result
-        if rule is None:
-            if ctx.tensor_inputs() and not all(ctx.map_of(n).is_ones for n in ctx.tensor_inputs()) \
-                    and isinstance(result, UnitMap) and result.is_ones:
-                op = type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target))
-                why = "zeros not kept when probed in train and eval mode" if fallback else "no mask rule"
-                unknown.append(UnknownOp(node.name, op, f"{why}: output treated as all ones", source_line(node)))
-            continue
-        if rule.remask and isinstance(result, UnitMap) and not result.is_ones:
-            remask[node.name] = result
-        if isinstance(result, UnitMap) and result.truncated:
-            unknown.append(UnknownOp(node.name, str(node.target), "too many union terms: all ones", source_line(node)))
+        flows[node] = _node_flow(node, module, mask_at, producer_nodes, written, flows, remask,
+                                 unknown, config)
+        if node in group_of and writes_input(node, module):
+            _merge_write(flows, group_of[node], flows[node], config.max_union_terms)
     return Flow(producers, {n.name: f for n, f in flows.items()}, remask, unknown,
                 sum(p.units for p in producers if not (p.head or p.kept)))
+
+
+def _node_flow(node: fx.Node, module: nn.Module | None, mask_at: dict[str, UnitMap], producers: set[str],
+               written: set[fx.Node], flows: dict, remask: dict[str, UnitMap], unknown: list[UnknownOp],
+               config: HATConfig) -> Any:
+    """The map of one node: a mask applied there, ones where nothing is known, else its op's rule."""
+    spec = node.meta.get("hat_spec")
+    if node.name in mask_at and node not in written:
+        return mask_at[node.name]
+    if node.op in ("placeholder", "get_attr", "output") or node.name in producers or node in written:
+        return UnitMap.ones() if isinstance(spec, TensorSpec) else None
+    if not _has_tensor(spec):
+        return None
+    rule = rule_for(node, module)
+    ctx = RuleContext(node, flows, module, config.max_union_terms)
+    if rule is None:
+        fallback = fallback_rule(node, module)
+        result = fallback.fn(ctx) if fallback else UnitMap.ones()
+        if ctx.tensor_inputs() and not all(ctx.map_of(n).is_ones for n in ctx.tensor_inputs()) \
+                and isinstance(result, UnitMap) and result.is_ones:
+            op = type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target))
+            why = "zeros not kept when probed in train and eval mode" if fallback else "no mask rule"
+            unknown.append(UnknownOp(node.name, op, f"{why}: output treated as all ones", source_line(node)))
+        return result
+    result = rule.fn(ctx)
+    if rule.remask and isinstance(result, UnitMap) and not result.is_ones:
+        remask[node.name] = result
+    if isinstance(result, UnitMap) and result.truncated:
+        unknown.append(UnknownOp(node.name, str(node.target), "too many union terms: all ones", source_line(node)))
+    return result
+
+
+def _merge_write(flows: dict, group: list[fx.Node], written: Any, max_terms: int) -> None:
+    """Every tensor of `group` (one storage, one layout) now also holds what an in-place op wrote."""
+    written = written if isinstance(written, UnitMap) else UnitMap.ones()
+    for member in group:
+        if isinstance(flows.get(member), UnitMap):
+            flows[member] = maps.union([flows[member], written], max_terms)
 
 
 def _has_tensor(spec: Any) -> bool:

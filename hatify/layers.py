@@ -10,7 +10,6 @@ The guarantee lives in the forward computation and in module state, so it surviv
 """
 from __future__ import annotations
 
-import copy
 import functools
 import weakref
 
@@ -20,6 +19,8 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from .copying import detached_deepcopy
 
 
 def compensated_sigmoid(e: torch.Tensor, s: float, s_max: float) -> torch.Tensor:
@@ -42,9 +43,15 @@ def compensated_sigmoid(e: torch.Tensor, s: float, s_max: float) -> torch.Tensor
 _CLAMPED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
 
 
+# Optimizer steps taken so far, by any torch optimizer. Fused and foreach kernels may write parameters without
+# bumping their version counter, so Protect's eval fast path keys on this count as well.
+_STEPS = [0]
+
+
 def _clamp_after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     """A step moves only parameters with a gradient: those embeddings are clamped (the live ones are few, the
     optimizer's parameters may be many)."""
+    _STEPS[0] += 1
     if not _CLAMPED:
         return
     with torch.no_grad():
@@ -175,7 +182,13 @@ class Gate(nn.Module):
             gate = masks[self.index]
             if self.union:
                 gate = gate.amax(0)
-        return x * (gate if gate.dtype == x.dtype else gate.to(x.dtype))
+        return _gated(x, gate if gate.dtype == x.dtype else gate.to(x.dtype), not self.training)
+
+
+def _gated(x: torch.Tensor, gate: torch.Tensor, exact: bool = True) -> torch.Tensor:
+    """x * gate; `exact`: zero where the gate is zero even where x is inf or NaN, so that a diverging later task
+    cannot reach a finished task's eval outputs through 0 * inf = NaN (training forwards skip the extra pass)."""
+    return torch.where(gate == 0, gate.new_zeros(()), x * gate) if exact else x * gate
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -204,7 +217,7 @@ def _batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, weight, bi
 
 
 def _scaled(value: torch.Tensor | None, gate: torch.Tensor, shape: tuple[int, ...] = (-1,)) -> torch.Tensor | None:
-    return None if value is None else value * gate.to(value.dtype).view(shape)
+    return None if value is None else _gated(value, gate.to(value.dtype).view(shape))
 
 
 def _fold_norm(module: nn.Module, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -225,8 +238,7 @@ def _fold_linear(module: nn.Linear, x: torch.Tensor, gate: torch.Tensor) -> torc
     if x.numel() > weight.shape[1] ** 2:  # rows > columns: out * in products instead of rows * out
         return F.linear(x, _scaled(weight, gate, (-1, 1)), _scaled(bias, gate))
     y = F.linear(x, weight, bias)
-    gate = gate if gate.dtype == y.dtype else gate.to(y.dtype)
-    return y.mul_(gate) if not torch.is_grad_enabled() else y * gate
+    return _gated(y, gate if gate.dtype == y.dtype else gate.to(y.dtype), not module.training)
 
 
 _FOLDS = {nn.BatchNorm1d: _fold_norm, nn.BatchNorm2d: _fold_norm, nn.BatchNorm3d: _fold_norm,
@@ -275,7 +287,7 @@ class TaskIndexed(nn.Module):
 
     def __init__(self, module: nn.Module, num_tasks: int, shared: bool = False) -> None:
         super().__init__()
-        self.copies = nn.ModuleList(copy.deepcopy(module) for _ in range(1 if shared else num_tasks))
+        self.copies = nn.ModuleList(detached_deepcopy(module) for _ in range(1 if shared else num_tasks))
         self.names = [str(t) for t in range(len(self.copies))]
         self.shared = shared
         self.frozen: set[int] = set()
@@ -444,9 +456,10 @@ class Protect(nn.Module):
             # Compiled: one fused kernel. Either way the gradient of protected entries is exactly +0.
             return torch.where(self.protect, self.frozen.to(weight.dtype), weight)
         training = self.training or torch.is_grad_enabled()
-        # Eval-mode inference skips the write-back while nothing was written since the last one (in-place writes
-        # bump the version; `.data` writes do not, so `train()`/`eval()` forget the last write-back).
-        key = (weight.data_ptr(), weight._version)
+        # Eval-mode inference skips the write-back while nothing was written since the last one: in-place writes
+        # bump the version, optimizer steps the step count (fused kernels may not bump the version); `.data` writes
+        # do neither, so `train()`/`eval()` and `end_task()` forget the last write-back.
+        key = (weight.data_ptr(), weight._version, _STEPS[0])
         if not training and self.__dict__.get("_restored") == key:
             return weight
         if not (isinstance(weight, nn.Parameter) and weight.is_leaf):

@@ -1,7 +1,6 @@
 """After training: forget a task, and extract one task as a plain PyTorch module."""
 from __future__ import annotations
 
-import copy
 import math
 import operator
 
@@ -10,6 +9,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from . import fsdp
+from .copying import detached_deepcopy
 from .errors import HatifyError
 from .layers import FoldedGate, Gate, Protect, TaskIndexed, TaskParameter
 from .rewrite import SCALE_ARG, TASK_ARG, _owner
@@ -35,8 +35,9 @@ def forget_task(hat, t: int) -> None:
             inp = cum_ext[layer.input_index.to(cum.device)].any(0) if layer.input_index is not None else None
             for qualname in layer.protected:
                 owner, attr = _owner(hat.net, qualname)
-                effective = getattr(owner, attr).detach().clone()
                 p: Protect = owner.parametrizations[attr][0]
+                p.forget_write_back()  # an optimizer may have moved frozen entries since the last read
+                effective = getattr(owner, attr).detach().clone()
                 keep = (weight_protection(layer, out, inp, tuple(effective.shape)) if qualname == layer.weight
                         else out).reshape(p.protect.shape)
                 released = (p.protect & ~keep).expand_as(effective)
@@ -78,7 +79,7 @@ def extract(hat, t: int, prune: bool = False) -> fx.GraphModule:
     `prune=True` also removes the units task t does not use where shapes allow (`net.prune_summary`)."""
     hat._task_ids(t, (), {})
     fsdp.refuse_sharded(hat, "extract()")
-    net = copy.deepcopy(hat.net).eval()
+    net = detached_deepcopy(hat.net).eval()
     with torch.no_grad():
         masks = net.hat_masks(t, None)
     graph = net.graph
@@ -93,7 +94,11 @@ def extract(hat, t: int, prune: bool = False) -> fx.GraphModule:
     for node in list(graph.nodes):
         if node.op != "call_module":
             continue
-        target = net.get_submodule(node.target)
+        try:
+            target = net.get_submodule(node.target)
+        except AttributeError:  # a per-task parameter read twice: the first read made it a plain parameter
+            node.op, node.args, node.kwargs = "get_attr", (), {}
+            continue
         if isinstance(target, FoldedGate):  # back to the module call, then the product
             node.target, node.args = target.target_name, node.args[:1]
             with graph.inserting_before(node):
@@ -107,9 +112,10 @@ def extract(hat, t: int, prune: bool = False) -> fx.GraphModule:
             with graph.inserting_before(node):
                 gate = constant(target, node.name)
             node.op, node.target, node.args = "call_function", operator.mul, (node.args[0], gate)
-        elif isinstance(target, TaskIndexed):
-            owner, attr = _owner(net, node.target)
-            owner.add_module(attr, target.copies[0 if target.shared else t])
+        elif isinstance(target, TaskIndexed) or (TASK_ARG in node.kwargs and not isinstance(target, TaskParameter)):
+            if isinstance(target, TaskIndexed):  # (else a second call: the copy is in place already)
+                owner, attr = _owner(net, node.target)
+                owner.add_module(attr, target.copies[0 if target.shared else t])
             node.kwargs = {k: v for k, v in node.kwargs.items() if k != TASK_ARG}
         elif isinstance(target, TaskParameter):
             owner, attr = _owner(net, node.target)

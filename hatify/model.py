@@ -277,6 +277,7 @@ def weight_protection(layer: LayerPlan, out: torch.Tensor, inp: torch.Tensor | N
 def _update_protect(owner: nn.Module, attr: str, protect: torch.Tensor) -> None:
     chain = owner.parametrizations[attr]
     parametrization: Protect = chain[0]
+    parametrization.forget_write_back()  # the read below restores frozen entries whatever moved them
     if fsdp.is_dtensor(chain.original):  # fully_shard: its shards hold the frozen values (fsdp.adopt)
         effective = fsdp.full(chain.original.detach())
     else:

@@ -253,6 +253,10 @@ def _other_parameters(gm: fx.GraphModule, layers: list[LayerPlan], kept: dict[st
             why = capture.opaque.get(node.target, "leaf module with parameters hatify has no rule for")
             modules.append(ModulePlan(node.target, op, *_policy(node.target, values, config, config.loose_params,
                                                                 f"opaque: {why}"), count))
+        elif _buffers(module) and type(module) not in NORM_MODULES:
+            # A leaf that holds state may update it in training (its own running mean): never shared by tasks.
+            modules.append(ModulePlan(node.target, op, config.loose_params,
+                                      "leaf module with buffers it may update: state per task", 0))
     params: list[ParamPlan] = []
     seen_params = set()
     for node in gm.graph.nodes:

@@ -17,7 +17,8 @@ import torch
 from torch import fx, nn
 
 from .flow import producer_input
-from .rules import PER_CHANNEL_MODULES, RULES, _canon
+from .inplace import writes_input
+from .rules import PER_CHANNEL_MODULES, RULES, RuleContext, _canon, _keeps_zero, _window_axes
 from .shapes import TensorSpec
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -55,14 +56,28 @@ class _Groups:
 _CHANNEL_PRESERVING = {"passthrough", "window"}
 
 
-def _is_passthrough(node: fx.Node, net: nn.Module) -> bool:
+def _is_passthrough(node: fx.Node, net: nn.Module, axis: int) -> bool:
+    """A per-element op that keeps zero (checked on its own arguments, as the mask-flow rule does), or a window op
+    whose window does not span the unit axis `axis`: removed units would have read as zero anyway."""
+    module = net.get_submodule(node.target) if node.op == "call_module" else None
     if node.op == "call_module":
-        rule = RULES.get(type(net.get_submodule(node.target)))
+        rule = RULES.get(type(module))
     elif node.op in ("call_function", "call_method"):
         rule = RULES.get(_canon(node.target))
     else:
         return False
-    return rule is not None and rule.id in _CHANNEL_PRESERVING
+    if rule is None or rule.id not in _CHANNEL_PRESERVING:
+        return False
+    ctx = RuleContext(node, {}, module, 1)
+    spec = _spec(node.args[0] if node.args else None)
+    if spec is None or (rule.id == "window" and axis % spec.ndim in _window_axes(ctx, spec.ndim)):
+        return False
+    return _keeps_zero(ctx, node.args[0])
+
+
+def _operands(node: fx.Node) -> list:
+    """Positional and keyword operands of an elementwise op (`torch.add(a, other=b)`), `alpha` aside."""
+    return list(node.args) + [v for k, v in node.kwargs.items() if k not in ("alpha", "out")]
 
 
 def _is_shape_query(node: fx.Node) -> bool:
@@ -70,6 +85,11 @@ def _is_shape_query(node: fx.Node) -> bool:
     spec = node.meta.get("hat_spec")
     return spec is not None and not isinstance(spec, TensorSpec) and not any(
         isinstance(s, TensorSpec) for s in (spec if isinstance(spec, (tuple, list)) else ()))
+
+
+def seg_shape(node: fx.Node) -> tuple[int, ...]:
+    spec = _spec(node)
+    return spec.shape if spec is not None else (0,)
 
 
 def _spec(node: Any) -> TensorSpec | None:
@@ -96,21 +116,28 @@ def _analyse(net: fx.GraphModule, layers: dict, unsafe: set, groups: _Groups) ->
         out = None
         if layer is not None:
             data = producer_input(node)
+            single = len(layer.sites) == 1  # a layer called twice keeps its shape: every call must fit it
             if isinstance(data, fx.Node) and seg.get(data) is not None:
-                if getattr(module, "groups", 1) != 1 or not isinstance(module, _PRUNABLE):
+                # the axis this layer reads its input units from (a Linear output read by a Conv1d: another one)
+                in_axis = (-1 if isinstance(module, nn.Linear) else 1) % len(seg_shape(data))
+                if getattr(module, "groups", 1) != 1 or not isinstance(module, _PRUNABLE) or not single \
+                        or seg[data].axis != in_axis:
                     spoil(seg[data])
                 else:
                     consumers[node.name] = seg[data]
             spec = _spec(node)
             if layer.role == "masked" and isinstance(module, _PRUNABLE) and getattr(module, "groups", 1) == 1 \
-                    and spec is not None and groups.find(layer.name) not in unsafe:
+                    and single and spec is not None and groups.find(layer.name) not in unsafe:
                 out = Segments((-1 if isinstance(module, nn.Linear) else 1) % spec.ndim,
                                [(layer.name, layer.units, 1)])
         elif not live or (node.op != "output" and _is_shape_query(node)):
             out = None
         elif node.op == "output":
             spoil(*live)
-        elif _is_passthrough(node, net) or (module is not None and type(module) in PER_CHANNEL_MODULES) or \
+        elif writes_input(node, module) and not _is_passthrough(node, net, live[0].axis):
+            spoil(*live)  # an in-place write changes a tensor other readers hold
+        elif _is_passthrough(node, net, live[0].axis) or \
+                (module is not None and type(module) in PER_CHANNEL_MODULES) or \
                 (node.target is operator.mul and str(getattr(node.args[1], "target", "")).startswith("hat_mask_")):
             src, spec_in, spec_out = inputs[0], _spec(node.all_input_nodes[0]), _spec(node)
             if src is not None and spec_in and spec_out and spec_in.ndim == spec_out.ndim and \
@@ -118,8 +145,10 @@ def _analyse(net: fx.GraphModule, layers: dict, unsafe: set, groups: _Groups) ->
                 out = src
             else:
                 spoil(*live)
-        elif node.op in ("call_function", "call_method") and _canon(node.target) in ("add", "sub", "mul"):
-            tensors = [n for n in node.args if _spec(n) is not None]
+        elif node.op in ("call_function", "call_method") and _canon(node.target) in ("add", "sub", "mul") and not (
+                _canon(node.target) != "mul" and any(not isinstance(a, fx.Node) and a != 0 for a in _operands(node))):
+            # (a non-zero offset, `h + 0.5`, would make removed units non-zero)
+            tensors = [n for n in _operands(node) if _spec(n) is not None]
             specs = [_spec(n) for n in tensors]
             full = [s for s in specs if s is not None and s.ndim == _spec(node).ndim]
             segs = [seg.get(n) for n in tensors]

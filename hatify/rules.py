@@ -355,7 +355,9 @@ def elementwise_union(ctx: RuleContext) -> UnitMap:
     """Zero only where every tensor operand is zero: the union of their maps. A non-zero scalar or a
     non-zero `alpha` term makes the result unknown."""
     kind = _canon(ctx.node.target)
-    operands = [a for a in ctx.node.args if not (kind == "where" and a is ctx.node.args[0])]
+    # Keyword operands count as much as positional ones (`torch.add(a, other=b)`); `alpha` only scales one.
+    operands = [a for i, a in enumerate(ctx.node.args) if not (kind == "where" and i == 0)]
+    operands += [v for k, v in ctx.node.kwargs.items() if k not in ("condition", "alpha", "out")]
     for a in operands:
         if isinstance(a, (int, float)) and a != 0:
             return UnitMap.ones()
@@ -367,7 +369,7 @@ def elementwise_union(ctx: RuleContext) -> UnitMap:
 def product(ctx: RuleContext) -> UnitMap:
     """Zero wherever the first factor is zero (and for mul, wherever any factor is): one factor's map is
     exact enough and sound; prefer a known one. Broadcasting against the other operand is respected."""
-    a, b = ctx.arg(0), ctx.arg(1)
+    a, b = ctx.arg(0, "input"), ctx.arg(1, "other")
     kind = _canon(ctx.node.target)
     candidates = [a, b] if kind == "mul" else [a]
     known = [c for c in candidates if ctx.is_tensor(c) and not ctx.map_of(c).is_ones]
@@ -385,7 +387,7 @@ def product(ctx: RuleContext) -> UnitMap:
 def matmul(ctx: RuleContext) -> UnitMap:
     """out[..., i, k] = sum_j a[..., i, j] b[..., j, k]: zero when b's column k is zero for every j (b's
     map constant along j), or when a's row i is zero for every j."""
-    a, b = ctx.arg(0), ctx.arg(1)
+    a, b = ctx.arg(0, "input"), ctx.arg(1, "other", ctx.node.kwargs.get("mat2"))
     sa, sb, out = ctx.spec(a), ctx.spec(b), ctx.out
     if not (isinstance(sa, TensorSpec) and isinstance(sb, TensorSpec) and sa.ndim >= 2 and sb.ndim >= 2):
         return UnitMap.ones()

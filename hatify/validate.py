@@ -3,7 +3,6 @@ run time, and every original parameter still receives a gradient."""
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -11,6 +10,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from .copying import detached_deepcopy
 from .errors import HatifyError
 from .flow import producer_input
 from .inputs import Inputs
@@ -121,38 +121,57 @@ def _zero_units(value: torch.Tensor, layer: LayerPlan, axis: int) -> torch.Tenso
     return (moved == 0).all(0)
 
 
-def probe_flow(hat: HATModel, inputs: Inputs, fractions=(0.5, 0.9, 1.0), seeds=(0, 1)) -> tuple[list[dict], int]:
-    """Zero random mask units, run the model, and check that every consumer input unit the plan predicts to
-    be zero is exactly zero (soundness). Also counts zeros the plan did not predict (conservatism)."""
+def probe_patterns(hat: HATModel, random_draws: int = 2) -> list[tuple[str, torch.Tensor]]:
+    """Deterministic mask patterns (1 = unit kept) for the mask-flow probe: every unit zero; `random_draws` seeded
+    draws zeroing half the units (a wrong map within a layer, an offset, a permutation, shows where one unit is
+    zero and the unit it really depends on is not); and, for every bit of the layer index, the layers with that
+    bit set zeroed and then the others (every pair of layers is split by one of these: a map that names the
+    wrong layer, or misses an operand, shows)."""
+    units = hat.plan.total_units
+    patterns = [("all zero", torch.zeros(units))]
+    for seed in range(random_draws):
+        gen = torch.Generator().manual_seed(seed)
+        patterns.append((f"random half, seed {seed}", (torch.rand(units, generator=gen) >= 0.5).float()))
+    layers = [layer for layer in hat.plan.masked_layers if layer.offset is not None]
+    for bit in range(max(1, len(layers) - 1).bit_length()):
+        for polarity in (1, 0):
+            keep = torch.ones(units)
+            for i, layer in enumerate(layers):
+                if (i >> bit) & 1 == polarity:
+                    keep[layer.offset: layer.offset + layer.units] = 0
+            patterns.append((f"layers with index bit {bit} = {polarity} zero", keep))
+    return patterns
+
+
+def probe_flow(hat: HATModel, inputs: Inputs, patterns: list[tuple[str, torch.Tensor]] | None = None
+               ) -> tuple[list[dict], int]:
+    """Zero mask units (`probe_patterns`), run the model, and check that every consumer input unit the plan
+    predicts to be zero is exactly zero (soundness). Also counts zeros the plan did not predict (conservatism)."""
     layers = [layer for layer in hat.plan.masked_layers if layer.input_index is not None]
     watch = {site.node: layer for layer in layers for site in layer.sites}
-    units = hat.plan.total_units
     results, violations = [], 0
     was = hat.training
     hat.eval()
     try:
-        for fraction in fractions:
-            for seed in seeds:
-                gen = torch.Generator().manual_seed(seed)
-                keep = (torch.rand(units, generator=gen) >= fraction).float()
-                hat.masks.override = keep
-                recorder = _InputRecorder(hat.net, set(watch))
-                with torch.no_grad():
-                    recorder.run(*_positional(hat, inputs, 0, None))
-                predicted = actual = bad = 0
-                keep_ext = torch.cat([keep, torch.ones(1)])
-                for name, values in recorder.seen.items():
-                    layer = watch[name]
-                    pred = (keep_ext[layer.input_index] == 0).all(0)
-                    for value in values:
-                        axis = (-1 if layer.kind in ("linear", "linear_t") else 1) % value.ndim
-                        zero = _zero_units(value, layer, axis).cpu()
-                        predicted += int(pred.sum())
-                        actual += int(zero.sum())
-                        bad += int((pred & ~zero).sum())
-                violations += bad
-                results.append({"fraction": fraction, "seed": seed, "layers": len(recorder.seen),
-                                "predicted_zero": predicted, "actual_zero": actual, "violations": bad})
+        for name, keep in patterns if patterns is not None else probe_patterns(hat):
+            hat.masks.override = keep
+            recorder = _InputRecorder(hat.net, set(watch))
+            with torch.no_grad():
+                recorder.run(*_positional(hat, inputs, 0, None))
+            predicted = actual = bad = 0
+            keep_ext = torch.cat([keep, torch.ones(1)])
+            for node, values in recorder.seen.items():
+                layer = watch[node]
+                pred = (keep_ext[layer.input_index] == 0).all(0)
+                for value in values:
+                    axis = (-1 if layer.kind in ("linear", "linear_t") else 1) % value.ndim
+                    zero = _zero_units(value, layer, axis).cpu()
+                    predicted += int(pred.sum())
+                    actual += int(zero.sum())
+                    bad += int((pred & ~zero).sum())
+            violations += bad
+            results.append({"pattern": name, "layers": len(recorder.seen), "predicted_zero": predicted,
+                            "actual_zero": actual, "violations": bad})
     finally:
         hat.masks.override = None
         hat.train(was)
@@ -180,29 +199,30 @@ def original_parameter_map(hat: HATModel) -> dict[str, str]:
     return mapping
 
 
-def _without_gradient(out: Any, mapping: dict[str, torch.Tensor]) -> list[str]:
-    loss = sum(v.float().square().mean() for v in _leaves(out).values() if v.is_floating_point() and v.requires_grad)
+def _ungraded(model: nn.Module, params: dict[str, torch.Tensor], run) -> set[str]:
+    """Names in `params` that get no gradient from a loss on `run(model)`'s outputs."""
+    out = _leaves(run(model))
+    loss = sum(v.float().square().mean() for v in out.values() if v.is_floating_point() and v.requires_grad)
     if not isinstance(loss, torch.Tensor):
-        return sorted(mapping)
-    grads = torch.autograd.grad(loss, list(mapping.values()), allow_unused=True)
-    return [orig for orig, g in zip(mapping, grads) if g is None]
+        return set(params)
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    return {name for name, g in zip(params, grads) if g is None}
 
 
 def check_gradients(hat: HATModel, inputs: Inputs, model: nn.Module | None = None) -> list[str]:
-    """Names of original parameters that receive no gradient through the converted model (task 0). Given
-    the original `model`, those that get none through it either are left out (a detector's eval outputs
-    are chosen boxes: its proposal head gets no gradient from them in the original)."""
-    trial = copy.deepcopy(hat).eval()  # eval: norms use running statistics, so a batch of one works too
+    """Names of original parameters that receive no gradient through the converted model (task 0), leaving out
+    those that get none through `model` (the original) either: an unused pooler, an untaken branch."""
+    trial = detached_deepcopy(hat).eval()  # eval: norms use running statistics, so a batch of one works too
     params = dict(trial.net.named_parameters())
     mapping = {orig: params[name] for orig, name in original_parameter_map(trial).items()
                if name in params and params[name].requires_grad}
-    missing = _without_gradient(inputs.call(trial, task_id=0, mask_scale=1.0), mapping)
-    if model is None or not missing:
-        return missing
-    reference = copy.deepcopy(model).eval()
-    own = dict(reference.named_parameters())
-    unreached = set(_without_gradient(inputs.call(reference), {n: own[n] for n in mapping if n in own}))
-    return [name for name in missing if name not in unreached]
+    missing = _ungraded(trial, mapping, lambda m: inputs.call(m, task_id=0, mask_scale=1.0))
+    if missing and model is not None:
+        reference = detached_deepcopy(model).eval()
+        own = {name: p for name, p in reference.named_parameters(remove_duplicate=False)
+               if name in missing and p.requires_grad}
+        missing -= _ungraded(reference, own, inputs.call) if own else set()
+    return [name for name in mapping if name in missing]
 
 
 def validate(model: nn.Module, hat: nn.Module, example_inputs: Any) -> ValidationResult:

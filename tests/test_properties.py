@@ -189,7 +189,7 @@ def test_random_architecture_validates(spec: dict) -> None:
     if watched:
         assert all(probe["layers"] > 0 for probe in result.probes)
     if any(layer.input_producers for layer in watched):  # all masks closed: the probe is not vacuous
-        assert all(probe["predicted_zero"] > 0 for probe in result.probes if probe["fraction"] == 1.0)
+        assert all(probe["predicted_zero"] > 0 for probe in result.probes if probe["pattern"] == "all zero")
 
 
 def _weight_grad_columns(layer, grad: torch.Tensor) -> torch.Tensor:

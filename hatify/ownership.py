@@ -1,0 +1,120 @@
+"""Which parameters a HAT layer owns. Protection freezes a layer's weight entries by (output unit, input unit), so
+it is sound only when (a) every read of the weight is the layer's own and (b) whatever ops lie between the
+parameter and the layer keep each row in its place (row i of the effective weight depends on row i of the
+parameter only: weight standardisation, a per-row gain). A weight read elsewhere (`b @ self.fc.weight`, a tied
+output projection) or transformed across rows (`w.t()`, `w.flip(0)`, `w / w.norm()`) is not a HAT layer's: it
+is left to the loose-parameter policy (one copy per task, or frozen) and reported.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .shapes import TensorSpec
+
+_TRIALS = 3
+
+
+def _ancestors(node: fx.Node) -> list[fx.Node]:
+    """`node` and every node it depends on, in graph order."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return [n for n in node.graph.nodes if n in seen]
+
+
+def keeps_rows(weight_node: fx.Node, param: str, gm: fx.GraphModule) -> bool:
+    """Whether the ops from parameter `param` to `weight_node` keep rows in place: replacing random rows of the
+    parameter changes no other row of the result, on several draws (and the row count is kept)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in _ancestors(weight_node):
+        if n.op == "placeholder":
+            return False
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    graph.output(env[weight_node])
+    sub = fx.GraphModule(gm, graph)
+    value = gm.get_parameter(param).detach()
+    gen = torch.Generator().manual_seed(0)
+    try:
+        with torch.no_grad():
+            base = torch.func.functional_call(sub, {param: value}, ())
+            if not isinstance(base, torch.Tensor) or base.ndim == 0 or base.shape[0] != value.shape[0]:
+                return False
+            for _ in range(_TRIALS):
+                rows = torch.rand(value.shape[0], generator=gen) < 0.5
+                moved = value.clone()
+                moved[rows] = torch.randn(moved[rows].shape, generator=gen).to(value.dtype)
+                out = torch.func.functional_call(sub, {param: moved}, ())
+                if out.shape != base.shape or not torch.equal(out[~rows].nan_to_num(), base[~rows].nan_to_num()):
+                    return False
+    except Exception:  # cannot be evaluated on its own: not provably row-local
+        return False
+    return True
+
+
+def outside_reads(gm: fx.GraphModule, params: list[str], sites: list[fx.Node], args: list[fx.Node]) -> list[fx.Node]:
+    """Reads of `params` that are not the layer's own: a get_attr outside the chains from its parameters to its
+    call sites' weight and bias arguments `args`, or a chain node whose result also flows elsewhere."""
+    chain = {n for a in args for n in _ancestors(a)}
+    own = chain | set(sites)
+    live = _live(gm)  # a read whose result is never used reads nothing
+    bad = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target in params and n not in chain and n in live]
+    return bad + [n for n in gm.graph.nodes if n in chain and any(u not in own and u in live for u in n.users)]
+
+
+def _live(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes the output, or an in-place write, depends on."""
+    from .inplace import writes_input
+
+    roots = [n for n in gm.graph.nodes if n.op == "output" or writes_input(
+        n, gm.get_submodule(n.target) if n.op == "call_module" else None)]
+    return {a for root in roots for a in _ancestors(root)}
+
+
+_INLINE = {nn.Linear: lambda m: (F.linear, ("weight", "bias"), ()),
+           nn.Conv1d: lambda m: (F.conv1d, ("weight", "bias"), (m.stride, m.padding, m.dilation, m.groups)),
+           nn.Conv2d: lambda m: (F.conv2d, ("weight", "bias"), (m.stride, m.padding, m.dilation, m.groups)),
+           nn.Conv3d: lambda m: (F.conv3d, ("weight", "bias"), (m.stride, m.padding, m.dilation, m.groups)),
+           nn.Embedding: lambda m: (F.embedding, ("weight",), (m.padding_idx, m.max_norm, m.norm_type,
+                                                               m.scale_grad_by_freq, m.sparse))}
+
+
+def inline_shared_layers(gm: fx.GraphModule) -> list[str]:
+    """A Linear, ConvNd or Embedding module whose parameters the graph also reads directly becomes the functional
+    call it stands for, reading the same parameters: then every read of them is a graph read, which the
+    loose-parameter policy replaces consistently (one copy per task shared by all the reads). Returns the
+    inlined module names."""
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    inlined = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        module = gm.get_submodule(node.target)
+        make = _INLINE.get(type(module))
+        if make is None or getattr(module, "padding_mode", "zeros") != "zeros":
+            continue
+        fn, names, extra = make(module)
+        if not any(f"{node.target}.{name}" in read for name in names + ("bias",)):
+            continue
+        with gm.graph.inserting_before(node):
+            attrs = []
+            for name in names:
+                if getattr(module, name, None) is None:
+                    attrs.append(None)
+                    continue
+                attr = gm.graph.get_attr(f"{node.target}.{name}")
+                value = getattr(module, name)
+                attr.meta["hat_spec"] = TensorSpec(tuple(value.shape), value.dtype)
+                attrs.append(attr)
+            call = gm.graph.call_function(fn, (node.args[0], *attrs, *extra))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        inlined.append(node.target)
+    return inlined
+
