@@ -230,6 +230,10 @@ def _weight_args(node: fx.Node, producer: Producer) -> list[fx.Node]:
     """The graph nodes a functional producer call takes its weight and bias from."""
     if producer.module:
         return []
+    if _canon(node.target) == "matmul":  # `x @ W` or `x @ W.T`, then `+ b` (see `_matmul_producer`)
+        bias = [a for u in node.users for a in u.args
+                if isinstance(a, fx.Node) and a.op == "get_attr" and a.target == producer.bias]
+        return [node.args[1], *bias[:1]]
     _, _, _, w_pos, b_pos, _ = _FUNCTION_PRODUCERS[_canon(node.target)]
     found = [node.args[i] if i is not None and i < len(node.args) else node.kwargs.get(name)
              for i, name in ((w_pos, "weight"), (b_pos, "bias"))]
@@ -241,12 +245,15 @@ def _disown(gm: fx.GraphModule, by_name: dict[str, Producer], node_of: dict[fx.N
     dropped = []
     for producer in list(by_name.values()):
         sites = [n for n, p in node_of.items() if p is producer]
-        args = [a for site in sites for a in _weight_args(site, producer)]
+        # the weight's chain, and the bias's where the layer owns its bias (a bias it does not own is per task)
+        args = [a for site in sites for a in _weight_args(site, producer)[: 2 if producer.bias else 1]]
         reason = ""
         if producer.weight_transformed and not all(
                 keeps_rows(_weight_args(site, producer)[0], producer.weight, gm) for site in sites):
             reason = "weight transformed across rows before use (not provably row-local)"
-        bad = outside_reads(gm, [p for p in (producer.weight, producer.bias) if p], sites, args)
+        # `x @ W + b`: the add applies the layer's bias, so it is the layer's own read of it
+        calls = sites + [u for site in sites if producer.bias and _canon(site.target) == "matmul" for u in site.users]
+        bad = outside_reads(gm, [p for p in (producer.weight, producer.bias) if p], calls, args)
         if bad:
             reason = f"weight also read outside the layer at {node_location(bad[0])}"
         elif producer.weight_shared:

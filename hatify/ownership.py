@@ -27,12 +27,51 @@ def _ancestors(node: fx.Node) -> list[fx.Node]:
     return [n for n in node.graph.nodes if n in seen]
 
 
+def in_place_writers(nodes: set[fx.Node], gm: fx.GraphModule) -> set[fx.Node]:
+    """In-place writes into `nodes`, directly or through views, and those views: they change what a chain hands
+    its layer (`bias = self.qkv.bias.clone(); bias[n:2 * n].zero_()`, Swin V2). Only writes whose result is not
+    used otherwise, and views used only by such writes, count."""
+    from .inplace import _alias_kind, _first_tensor, writes_input
+
+    found: set[fx.Node] = set()
+    frontier = [n for n in nodes if n.op != "get_attr"]  # a write into a parameter itself is never the layer's
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user in nodes or user in found or _first_tensor(user) is not node:
+                continue
+            module = gm.get_submodule(user.target) if user.op == "call_module" else None
+            if writes_input(user, module) or _alias_kind(user, gm) == "view":
+                found.add(user)
+                frontier.append(user)
+    changed = True
+    while changed:  # keep the writes, and the views that lead only to kept writes and views
+        changed = False
+        for node in list(found):
+            if any(u not in found for u in node.users) or not (node.users or _is_write(node, gm)):
+                found.discard(node)
+                changed = True
+    return found
+
+
+def _is_write(node: fx.Node, gm: fx.GraphModule) -> bool:
+    from .inplace import writes_input
+
+    return writes_input(node, gm.get_submodule(node.target) if node.op == "call_module" else None)
+
+
 def keeps_rows(weight_node: fx.Node, param: str, gm: fx.GraphModule) -> bool:
     """Whether the ops from parameter `param` to `weight_node` keep rows in place: replacing random rows of the
-    parameter changes no other row of the result, on several draws (and the row count is kept)."""
+    parameter changes no other row of the result, on several draws (and the row count is kept). In-place writes
+    into the chain before its first use count as part of it."""
+    chain = set(_ancestors(weight_node))
+    first_use = min((list(weight_node.graph.nodes).index(u) for u in weight_node.users), default=None)
+    order = {n: i for i, n in enumerate(weight_node.graph.nodes)}
+    writers = {w for w in in_place_writers(chain, gm) if first_use is None or order[w] < first_use}
+    needed = chain | {a for w in writers for a in _ancestors(w)}
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    for n in _ancestors(weight_node):
+    for n in [n for n in weight_node.graph.nodes if n in needed]:
         if n.op == "placeholder":
             return False
         env[n] = graph.node_copy(n, lambda a: env[a])
@@ -61,10 +100,21 @@ def outside_reads(gm: fx.GraphModule, params: list[str], sites: list[fx.Node], a
     """Reads of `params` that are not the layer's own: a get_attr outside the chains from its parameters to its
     call sites' weight and bias arguments `args`, or a chain node whose result also flows elsewhere."""
     chain = {n for a in args for n in _ancestors(a)}
-    own = chain | set(sites)
+    own = chain | set(sites) | in_place_writers(chain, gm)
     live = _live(gm)  # a read whose result is never used reads nothing
     bad = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target in params and n not in chain and n in live]
-    return bad + [n for n in gm.graph.nodes if n in chain and any(u not in own and u in live for u in n.users)]
+    return bad + [n for n in gm.graph.nodes
+                  if n in chain and any(u not in own and u in live and not _metadata(u) for u in n.users)]
+
+
+_METADATA = {"size", "numel", "dim", "ndimension", "nelement", "shape", "dtype", "device", "ndim", "is_cuda"}
+
+
+def _metadata(node: fx.Node) -> bool:
+    """A read of a tensor's shape, dtype or device only (`bias.numel()`): no use of its values."""
+    if node.op == "call_method":
+        return node.target in _METADATA
+    return node.op == "call_function" and node.target is getattr and node.args[1] in _METADATA
 
 
 def _live(gm: fx.GraphModule) -> set[fx.Node]:

@@ -197,9 +197,12 @@ def passthrough(ctx: RuleContext) -> Any:
 
 def _zero_pattern_kept(module: nn.Module, spec: TensorSpec, extra: tuple, kwargs: dict) -> bool:
     """Run `module` in train and in eval mode on random inputs with random zeros: every zero input element
-    must give a zero output element. The global RNG is left as it was (drop path draws from it)."""
-    was_training = module.training
+    must give a zero output element. The global RNG is left as it was (drop path draws from it), and the module
+    runs as a copy: a module that updates its own state in training (a running mean) must not see the probe."""
+    from .copying import detached_deepcopy
+
     try:
+        module = detached_deepcopy(module)
         with torch.random.fork_rng(), torch.no_grad():
             gen = torch.Generator().manual_seed(0)
             for training in (True, False, True):
@@ -210,8 +213,6 @@ def _zero_pattern_kept(module: nn.Module, spec: TensorSpec, extra: tuple, kwargs
                     return False
     except Exception:  # cannot be checked: not zero-preserving as far as hatify knows
         return False
-    finally:
-        module.train(was_training)
     return True
 
 
