@@ -63,10 +63,17 @@ class Inputs:
         """Placeholder names: the forward's parameter names for positional inputs (`input_i` past them or
         where the signature cannot be read), then the keyword names."""
         try:
-            params = [p for p in inspect.signature(module.forward).parameters.values()
-                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            signature = inspect.signature(module.forward)
         except (TypeError, ValueError):
-            params = []
+            signature = None
+        params = [p for p in signature.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                  ] if signature is not None else []
+        if signature is not None:
+            try:
+                signature.bind(*self.args, **self.kwargs)
+            except TypeError as exc:
+                raise HatifyError(f"example_inputs do not fit {type(module).__name__}.forward{signature}: {exc}. "
+                                  "Give the inputs the model is called with") from None
         positional = [params[i].name if i < len(params) else f"input_{i}" for i in range(len(self.args))]
         clash = set(positional) & set(self.kwargs)
         if clash:

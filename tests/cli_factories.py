@@ -1,6 +1,8 @@
 """Small architectures for the command-line tests, importable as `cli_factories:<name>`."""
 from __future__ import annotations
 
+import random
+
 import torch
 from torch import nn
 
@@ -41,15 +43,16 @@ def with_opaque(width: int = 8) -> nn.Module:
 
 
 class Noisy(nn.Module):
-    """Adds fresh noise on every call, even in eval mode, so no conversion can reproduce its outputs."""
+    """Adds a number Python draws on every call, even in eval mode: the trace keeps the one drawn while tracing,
+    so no conversion can reproduce its outputs. (Torch's own random ops are reproduced: validation runs the
+    original and the conversion under one seed.)"""
 
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc(x)
-        return y + torch.randn_like(y)
+        return self.fc(x) + random.random()
 
 
 def noisy() -> nn.Module:
