@@ -1,16 +1,19 @@
 """HAT (hatify, through its Avalanche strategy) against Avalanche's continual-learning strategies.
 
     .venv/bin/python benchmarks/baselines.py [--seeds 3] [--jobs 2] [--epoch-scale 1.0] [--only split_digits,mlp]
-                                             [--methods hat,naive,...] [--sweep] [--from-runs A.json,B.json]
+                                             [--methods hat,naive,...] [--sweep] [--reuse RUNS.json]
+                                             [--from-runs A.json,B.json]
 
 Every method trains through Avalanche (`SupervisedTemplate` strategies) on the same task-incremental streams,
 networks, data order, epochs, batch size and optimizer (SGD, momentum 0.9, one for all tasks; the streams,
 networks and learning rates of `continual.py`): Split Digits, Split MNIST-5k and Permuted MNIST-1D, each with
 the MLP and the small CNN. Baselines are multi-head like HAT: the network has 5 x classes outputs and task t
-reads its own slice. Hyper-parameters: one common setting per method (HYPER), except the penalty weights of
-EWC and SI, chosen per stream and network by `--sweep` (GRIDS): every grid value trains once (seed 0) on 80% of
-each task's training set and is scored by ACC on the other 20%; the test sets are never used for the choice.
-The choices are read from baselines_sweep.json (see CHOICES_FILE).
+reads its own slice. Hyper-parameters (baselines_tuning.py): every method that stores no data gets the same
+budget, its main hyper-parameter chosen per stream and network by `--sweep` among 4 values (GRIDS), each trained
+once (seed 0) on 80% of each task's training set and scored by ACC on the other 20%; the test sets are never
+used for the choice. The table runs read the choices from results/baselines_sweep.json; the others use HYPER.
+`--reuse RUNS.json` takes the runs a saved file already has with the same settings; `--from-runs A.json,B.json`
+renders the merge (B's runs replace A's for the same stream, network and method).
 Figures per run: the accuracy matrix, ACC, BWT, training seconds (strategy.train only, not evaluation) and the
 peak resident memory the run added to its process (each run in a fresh process forked from a server that has
 imported the libraries; VmHWM reset at the start, minus the RSS then).
@@ -36,20 +39,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines_tuning import (CHOICES_FILE, GRIDS, HYPER, choose, fix_si, hyper_text, job_key,  # noqa: E402
+                              merge_runs, reusable, si_snapshot_is_a_view, sweep_section, validation_split)
 from continual import BENCHMARKS, NUM_TASKS, RESULTS, build_network, load_tasks  # noqa: E402
 
 NETWORKS = ("mlp", "cnn")
-# the defaults: a stream without a sweep choice uses them
-HYPER = {"ewc_lambda": 10000.0, "si_lambda": 100.0, "lwf_alpha": 1.0, "packnet_prune": 0.5, "hat_c": 0.75}
-# The same budget for each swept method: its main hyper-parameter, 4 values, one seed, a validation split of the
-# training data. EWC's and SI's penalty weights have no natural scale: a decade apart (EWC's from 1: at 1e4 it
-# diverges with this SGD); LwF's alpha, PackNet's pruned share per task and HAT's c around their defaults (1, 0.5
-# and 0.75). Every method that stores no data and has a hyper-parameter is swept (Naive has none).
-GRIDS = {"ewc": ("ewc_lambda", (1.0, 10.0, 100.0, 1000.0)), "si": ("si_lambda", (10.0, 100.0, 1000.0, 10000.0)),
-         "lwf": ("lwf_alpha", (0.3, 1.0, 3.0, 10.0)), "packnet": ("packnet_prune", (0.2, 0.4, 0.6, 0.8)),
-         "hat": ("hat_c", (0.1, 0.25, 0.75, 2.5))}
-VALIDATION_SHARE = 0.2
-CHOICES_FILE = "baselines_sweep.json"
 CACHE_ENV = "HATIFY_BASELINES_CACHE"
 # imported once by the fork server; every run then forks a fresh process from it (its peak memory is its own)
 PRELOAD = ["__main__", "avalanche.training", "avalanche.benchmarks", "avalanche.models.packnet",
@@ -102,45 +96,6 @@ def _packnet_model(net: nn.Module, classes: int) -> nn.Module:
     return SlicedPackNet(net)
 
 
-def _si_snapshot_is_a_view() -> bool:
-    """Avalanche 0.6's SI snapshots weights as `param.detach().cpu().flatten()`: on CPU a view of the live weights."""
-    from avalanche.training.plugins import SynapticIntelligencePlugin
-    from avalanche.training.utils import ParamData
-
-    layer = nn.Linear(2, 2)
-    target = {name: ParamData(name, p.flatten().shape) for name, p in layer.named_parameters()}
-    SynapticIntelligencePlugin.extract_weights(layer, target, set())
-    return target["weight"].data.data_ptr() == layer.weight.data_ptr()
-
-
-def _fix_si() -> None:
-    """Two fixes to Avalanche 0.6's SI (see breakage()). 1: its snapshots made copies (as shipped, on CPU the
-    start-of-task and before/after-step weights follow the parameters: path integral and penalty exactly 0, SI
-    trains like Naive). 2: importances clamped at 0 from below as well (it clamps them at 0.001 from above only;
-    with SGD momentum some path integrals come out positive, a negative importance makes the penalty unbounded
-    below and training diverges to NaN within 3-5 tasks)."""
-    from avalanche.training.plugins import SynapticIntelligencePlugin as SI
-
-    if getattr(SI, "_hatify_fixed", False):
-        return
-    update_importances = SI.update_ewc_data
-
-    @torch.no_grad()
-    def extract_weights(model: nn.Module, target: dict, excluded_parameters: set) -> None:
-        for name, param in SI.allowed_parameters(model, excluded_parameters):
-            target[name].data = param.detach().flatten().clone().cpu()
-
-    @torch.no_grad()
-    def update_ewc_data(net: nn.Module, ewc_data: tuple, *args, **kwargs) -> None:
-        update_importances(net, ewc_data, *args, **kwargs)
-        for importance in ewc_data[1].values():
-            importance.data = importance.data.clamp(min=0.0)
-
-    # SI calls both by class name: a subclass would not do
-    SI.extract_weights, SI.update_ewc_data = staticmethod(extract_weights), staticmethod(update_ewc_data)
-    SI._hatify_fixed = True
-
-
 def make_strategy(method: str, bench_name: str, network: str, seed: int, epochs: int, x_example: torch.Tensor,
                   hyper: dict | None = None):
     from avalanche.evaluation.metrics import accuracy_metrics
@@ -154,7 +109,7 @@ def make_strategy(method: str, bench_name: str, network: str, seed: int, epochs:
     k = bench.classes
     hyper = {**HYPER, **(hyper or {})}
     if method == "si":
-        _fix_si()
+        fix_si()
     torch.manual_seed(seed)
     if method == "hat":
         model = hatify.hatify(build_network(network, bench, k), NUM_TASKS, example_inputs=(x_example,),
@@ -192,20 +147,10 @@ def _tasks(bench_name: str, seed: int) -> list:
     return load_tasks(bench_name, seed)
 
 
-def _validation(tasks: list) -> list:
-    """Each task's training set cut in two (shuffled, fixed): train on the first part, score on the held-out one."""
-    out = []
-    for x, y, _, _ in tasks:
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(1234))
-        cut = len(y) - int(VALIDATION_SHARE * len(y))
-        out.append((x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]]))
-    return out
-
-
 def _stream(bench_name: str, seed: int, validation: bool = False):
     from avalanche.benchmarks import tensors_benchmark
 
-    tasks = _validation(_tasks(bench_name, seed)) if validation else _tasks(bench_name, seed)
+    tasks = validation_split(_tasks(bench_name, seed)) if validation else _tasks(bench_name, seed)
     return tensors_benchmark(train_tensors=[(t[0], t[1]) for t in tasks], test_tensors=[(t[2], t[3]) for t in tasks],
                              task_labels=list(range(NUM_TASKS)), complete_test_set_only=False)
 
@@ -306,36 +251,6 @@ def _standing(rows: list[dict]) -> list[str]:
     return lines
 
 
-def choose(sweep_runs: list[dict]) -> tuple[dict, list[str]]:
-    """The best grid value per stream, network and method by validation ACC; the sweep's Markdown table."""
-    table: dict[tuple, dict[float, dict]] = {}
-    for run in sweep_runs:
-        key = (run["benchmark"], run["network"], run["method"])
-        table.setdefault(key, {})[next(iter(run["hyper"].values()))] = run
-    choices, lines = {}, []
-    for (bench, network, method), by_value in sorted(table.items()):
-        name = GRIDS[method][0]
-        scored = {v: (r["acc"] if "acc" in r and not r.get("nonfinite_weights") else -1.0) for v, r in by_value.items()}
-        best = max(sorted(scored), key=lambda v: scored[v])  # ties: the smallest value
-        choices[f"{bench}/{network}/{method}"] = {name: best}
-        cells = [("diverged" if r.get("nonfinite_weights") else f"{r['acc']:.4f} / {r['bwt']:+.4f}")
-                 if "acc" in r else "failed" for _, r in sorted(by_value.items())]
-        lines.append(f"| {bench} | {network} | {method} | " + " | ".join(cells) + f" | {best:g} |")
-    return choices, lines
-
-
-def _sweep_section(sweep: dict | None) -> list[str]:
-    if not sweep:
-        return []
-    grids = "; ".join(f"{m} {name} in {', '.join(f'{v:g}' for v in values)}" for m, (name, values) in GRIDS.items())
-    head = "| benchmark | network | method | " + " | ".join(f"value {i + 1}" for i in range(4)) + " | chosen |"
-    return ["", "## Penalty weight sweep (validation split, seed 0)", "",
-            f"Command: `{sweep['command']}`. Grids: {grids} (the cells in this order). Each cell: validation ACC / "
-            f"BWT of one run trained on {1 - VALIDATION_SHARE:.0%} of each task's training set and scored on the "
-            f"other {VALIDATION_SHARE:.0%}; the value with the best ACC is used for every seed of the table above.",
-            "", head, "|---|---|---|" + "---:|" * 4 + "---:|"] + choose(sweep["runs"])[1]
-
-
 def render(rows: list[dict], meta: dict) -> str:
     md = ["# HAT (hatify) against Avalanche's strategies", "", f"Command: `{meta['command']}`  ",
           f"Settings: {json.dumps(meta['settings'])}", "",
@@ -344,7 +259,10 @@ def render(rows: list[dict], meta: dict) -> str:
           "HAT has one head per task. ACC = mean final test accuracy over the 5 tasks; BWT = mean (final - just "
           "trained) over tasks 0-3; train s = median seconds in `strategy.train` per run (evaluation excluded); "
           "peak MiB = median peak resident memory a run added to its process. Stores data: the method keeps "
-          "training samples (a buffer, or all of them).", "",
+          "training samples (a buffer, or all of them). Hyper-parameters: every method that stores no data "
+          "(HAT included) gets the same tuning budget, its main hyper-parameter chosen per stream and network "
+          "among 4 values by ACC on a validation split of the training data (the sweep section below); the others "
+          "keep one common setting. A run whose weights end non-finite is marked diverged.", "",
           "| benchmark | network | method | stores data | ACC | BWT | train s | peak MiB | notes |",
           "|---|---|---|---|---:|---:|---:|---:|---|"]
     for row in rows:
@@ -365,25 +283,12 @@ def render(rows: list[dict], meta: dict) -> str:
     md += ["", "## Where HAT stands", "",
            "| benchmark | network | HAT ACC | best method storing no data | HAT at or above it | best other method | "
            "HAT's rank |", "|---|---|---:|---|---|---|---|"] + _standing(rows)
-    md += ["", "## Method settings", ""] + [f"- `{m}`: {text.format(**_hyper_text(rows, m))}"
-                                             for m, (_, text) in METHODS.items()]
-    md += _sweep_section(meta.get("sweep"))
+    md += ["", "## Method settings", ""] + [f"- `{m}`: {text.format(**hyper_text(rows, m))}"
+                                            for m, (_, text) in METHODS.items()]
+    md += sweep_section(meta.get("sweep"))
     md += ["", "## Known breakage on this torch", ""] + [f"- {line}" for line in meta["breakage"]]
     md += ["", "Plots: " + ", ".join(f"`{p}`" for p in meta["plots"])]
     return "\n".join(md) + "\n"
-
-
-def _hyper_text(rows: list[dict], method: str) -> dict[str, str]:
-    """Each setting's value as the table used it: one value, or the value per stream and network."""
-    out = {}
-    for name, default in HYPER.items():
-        used = {f"{r['benchmark']}/{r['network']}": r.get("hyper", {}).get(name, default)
-                for r in rows if r["method"] == method}
-        if len(set(used.values())) <= 1:
-            out[name] = f"{next(iter(used.values()), default):g}"
-        else:
-            out[name] = "per stream by the sweep below (" + ", ".join(f"{k} {v:g}" for k, v in used.items()) + ")"
-    return out
 
 
 def plot(rows: list[dict], out: Path, suffix: str) -> list[str]:
@@ -442,19 +347,19 @@ def breakage() -> list[str]:
     from avalanche.training import BiC, PackNet
 
     lines = []
-    if _si_snapshot_is_a_view():
+    if si_snapshot_is_a_view():
         lines.append("SI (Avalanche 0.6 `SynapticIntelligencePlugin.extract_weights`) stores its weight snapshots as "
                      "`param.detach().cpu().flatten()`, which on a CPU model is a view of the live parameter, not "
                      "a copy: the start-of-task anchor and the before/after-step weights all move with the "
                      "weights, so the path integral (new - old) and the penalty (w - anchor) are exactly 0 and SI "
                      "trains bit for bit like Naive (our first table: identical ACC and BWT in every row). On GPU "
-                     "`.cpu()` copies. Here the snapshots are made copies (`_fix_si`)")
+                     "`.cpu()` copies. Here the snapshots are made copies (`fix_si`)")
     lines.append("SI's importances are clamped at 0.001 from above only (`update_ewc_data`, `clip_to`): with SGD "
                  "momentum some path integrals come out positive, so some importances turn negative (down to -22 "
                  "after 3 tasks of split digits), the penalty is then unbounded below (-1e14) and the weights "
                  "become NaN within 3-5 tasks at any lambda from 10 to 1000 (split digits MLP, validation split) "
                  "once the first fix is in. Here the "
-                 "importances are clamped at 0 from below as well (`_fix_si`)")
+                 "importances are clamped at 0 from below as well (`fix_si`)")
     net = _packnet_model(build_network("mlp", BENCHMARKS["split_digits"], 10), 2)
     try:
         strategy = PackNet(model=net, optimizer=torch.optim.AdamW(net.parameters()), post_prune_epochs=1,
@@ -496,23 +401,6 @@ def _per_benchmark(text: str, default: dict[str, int]) -> dict[str, int]:
     return values
 
 
-def _merge_runs(paths: list[Path]) -> tuple[list[dict], dict, str]:
-    """The runs of several saved JSONs; a later file's runs replace the earlier ones of the same setting."""
-    runs: list[dict] = []
-    commands, settings = [], None
-    for path in paths:
-        saved = json.loads(path.read_text())
-        saved_meta = saved.get("meta", saved)
-        new = saved["runs"]
-        replaced = {(r["benchmark"], r["network"], r["method"]) for r in new}
-        runs = [r for r in runs if (r["benchmark"], r["network"], r["method"]) not in replaced] + new
-        commands.append(saved_meta["command"])
-        settings = settings or dict(saved_meta["settings"])
-    settings["note"] = (f"{len(runs)} runs from {', '.join(p.name for p in paths)} (a later file's runs replace an "
-                        "earlier one's for the same stream, network and method)")
-    return runs, settings, " ; then ".join(commands)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="3", help="N, or NAME=N per stream (split_mnist=2,...)")
@@ -523,8 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="", help="comma-separated methods (default: all)")
     parser.add_argument("--from-runs", default="", help="render the table from saved JSONs' runs (comma-separated; "
                         "a later file's runs replace an earlier one's for the same stream, network and method)")
-    parser.add_argument("--sweep", action="store_true", help=f"sweep {', '.join(GRIDS)}'s penalty weights on a "
+    parser.add_argument("--sweep", action="store_true", help=f"sweep {', '.join(GRIDS)}'s hyper-parameter on a "
                         f"validation split (seed 0) and write {CHOICES_FILE}; the table runs read its choices")
+    parser.add_argument("--reuse", default="", help="a saved runs JSON: a job it already ran with the same "
+                        "settings is taken from it, not trained again (never SI's runs saved before its fixes)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     only = {s for s in args.only.split(",") if s}
@@ -547,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [(b, n, m, seed, epochs[b], chosen.get(f"{b}/{n}/{m}", {}), False)
                 for b in BENCHMARKS if kept(b, set(BENCHMARKS)) for n in NETWORKS if kept(n, set(NETWORKS))
                 for seed in range(seeds[b]) for m in methods]
+    reused = reusable(Path(args.reuse), jobs) if args.reuse else []
+    done = {job_key(r) for r in reused}
+    jobs = [j for j in jobs if job_key(j) not in done]
     # seed by seed (a run cut short still covers every setting), the slowest first within a seed
     jobs.sort(key=lambda j: (j[3], j[2] not in ("cumulative", "gem"), j[0] != "permuted_mnist1d", j[1] != "cnn"))
     out.mkdir(parents=True, exist_ok=True)
@@ -559,9 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[CACHE_ENV] = str(cache)
     start = time.perf_counter()
     if args.from_runs:
-        runs, settings, command = _merge_runs([Path(f) for f in args.from_runs.split(",")])
+        runs, settings, command = merge_runs([Path(f) for f in args.from_runs.split(",")])
     else:
-        runs = []
+        runs = list(reused)
+        print(f"{len(reused)} runs reused from {args.reuse}, {len(jobs)} to train", flush=True)
         for bench, seed in sorted({(j[0], j[3]) for j in jobs}):
             torch.save(load_tasks(bench, seed), cache / f"{bench}_{seed}.pt")
         context = get_context("forkserver")
@@ -571,8 +465,8 @@ def main(argv: list[str] | None = None) -> int:
             for run in pool.map(_run_job, jobs):
                 runs.append(run)
                 status = run.get("error") or f"ACC {run['acc']:.4f} BWT {run['bwt']:+.4f} {run['seconds']:.1f} s"
-                print(f"[{len(runs)}/{len(jobs)}] {run['benchmark']} {run['network']} {run['method']} seed "
-                      f"{run['seed']} {run.get('hyper') or ''}: {status}", flush=True)
+                print(f"[{len(runs) - len(reused)}/{len(jobs)}] {run['benchmark']} {run['network']} "
+                      f"{run['method']} seed {run['seed']} {run.get('hyper') or ''}: {status}", flush=True)
                 settings["total_seconds"] = round(time.perf_counter() - start, 1)
                 partial.write_text(json.dumps({"command": command, "settings": settings, "runs": runs}))
     if args.sweep:
@@ -584,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         choices, lines = choose(runs)
         sweep = {"command": command, "settings": settings, "grids": GRIDS, "choices": choices, "runs": runs}
         choices_path.write_text(json.dumps(sweep, indent=1))
-        print("\n".join(_sweep_section(sweep)))
+        print("\n".join(sweep_section(sweep)))
         return 0
     rows = aggregate(runs)
     meta = {"command": command, "settings": settings, "breakage": breakage(), "plots": plot(rows, out, suffix),
