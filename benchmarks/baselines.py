@@ -455,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         runs, settings, command = merge_runs([Path(f) for f in args.from_runs.split(",")])
     else:
         runs = list(reused)
-        print(f"{len(reused)} runs reused from {args.reuse}, {len(jobs)} to train", flush=True)
+        if args.reuse:
+            print(f"{len(reused)} runs reused from {args.reuse}, {len(jobs)} to train", flush=True)
         for bench, seed in sorted({(j[0], j[3]) for j in jobs}):
             torch.save(load_tasks(bench, seed), cache / f"{bench}_{seed}.pt")
         context = get_context("forkserver")
