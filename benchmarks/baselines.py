@@ -353,7 +353,8 @@ def breakage() -> list[str]:
                      "a copy: the start-of-task anchor and the before/after-step weights all move with the "
                      "weights, so the path integral (new - old) and the penalty (w - anchor) are exactly 0 and SI "
                      "trains bit for bit like Naive (our first table: identical ACC and BWT in every row). On GPU "
-                     "`.cpu()` copies. Here the snapshots are made copies (`fix_si`)")
+                     "`.cpu()` copies. The same symptom was reported as ContinualAI/avalanche#734 (closed in 2021); 0.6.0 "
+                     "still has it on CPU. Here the snapshots are made copies (`fix_si`)")
     lines.append("SI's importances are clamped at 0.001 from above only (`update_ewc_data`, `clip_to`): with SGD "
                  "momentum some path integrals come out positive, so some importances turn negative (down to -22 "
                  "after 3 tasks of split digits), the penalty is then unbounded below (-1e14) and the weights "

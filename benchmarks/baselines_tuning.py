@@ -102,7 +102,21 @@ def sweep_section(sweep: dict | None) -> list[str]:
             f"Command: `{sweep['command']}`. Grids: {grids} (the cells in this order). Each cell: validation ACC / "
             f"BWT of one run trained on {1 - VALIDATION_SHARE:.0%} of each task's training set and scored on the "
             f"other {VALIDATION_SHARE:.0%}; the value with the best ACC is used for every seed of the table above.",
-            "", head, "|---|---|---|" + "---:|" * 4 + "---:|"] + choose(sweep["runs"])[1]
+            "", head, "|---|---|---|" + "---:|" * 4 + "---:|"] + choose(sweep["runs"])[1] + _sweep_notes(sweep)
+
+
+def _sweep_notes(sweep: dict) -> list[str]:
+    """The diverged cells and the choices at an end of their grid (a wider grid might do better there)."""
+    diverged = [f"{r['method']} {next(iter(r['hyper'].values())):g} on {r['benchmark']}/{r['network']}"
+                for r in sweep["runs"] if r.get("nonfinite_weights")]
+    edges = []
+    for key, chosen in sorted(sweep["choices"].items()):
+        setting, method = key.rsplit("/", 1)
+        if next(iter(chosen.values())) in (GRIDS[method][1][0], GRIDS[method][1][-1]):
+            edges.append(f"{method} on {setting}")
+    return ["", f"Diverged (non-finite weights at the end; SGD lr 0.05, momentum 0.9): "
+            f"{'; '.join(diverged) or 'none'}. "
+            f"Chosen at an end of its grid: {'; '.join(edges) or 'none'}."]
 
 
 def hyper_text(rows: list[dict], method: str) -> dict[str, str]:
