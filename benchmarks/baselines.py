@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -35,6 +36,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy
 import torch
 from torch import nn
 
@@ -178,6 +180,9 @@ def run_one(bench_name: str, network: str, method: str, seed: int, epochs: int, 
     base = _rss_kib("VmRSS")
     strategy = make_strategy(method, bench_name, network, seed, epochs, x_example, hyper)
     torch.manual_seed(seed + 1)  # the same data order for every method
+    # A-GEM samples its memory with `random`, which Python reseeds from the OS in every forked child
+    random.seed(seed + 1)
+    numpy.random.seed(seed + 1)
     matrix, seconds = [], 0.0
     for experience in bm.train_stream:
         start = time.perf_counter()
@@ -353,8 +358,8 @@ def breakage() -> list[str]:
                      "a copy: the start-of-task anchor and the before/after-step weights all move with the "
                      "weights, so the path integral (new - old) and the penalty (w - anchor) are exactly 0 and SI "
                      "trains bit for bit like Naive (our first table: identical ACC and BWT in every row). On GPU "
-                     "`.cpu()` copies. The same symptom was reported as ContinualAI/avalanche#734 (closed in 2021); 0.6.0 "
-                     "still has it on CPU. Here the snapshots are made copies (`fix_si`)")
+                     "`.cpu()` copies. The same symptom was reported as ContinualAI/avalanche#734 (closed in "
+                     "2021); 0.6.0 still has it on CPU. Here the snapshots are made copies (`fix_si`)")
     lines.append("SI's importances are clamped at 0.001 from above only (`update_ewc_data`, `clip_to`): with SGD "
                  "momentum some path integrals come out positive, so some importances turn negative (down to -22 "
                  "after 3 tasks of split digits), the penalty is then unbounded below (-1e14) and the weights "
