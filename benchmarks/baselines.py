@@ -1,13 +1,19 @@
 """HAT (hatify, through its Avalanche strategy) against Avalanche's continual-learning strategies.
 
     .venv/bin/python benchmarks/baselines.py [--seeds 3] [--jobs 2] [--epoch-scale 1.0] [--only split_digits,mlp]
-                                             [--methods hat,naive,...]
+                                             [--methods hat,naive,...] [--sweep] [--reuse RUNS.json]
+                                             [--from-runs A.json,B.json]
 
 Every method trains through Avalanche (`SupervisedTemplate` strategies) on the same task-incremental streams,
 networks, data order, epochs, batch size and optimizer (SGD, momentum 0.9, one for all tasks; the streams,
 networks and learning rates of `continual.py`): Split Digits, Split MNIST-5k and Permuted MNIST-1D, each with
 the MLP and the small CNN. Baselines are multi-head like HAT: the network has 5 x classes outputs and task t
-reads its own slice. Hyper-parameters are one common setting per method, not tuned (see SETTINGS).
+reads its own slice. Hyper-parameters (baselines_tuning.py): every method that stores no data gets the same
+budget, its main hyper-parameter chosen per stream and network by `--sweep` among 4 values (GRIDS), each trained
+once (seed 0) on 80% of each task's training set and scored by ACC on the other 20%; the test sets are never
+used for the choice. The table runs read the choices from results/baselines_sweep.json; the others use HYPER.
+`--reuse RUNS.json` takes the runs a saved file already has with the same settings; `--from-runs A.json,B.json`
+renders the merge (B's runs replace A's for the same stream, network and method).
 Figures per run: the accuracy matrix, ACC, BWT, training seconds (strategy.train only, not evaluation) and the
 peak resident memory the run added to its process (each run in a fresh process forked from a server that has
 imported the libraries; VmHWM reset at the start, minus the RSS then).
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -29,26 +36,28 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines_tuning import (CHOICES_FILE, GRIDS, HYPER, choose, fix_si, hyper_text, job_key,  # noqa: E402
+                              merge_runs, reusable, si_snapshot_is_a_view, sweep_section, validation_split)
 from continual import BENCHMARKS, NUM_TASKS, RESULTS, build_network, load_tasks  # noqa: E402
 
 NETWORKS = ("mlp", "cnn")
-HYPER = {"ewc_lambda": 10000.0, "si_lambda": 100.0}  # EWC: the best of 10, 1e3, 1e4 on split digits MLP
 CACHE_ENV = "HATIFY_BASELINES_CACHE"
 # imported once by the fork server; every run then forks a fresh process from it (its peak memory is its own)
 PRELOAD = ["__main__", "avalanche.training", "avalanche.benchmarks", "avalanche.models.packnet",
            "hatify.integrations.avalanche", "matplotlib"]
 # name -> (what stores data, settings shown in the table)
 METHODS = {
-    "hat": (False, "hatify HATConfig() defaults (s_max 400, c 0.75)"),
+    "hat": (False, "hatify HATConfig() defaults (s_max 400), c {hat_c}"),
     "naive": (False, "fine-tuning"),
-    "ewc": (False, "EWC, separate mode, lambda {ewc_lambda:g}"),
-    "si": (False, "SI, lambda {si_lambda:g}"),
-    "lwf": (False, "LwF, alpha 1, temperature 2"),
-    "packnet": (False, "PackNet, prune 0.5 per task, last quarter of the epochs after pruning"),
+    "ewc": (False, "EWC, separate mode, lambda {ewc_lambda}"),
+    "si": (False, "SI, lambda {si_lambda} (two fixes to Avalanche's SI: see Known breakage)"),
+    "lwf": (False, "LwF, alpha {lwf_alpha}, temperature 2"),
+    "packnet": (False, "PackNet, prune {packnet_prune} per task, last quarter of the epochs after pruning"),
     "agem": (True, "A-GEM, 32 samples per task, reference batch 64"),
     "gem": (True, "GEM, 32 samples per task, memory strength 0.5"),
     "replay": (True, "Replay, 100 samples in all"),
@@ -89,7 +98,8 @@ def _packnet_model(net: nn.Module, classes: int) -> nn.Module:
     return SlicedPackNet(net)
 
 
-def make_strategy(method: str, bench_name: str, network: str, seed: int, epochs: int, x_example: torch.Tensor):
+def make_strategy(method: str, bench_name: str, network: str, seed: int, epochs: int, x_example: torch.Tensor,
+                  hyper: dict | None = None):
     from avalanche.evaluation.metrics import accuracy_metrics
     from avalanche.training import AGEM, EWC, GEM, LwF, Cumulative, Naive, PackNet, Replay, SynapticIntelligence
     from avalanche.training.plugins import EvaluationPlugin
@@ -99,10 +109,13 @@ def make_strategy(method: str, bench_name: str, network: str, seed: int, epochs:
 
     bench = BENCHMARKS[bench_name]
     k = bench.classes
+    hyper = {**HYPER, **(hyper or {})}
+    if method == "si":
+        fix_si()
     torch.manual_seed(seed)
     if method == "hat":
         model = hatify.hatify(build_network(network, bench, k), NUM_TASKS, example_inputs=(x_example,),
-                              config=hatify.HATConfig(seed=seed))
+                              config=hatify.HATConfig(seed=seed, c=hyper["hat_c"]))
     elif method == "packnet":
         model = _packnet_model(build_network(network, bench, NUM_TASKS * k), k)
     else:
@@ -114,10 +127,11 @@ def make_strategy(method: str, bench_name: str, network: str, seed: int, epochs:
     build = {
         "hat": lambda: HAT(**common),
         "naive": lambda: Naive(**common),
-        "ewc": lambda: EWC(**common, ewc_lambda=HYPER["ewc_lambda"], mode="separate"),
-        "si": lambda: SynapticIntelligence(**common, si_lambda=HYPER["si_lambda"]),
-        "lwf": lambda: LwF(**common, alpha=1.0, temperature=2.0),
-        "packnet": lambda: PackNet(**common, post_prune_epochs=max(1, epochs // 4), prune_proportion=0.5),
+        "ewc": lambda: EWC(**common, ewc_lambda=hyper["ewc_lambda"], mode="separate"),
+        "si": lambda: SynapticIntelligence(**common, si_lambda=hyper["si_lambda"]),
+        "lwf": lambda: LwF(**common, alpha=hyper["lwf_alpha"], temperature=2.0),
+        "packnet": lambda: PackNet(**common, post_prune_epochs=max(1, epochs // 4),
+                                   prune_proportion=hyper["packnet_prune"]),
         "agem": lambda: AGEM(**common, patterns_per_exp=32, sample_size=64),
         "gem": lambda: GEM(**common, patterns_per_exp=32, memory_strength=0.5),
         "replay": lambda: Replay(**common, mem_size=100),
@@ -135,10 +149,10 @@ def _tasks(bench_name: str, seed: int) -> list:
     return load_tasks(bench_name, seed)
 
 
-def _stream(bench_name: str, seed: int):
+def _stream(bench_name: str, seed: int, validation: bool = False):
     from avalanche.benchmarks import tensors_benchmark
 
-    tasks = _tasks(bench_name, seed)
+    tasks = validation_split(_tasks(bench_name, seed)) if validation else _tasks(bench_name, seed)
     return tensors_benchmark(train_tensors=[(t[0], t[1]) for t in tasks], test_tensors=[(t[2], t[3]) for t in tasks],
                              task_labels=list(range(NUM_TASKS)), complete_test_set_only=False)
 
@@ -150,12 +164,13 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
-def run_one(bench_name: str, network: str, method: str, seed: int, epochs: int) -> dict:
+def run_one(bench_name: str, network: str, method: str, seed: int, epochs: int, hyper: dict | None = None,
+            validation: bool = False) -> dict:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     from hatify.metrics import summarize
 
-    bm = _stream(bench_name, seed)
+    bm = _stream(bench_name, seed, validation)
     x_example = _tasks(bench_name, seed)[0][0][:2]
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
@@ -163,8 +178,11 @@ def run_one(bench_name: str, network: str, method: str, seed: int, epochs: int) 
     except OSError:
         resettable = False
     base = _rss_kib("VmRSS")
-    strategy = make_strategy(method, bench_name, network, seed, epochs, x_example)
+    strategy = make_strategy(method, bench_name, network, seed, epochs, x_example, hyper)
     torch.manual_seed(seed + 1)  # the same data order for every method
+    # A-GEM samples its memory with `random`, which Python reseeds from the OS in every forked child
+    random.seed(seed + 1)
+    numpy.random.seed(seed + 1)
     matrix, seconds = [], 0.0
     for experience in bm.train_stream:
         start = time.perf_counter()
@@ -174,7 +192,9 @@ def run_one(bench_name: str, network: str, method: str, seed: int, epochs: int) 
         matrix.append([metrics[f"Top1_Acc_Exp/eval_phase/test_stream/Task{j:03d}/Exp{j:03d}"]
                        for j in range(NUM_TASKS)])
     summary = summarize(matrix)
+    nonfinite = sum(int((~torch.isfinite(p)).sum()) for p in strategy.model.parameters())  # diverged training
     return {"benchmark": bench_name, "network": network, "method": method, "seed": seed, "epochs": epochs,
+            "hyper": hyper or {}, "validation": validation, "nonfinite_weights": nonfinite,
             "acc_matrix": matrix, "acc": summary["acc"], "bwt": summary["bwt"], "seconds": seconds,
             "peak_mib": (_rss_kib("VmHWM") - base) / 1024 if resettable else None}
 
@@ -184,6 +204,7 @@ def _run_job(job: tuple) -> dict:
         return run_one(*job)
     except Exception as error:  # a strategy broken on this torch: recorded, shown in the table
         return {"benchmark": job[0], "network": job[1], "method": job[2], "seed": job[3], "epochs": job[4],
+                "hyper": job[5] if len(job) > 5 else {},
                 "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"}
 
 
@@ -200,7 +221,10 @@ def aggregate(runs: list[dict]) -> list[dict]:
     for (bench, network, method), group in groups.items():
         ok = [r for r in group if "error" not in r]
         row = {"benchmark": bench, "network": network, "method": method, "seeds": [r["seed"] for r in ok],
-               "errors": sorted({r["error"] for r in group if "error" in r})}
+               "hyper": group[0].get("hyper", {}), "errors": sorted({r["error"] for r in group if "error" in r})}
+        diverged = sum(r.get("nonfinite_weights", 0) > 0 for r in ok)
+        if diverged:
+            row["errors"].append(f"{diverged} of {len(ok)} runs ended with non-finite weights (diverged)")
         if ok:
             matrix = [[statistics.mean(r["acc_matrix"][i][j] for r in ok) for j in range(NUM_TASKS)]
                       for i in range(NUM_TASKS)]
@@ -240,7 +264,10 @@ def render(rows: list[dict], meta: dict) -> str:
           "HAT has one head per task. ACC = mean final test accuracy over the 5 tasks; BWT = mean (final - just "
           "trained) over tasks 0-3; train s = median seconds in `strategy.train` per run (evaluation excluded); "
           "peak MiB = median peak resident memory a run added to its process. Stores data: the method keeps "
-          "training samples (a buffer, or all of them).", "",
+          "training samples (a buffer, or all of them). Hyper-parameters: every method that stores no data "
+          "(HAT included) gets the same tuning budget, its main hyper-parameter chosen per stream and network "
+          "among 4 values by ACC on a validation split of the training data (the sweep section below); the others "
+          "keep one common setting. A run whose weights end non-finite is marked diverged.", "",
           "| benchmark | network | method | stores data | ACC | BWT | train s | peak MiB | notes |",
           "|---|---|---|---|---:|---:|---:|---:|---|"]
     for row in rows:
@@ -261,7 +288,9 @@ def render(rows: list[dict], meta: dict) -> str:
     md += ["", "## Where HAT stands", "",
            "| benchmark | network | HAT ACC | best method storing no data | HAT at or above it | best other method | "
            "HAT's rank |", "|---|---|---:|---|---|---|---|"] + _standing(rows)
-    md += ["", "## Method settings", ""] + [f"- `{m}`: {text.format(**HYPER)}" for m, (_, text) in METHODS.items()]
+    md += ["", "## Method settings", ""] + [f"- `{m}`: {text.format(**hyper_text(rows, m))}"
+                                            for m, (_, text) in METHODS.items()]
+    md += sweep_section(meta.get("sweep"))
     md += ["", "## Known breakage on this torch", ""] + [f"- {line}" for line in meta["breakage"]]
     md += ["", "Plots: " + ", ".join(f"`{p}`" for p in meta["plots"])]
     return "\n".join(md) + "\n"
@@ -319,10 +348,24 @@ def plot(rows: list[dict], out: Path, suffix: str) -> list[str]:
 
 
 def breakage() -> list[str]:
-    """Try the known breakage so the table says what this torch does (PackNet + AdamW; BiC's `verbose`)."""
+    """Try the known breakage so the table says what this torch does (PackNet + AdamW; BiC's `verbose`; SI)."""
     from avalanche.training import BiC, PackNet
 
     lines = []
+    if si_snapshot_is_a_view():
+        lines.append("SI (Avalanche 0.6 `SynapticIntelligencePlugin.extract_weights`) stores its weight snapshots as "
+                     "`param.detach().cpu().flatten()`, which on a CPU model is a view of the live parameter, not "
+                     "a copy: the start-of-task anchor and the before/after-step weights all move with the "
+                     "weights, so the path integral (new - old) and the penalty (w - anchor) are exactly 0 and SI "
+                     "trains bit for bit like Naive (our first table: identical ACC and BWT in every row). On GPU "
+                     "`.cpu()` copies. The same symptom was reported as ContinualAI/avalanche#734 (closed in "
+                     "2021); 0.6.0 still has it on CPU. Here the snapshots are made copies (`fix_si`)")
+    lines.append("SI's importances are clamped at 0.001 from above only (`update_ewc_data`, `clip_to`): with SGD "
+                 "momentum some path integrals come out positive, so some importances turn negative (down to -22 "
+                 "after 3 tasks of split digits), the penalty is then unbounded below (-1e14) and the weights "
+                 "become NaN within 3-5 tasks at any lambda from 10 to 1000 (split digits MLP, validation split) "
+                 "once the first fix is in. Here the "
+                 "importances are clamped at 0 from below as well (`fix_si`)")
     net = _packnet_model(build_network("mlp", BENCHMARKS["split_digits"], 10), 2)
     try:
         strategy = PackNet(model=net, optimizer=torch.optim.AdamW(net.parameters()), post_prune_epochs=1,
@@ -372,7 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", default="", help="NAME=N per stream, after --epoch-scale")
     parser.add_argument("--only", default="", help="comma-separated benchmark and network names to keep")
     parser.add_argument("--methods", default="", help="comma-separated methods (default: all)")
-    parser.add_argument("--from-runs", default="", help="render the table from a saved JSON's runs; train nothing")
+    parser.add_argument("--from-runs", default="", help="render the table from saved JSONs' runs (comma-separated; "
+                        "a later file's runs replace an earlier one's for the same stream, network and method)")
+    parser.add_argument("--sweep", action="store_true", help=f"sweep {', '.join(GRIDS)}'s hyper-parameter on a "
+                        f"validation split (seed 0) and write {CHOICES_FILE}; the table runs read its choices")
+    parser.add_argument("--reuse", default="", help="a saved runs JSON: a job it already ran with the same "
+                        "settings is taken from it, not trained again (never SI's runs saved before its fixes)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     only = {s for s in args.only.split(",") if s}
@@ -384,11 +432,22 @@ def main(argv: list[str] | None = None) -> int:
     epochs = _per_benchmark(args.epochs, {b: max(1, round(spec.epochs * args.epoch_scale))
                                           for b, spec in BENCHMARKS.items()})
     seeds = _per_benchmark(args.seeds, {b: 3 for b in BENCHMARKS})
-    jobs = [(b, n, m, seed, epochs[b]) for b in BENCHMARKS if kept(b, set(BENCHMARKS))
-            for n in NETWORKS if kept(n, set(NETWORKS)) for seed in range(seeds[b]) for m in methods]
+    out = Path(args.out)
+    choices_path = out / CHOICES_FILE
+    sweep = json.loads(choices_path.read_text()) if choices_path.exists() else None
+    if args.sweep:
+        jobs = [(b, n, m, 0, epochs[b], {GRIDS[m][0]: v}, True) for b in BENCHMARKS if kept(b, set(BENCHMARKS))
+                for n in NETWORKS if kept(n, set(NETWORKS)) for m in methods if m in GRIDS for v in GRIDS[m][1]]
+    else:
+        chosen = sweep["choices"] if sweep else {}
+        jobs = [(b, n, m, seed, epochs[b], chosen.get(f"{b}/{n}/{m}", {}), False)
+                for b in BENCHMARKS if kept(b, set(BENCHMARKS)) for n in NETWORKS if kept(n, set(NETWORKS))
+                for seed in range(seeds[b]) for m in methods]
+    reused = reusable(Path(args.reuse), jobs) if args.reuse else []
+    done = {job_key(r) for r in reused}
+    jobs = [j for j in jobs if job_key(j) not in done]
     # seed by seed (a run cut short still covers every setting), the slowest first within a seed
     jobs.sort(key=lambda j: (j[3], j[2] not in ("cumulative", "gem"), j[0] != "permuted_mnist1d", j[1] != "cnn"))
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = ("_" + "_".join(sorted(only)) if only else "") + ("_" + "_".join(methods) if args.methods else "")
     settings = {"seeds": {b: seeds[b] for b in BENCHMARKS if kept(b, set(BENCHMARKS))}, "epochs": epochs,
@@ -399,27 +458,38 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[CACHE_ENV] = str(cache)
     start = time.perf_counter()
     if args.from_runs:
-        saved = json.loads(Path(args.from_runs).read_text())
-        saved_meta = saved.get("meta", saved)
-        runs, settings, command = saved["runs"], saved_meta["settings"], saved_meta["command"]
-        settings["note"] = f"rendered from the {len(runs)} runs saved in {Path(args.from_runs).name}"
+        runs, settings, command = merge_runs([Path(f) for f in args.from_runs.split(",")])
     else:
-        runs = []
+        runs = list(reused)
+        if args.reuse:
+            print(f"{len(reused)} runs reused from {args.reuse}, {len(jobs)} to train", flush=True)
         for bench, seed in sorted({(j[0], j[3]) for j in jobs}):
             torch.save(load_tasks(bench, seed), cache / f"{bench}_{seed}.pt")
         context = get_context("forkserver")
         context.set_forkserver_preload(PRELOAD)
-        partial = out / f"baselines{suffix}_runs.json"
+        partial = out / (f"baselines_sweep{suffix}_runs.json" if args.sweep else f"baselines{suffix}_runs.json")
         with ProcessPoolExecutor(args.jobs, mp_context=context, max_tasks_per_child=1) as pool:
             for run in pool.map(_run_job, jobs):
                 runs.append(run)
                 status = run.get("error") or f"ACC {run['acc']:.4f} BWT {run['bwt']:+.4f} {run['seconds']:.1f} s"
-                print(f"[{len(runs)}/{len(jobs)}] {run['benchmark']} {run['network']} {run['method']} seed "
-                      f"{run['seed']}: {status}", flush=True)
+                print(f"[{len(runs) - len(reused)}/{len(jobs)}] {run['benchmark']} {run['network']} "
+                      f"{run['method']} seed {run['seed']} {run.get('hyper') or ''}: {status}", flush=True)
                 settings["total_seconds"] = round(time.perf_counter() - start, 1)
                 partial.write_text(json.dumps({"command": command, "settings": settings, "runs": runs}))
+    if args.sweep:
+        shutil.rmtree(cache)
+        if sweep:  # an earlier sweep's other methods and settings stay
+            swept = {(r["benchmark"], r["network"], r["method"]) for r in runs}
+            runs = [r for r in sweep["runs"] if (r["benchmark"], r["network"], r["method"]) not in swept] + runs
+            command = sweep["command"] + " ; then " + command
+        choices, lines = choose(runs)
+        sweep = {"command": command, "settings": settings, "grids": GRIDS, "choices": choices, "runs": runs}
+        choices_path.write_text(json.dumps(sweep, indent=1))
+        print("\n".join(sweep_section(sweep)))
+        return 0
     rows = aggregate(runs)
-    meta = {"command": command, "settings": settings, "breakage": breakage(), "plots": plot(rows, out, suffix)}
+    meta = {"command": command, "settings": settings, "breakage": breakage(), "plots": plot(rows, out, suffix),
+            "sweep": sweep}
     shutil.rmtree(cache)
     text = render(rows, meta)
     print(text)
