@@ -40,6 +40,23 @@ def value_of(obj: Any) -> Any:
     return node.meta.get(VALUE, MISSING) if isinstance(node, fx.Node) else obj
 
 
+def thaw(value: Any) -> Any:
+    """fx freezes the lists and dicts in a node's arguments (`immutable_list`); the generated forward passes
+    plain ones. A function that mutates its argument (torchvision's `_get_window_and_shift_size` writes into
+    its `window_size` list) must get plain copies when our interpreters run the node, as it does at run time.
+
+    Example:
+        >>> thaw(fx.immutable_collections.immutable_list([1, [2]])).append(3)
+    """
+    if isinstance(value, fx.immutable_collections.immutable_list):
+        return [thaw(v) for v in value]
+    if isinstance(value, fx.immutable_collections.immutable_dict):
+        return {k: thaw(v) for k, v in value.items()}
+    if type(value) is tuple:
+        return tuple(thaw(v) for v in value)
+    return value
+
+
 def evaluate(node: fx.Node, root: torch.nn.Module, inputs: dict[str, Any]) -> Any:
     """The node's value from its arguments' recorded values (MISSING when any is unknown or the op fails)."""
     missing = False
@@ -58,8 +75,8 @@ def evaluate(node: fx.Node, root: torch.nn.Module, inputs: dict[str, Any]) -> An
             return operator.attrgetter(str(node.target))(root)
         except AttributeError:
             return MISSING
-    args = fx.node.map_arg(node.args, value)
-    kwargs = fx.node.map_arg(node.kwargs, value)
+    args = thaw(fx.node.map_arg(node.args, value))
+    kwargs = thaw(fx.node.map_arg(node.kwargs, value))
     if missing:
         return MISSING
     try:

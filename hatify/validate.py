@@ -15,6 +15,7 @@ from .errors import HatifyError
 from .model import HATModel
 from .plan import LayerPlan
 from .rewrite import ROOT_HOLDER, SCALE_ARG, TASK_ARG
+from .shapes import Interpreter
 
 
 def _unwrap(hat: Any) -> HATModel:
@@ -86,7 +87,7 @@ def compare_open(model: nn.Module, hat: HATModel, inputs: tuple) -> tuple[dict[s
     return diffs, 1e-5 * max(1.0, scale)
 
 
-class _InputRecorder(fx.Interpreter):
+class _InputRecorder(Interpreter):
     def __init__(self, gm: fx.GraphModule, watch: set[str]) -> None:
         super().__init__(gm)
         self.watch, self.seen = watch, {}
