@@ -47,8 +47,8 @@ def _images(size: int) -> Callable[[], tuple]:
     return lambda: (list(torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))),)
 
 
-def _clip(frames: int, size: int) -> Callable[[], tuple]:
-    return lambda: (torch.rand(2, 3, frames, size, size, generator=torch.Generator().manual_seed(0)),)
+def _clip(frames: int, size: int, batch: int = 2) -> Callable[[], tuple]:
+    return lambda: (torch.rand(batch, 3, frames, size, size, generator=torch.Generator().manual_seed(0)),)
 
 
 def _frame_pair(size: int) -> Callable[[], tuple]:
@@ -94,7 +94,7 @@ FAMILIES: dict[str, tuple[str, dict, Callable[[], tuple], bool]] = {
     "detection.ssdlite": ("ssdlite320_mobilenet_v3_large", _DETECT, _images(64), False),
     "video.resnet": ("r3d_18", {}, _clip(4, 32), True),
     "video.mvit": ("mvit_v2_s", {}, lambda: (torch.rand(1, 3, 16, 224, 224),), True),
-    "video.s3d": ("s3d", {}, _clip(8, 64), True),
+    "video.s3d": ("s3d", {}, _clip(14, 224, batch=1), True),  # its final AvgPool3d(2, 7, 7) needs 14 x 224
     "video.swin_transformer": ("swin3d_t", {}, _clip(4, 32), True),
     "optical_flow.raft": ("raft_small", {}, _frame_pair(128), True),
 }

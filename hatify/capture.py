@@ -14,9 +14,10 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from . import methods as opaque_methods
 from .attention import DECOMPOSED_MODULES, add_attention_dropout, traced_attention
-from .concrete import (MISSING, VALUE, evaluate, is_python_value, proxy_class, specialization, traced_sizes,
-                       value_of, wrapped_calls)
+from .concrete import (DATA, MISSING, VALUE, evaluate, is_python_value, proxy_class, reads_data, specialization,
+                       traced_sizes, value_of, wrapped_calls)
 from .config import HATConfig
 from .copying import detached_deepcopy
 from .errors import _OWN_DIR, HatifyError
@@ -108,7 +109,7 @@ class HatTracer(fx.Tracer):
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         value = value_of(obj)
-        if self.inputs is None or value is MISSING or not is_python_value(value):
+        if self.inputs is None or value is MISSING or not is_python_value(value) or reads_data(obj):
             return super().to_bool(obj)
         self.specialize(obj.node, "bool", value)
         return bool(value)
@@ -120,8 +121,9 @@ class HatTracer(fx.Tracer):
             # `"masks" in prediction`, `for key in outputs`, `losses.update(found)`: iterate the keys
             self.specialize(obj.node, "keys", tuple(value))
             return iter(list(value))
-        if self.inputs is None or not isinstance(value, (tuple, list)):
-            return super().iter(obj)
+        if self.inputs is None or not isinstance(value, (tuple, list)) or (
+                reads_data(obj) and is_python_value(value) and not isinstance(value, torch.Size)):
+            return super().iter(obj)  # a list of numbers read from tensor data (`.tolist()`) is no constant
         self.specialize(obj.node, "iter", len(value))
         return iter([obj[i] for i in range(len(value))])
 
@@ -310,38 +312,47 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set,
     if not isinstance(model, nn.Module):
         raise HatifyError(f"hatify needs an nn.Module, got {type(model).__name__}")
     _check_top_level_names(model)
-    root = detached_deepcopy(model).eval()
-    add_attention_dropout(root)
-    inputs = call = None
-    if not isinstance(example_inputs, int) and example_inputs is not None:
-        given = Inputs.of(example_inputs)
-        inputs = dict(zip(given.names(root), given.flat))
-        call = (len(given.args), {**{k: v for k, v in (config.concrete_args or {}).items() if k not in inputs},
-                                  **given.constants})
     timm_leaves, autowrap = _timm_notrace()
-    if inputs is not None:  # concrete values resolve the shape branches these modules are listed for
-        timm_leaves = set()
+    if not isinstance(example_inputs, int) and example_inputs is not None:
+        timm_leaves = set()  # concrete values resolve the shape branches these modules are listed for
     extra_types = {m for m in config.leaf_modules if isinstance(m, type)}
     extra_names = {m for m in config.leaf_modules if isinstance(m, str)}
-    tracer = HatTracer(leaf_types | timm_leaves | extra_types, extra_names, autowrap, inputs, call)
-    try:
+    methods: list[tuple[str, str]] = []  # methods traced as one opaque call, found by failed attempts
+    reasons: dict[str, str] = {}
+    while True:
+        root = detached_deepcopy(model).eval()
+        add_attention_dropout(root)
+        inputs = call = None
+        if not isinstance(example_inputs, int) and example_inputs is not None:
+            given = Inputs.of(example_inputs)
+            inputs = dict(zip(given.names(root), given.flat))
+            call = (len(given.args), {**{k: v for k, v in (config.concrete_args or {}).items() if k not in inputs},
+                                      **given.constants})
+        opaque_methods.install(root, methods)
+        tracer = HatTracer(leaf_types | timm_leaves | extra_types, extra_names, autowrap, inputs, call)
         concrete = None if call else {**_defaults_beyond(model, example_inputs), **(config.concrete_args or {})}
         before = _attributes(root)
         try:
             graph = tracer.trace(root, concrete_args=concrete or None)
+            break
+        except HatifyError:
+            raise
+        except Exception as exc:
+            found = opaque_methods.failing_method(exc, root) if inputs is not None else None
+            if found is not None and found not in methods:
+                methods.append(found)
+                reasons[opaque_methods.label(*found)] = untraceable(exc)
+                continue
+            raise HatifyError(
+                f"{type(model).__name__}.forward cannot be traced by torch.fx even with opaque-leaf and "
+                f"opaque-method fallbacks ({untraceable(exc).removeprefix('untraceable ')}). Move the "
+                "data-dependent control flow into a submodule, or pass HATConfig(concrete_args=...) for the "
+                "arguments it branches on.") from exc
         finally:
             _restore_traced_attributes(before)
-    except HatifyError:
-        raise
-    except Exception as exc:
-        raise HatifyError(
-            f"{type(model).__name__}.forward cannot be traced by torch.fx even with opaque-leaf fallbacks "
-            f"({untraceable(exc)}). Move the data-dependent control flow into a submodule, or pass "
-            "HATConfig(concrete_args=...) for the arguments it branches on."
-        ) from exc
-    finally:
-        for node in tracer.graph.nodes if getattr(tracer, "graph", None) is not None else ():
-            node.meta.pop(VALUE, None)  # example activations and parameters must not ride along
+            for node in tracer.graph.nodes if getattr(tracer, "graph", None) is not None else ():
+                node.meta.pop(VALUE, None)  # example activations and parameters must not ride along
+                node.meta.pop(DATA, None)
     if call:
         for node in graph.nodes:
             if node.op == "placeholder" and list(inputs).index(node.target) >= call[0]:
@@ -353,7 +364,7 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set,
         graph.erase_node(node)  # a read only Python looked at (`isinstance(self.wo.weight, Tensor)`): no data use
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     gm.meta[CONSTANTS] = dict(call[1]) if call else {}
-    return Capture(gm, dict(tracer.opaque), list(tracer.mode_leaves), list(tracer.specialized))
+    return Capture(gm, {**tracer.opaque, **reasons}, list(tracer.mode_leaves), list(tracer.specialized))
 
 
 def _reserved_names() -> set[str]:

@@ -19,11 +19,13 @@ import torch
 from torch import fx
 from torch.fx import _symbolic_trace
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import source_line
 
 MISSING = object()
 VALUE = "hat_value"
+DATA = "hat_data"  # node.meta flag: the Python values read from this node may depend on tensor data
 
 _SCALARS = (bool, int, float, str, torch.dtype, torch.device, type(None))
 
@@ -38,6 +40,23 @@ def is_python_value(value: Any) -> bool:
 def value_of(obj: Any) -> Any:
     node = obj.node if isinstance(obj, fx.Proxy) else obj
     return node.meta.get(VALUE, MISSING) if isinstance(node, fx.Node) else obj
+
+
+def thaw(value: Any) -> Any:
+    """fx freezes the lists and dicts in a node's arguments (`immutable_list`); the generated forward passes
+    plain ones. A function that mutates its argument (torchvision's `_get_window_and_shift_size` writes into
+    its `window_size` list) must get plain copies when our interpreters run the node, as it does at run time.
+
+    Example:
+        >>> thaw(fx.immutable_collections.immutable_list([1, [2]])).append(3)
+    """
+    if isinstance(value, fx.immutable_collections.immutable_list):
+        return [thaw(v) for v in value]
+    if isinstance(value, fx.immutable_collections.immutable_dict):
+        return {k: thaw(v) for k, v in value.items()}
+    if type(value) is tuple:
+        return tuple(thaw(v) for v in value)
+    return value
 
 
 def evaluate(node: fx.Node, root: torch.nn.Module, inputs: dict[str, Any]) -> Any:
@@ -58,21 +77,84 @@ def evaluate(node: fx.Node, root: torch.nn.Module, inputs: dict[str, Any]) -> An
             return operator.attrgetter(str(node.target))(root)
         except AttributeError:
             return MISSING
-    args = fx.node.map_arg(node.args, value)
-    kwargs = fx.node.map_arg(node.kwargs, value)
+    args = thaw(fx.node.map_arg(node.args, value))
+    kwargs = thaw(fx.node.map_arg(node.kwargs, value))
     if missing:
         return MISSING
+    watch = _DataWatch()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), watch:
             if node.op == "call_function":
-                return node.target(*args, **kwargs)
-            if node.op == "call_method":
-                return getattr(args[0], node.target)(*args[1:], **kwargs)
-            if node.op == "call_module":
-                return root.get_submodule(node.target)(*args, **kwargs)
+                result = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                result = getattr(args[0], node.target)(*args[1:], **kwargs)
+            elif node.op == "call_module":
+                result = root.get_submodule(node.target)(*args, **kwargs)
+            else:
+                return MISSING
     except Exception:  # the op cannot be replayed: its value (and what depends on it) stays unknown
         return MISSING
-    return MISSING
+    node.meta[DATA] = _reads_data(node, args, kwargs, result, watch.fired)
+    return result
+
+
+# Reads that never depend on tensor data, even of a tensor whose size does (a dynamic number of boxes).
+_STATIC_READS = {"dtype", "device", "ndim", "dim", "ndimension", "get_device", "is_floating_point", "is_complex",
+                 "is_cuda", "is_nested", "is_sparse", "is_quantized", "is_meta", "is_contiguous", "requires_grad",
+                 "layout", "element_size", "is_tensor", "isinstance"}
+# Reads of sizes: static unless the tensor's size itself depends on data.
+_SIZE_READS = {"shape", "size", "numel", "nelement", "stride", "len"}
+
+
+def _reads_data(node: fx.Node, args: Any, kwargs: Any, result: Any, fired: bool) -> bool:
+    """Whether Python values read from `node` (a size, a count, a number, a branch) may depend on tensor data
+    (the input's pixels, the parameters' values) rather than only on the example's shapes: then the trace
+    must not take them for constants. True when an input node does, when the node turns tensor contents into
+    Python values (`.item()`, `.tolist()`), or when it ran an op whose output size depends on data
+    (`nonzero`, masked indexing, a custom op such as torchvision's `nms`)."""
+    name = node.args[1] if node.target is getattr and len(node.args) > 1 else node.target \
+        if node.op == "call_method" else getattr(node.target, "__name__", None)  # torch.is_floating_point, len
+    if name in _STATIC_READS:
+        return False
+    inputs = [n for n in node.all_input_nodes if n.meta.get(DATA)]
+    if inputs or fired:
+        return True
+    if name in _SIZE_READS:
+        return False
+    tensors = any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves((args, kwargs)))
+    return tensors and is_python_value(result) and result is not None
+
+
+def reads_data(obj: Any) -> bool:
+    """Whether a traced value's Python reads depend on tensor data (see `_reads_data`)."""
+    return isinstance(obj, fx.Proxy) and bool(obj.node.meta.get(DATA))
+
+
+class _DataWatch(TorchDispatchMode):
+    """Notes an op whose output size or value depends on tensor data: tagged so by torch (`nonzero`, masked
+    indexing, `item`), or a custom op (outside aten), whose size hatify cannot know."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fired = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.fired:
+            tags = getattr(func, "tags", ())
+            if func.namespace not in ("aten", "prims"):
+                self.fired = True
+            elif torch.Tag.data_dependent_output in tags:
+                self.fired = True
+            elif torch.Tag.dynamic_output_shape in tags:
+                # integer indexing (`table[index]`) has the index's size; masks (bool indices) do not
+                self.fired = not (func.__name__.startswith("index") and all(
+                    i is None or (isinstance(i, torch.Tensor) and not i.is_floating_point()
+                                  and i.dtype not in (torch.bool, torch.uint8)) for i in _indices(args)))
+        return func(*args, **(kwargs or {}))
+
+
+def _indices(args: tuple) -> list:
+    return list(args[1]) if len(args) > 1 and isinstance(args[1], (list, tuple)) else [object()]
 
 
 class ConcreteProxy(fx.Proxy):
@@ -80,17 +162,19 @@ class ConcreteProxy(fx.Proxy):
     (`HatTracer.to_bool`, `.iter`), subclasses len() or int()/float() where the value has them."""
 
     def __getattr__(self, k: str) -> "ConcreteAttribute":
-        value = value_of(self)
-        if value is not MISSING and not hasattr(value, k):
+        own = value_of(self)
+        if own is not MISSING and not hasattr(own, k):
             # `hasattr(x, "jax")` (transformers' jax-jit check) must see what the real value has.
-            raise AttributeError(f"{type(value).__name__} has no attribute {k!r}")
-        if k == "shape":  # read now, so that len(x.shape) sees a sequence
+            raise AttributeError(f"{type(own).__name__} has no attribute {k!r}")
+        value = getattr(own, k, MISSING) if own is not MISSING else MISSING
+        if k == "shape" or isinstance(value, (tuple, list, int, float)):
+            # read now, so that the proxy has its value's kind: len(x.shape), len(image_list.image_sizes)
             return self.tracer.create_proxy("call_function", getattr, (self, k), {})
         return ConcreteAttribute(self, k)
 
     def _python(self, what: str) -> Any:
         value = value_of(self)
-        if value is MISSING or not is_python_value(value):
+        if value is MISSING or not is_python_value(value) or reads_data(self):
             raise fx.proxy.TraceError(f"{what}() of a traced value that depends on tensor data")
         self.tracer.specialize(self.node, what, value)
         return value
@@ -112,8 +196,10 @@ class ConcreteAttribute(ConcreteProxy, fx.proxy.Attribute):
 
 
 class ConcreteFloat(ConcreteProxy):
-    """A proxy whose example value is a Python float (`N ** 0.5`): int() and float() use it. Int-valued
-    proxies get neither: torch's argument parser would take them for numbers (a batch size baked in)."""
+    """A proxy whose example value is a Python float (`N ** 0.5`) or int (`float(max_size[1])` in
+    torchvision's image batching): an explicit int() or float() uses it, unless it depends on tensor data.
+    No `__index__`: torch's argument parser takes only that for a number, so sizes passed on stay traced
+    (a batch size is not baked in)."""
 
     def __int__(self) -> int:
         return int(self._python("int"))
@@ -122,20 +208,10 @@ class ConcreteFloat(ConcreteProxy):
         return float(self._python("float"))
 
 
-class ConcreteInt(ConcreteProxy):
-    """A proxy whose example value is a Python int: an explicit int() (`int(math.ceil(h / p) * p)`) uses it.
-    No `__index__`: torch's argument parser takes only that for a number, so sizes passed on stay traced."""
-
-    def __int__(self) -> int:
-        return int(self._python("int"))
-
-
 def proxy_class(value: Any) -> type:
     if isinstance(value, (tuple, list)):
         return ConcreteSequence
-    if isinstance(value, int) and not isinstance(value, bool):
-        return ConcreteInt
-    return ConcreteFloat if isinstance(value, float) else ConcreteProxy
+    return ConcreteFloat if isinstance(value, (float, int)) and not isinstance(value, bool) else ConcreteProxy
 
 
 class ConcreteSequence(ConcreteProxy):
@@ -143,7 +219,10 @@ class ConcreteSequence(ConcreteProxy):
     argument parser takes anything with a length for a list of ints.)"""
 
     def __len__(self) -> int:
-        length = len(value_of(self))
+        value = value_of(self)
+        if reads_data(self) and not isinstance(value, torch.Size) and is_python_value(value):
+            raise fx.proxy.TraceError("len() of a traced list that depends on tensor data")
+        length = len(value)
         self.tracer.specialize(self.node, "len", length)
         return length
 

@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 
 from . import maps
 from .maps import UnitMap
+from .concrete import thaw
 from .shapes import TensorSpec
 
 
@@ -121,7 +122,7 @@ class RuleContext:
         return [n for n in self.node.all_input_nodes if self.is_tensor(n)]
 
     def call(self, args: tuple, kwargs: dict) -> Any:
-        node = self.node
+        node, args, kwargs = self.node, thaw(args), thaw(kwargs)
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         if node.op == "call_method":

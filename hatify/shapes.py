@@ -8,6 +8,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from .concrete import thaw
 from .errors import HatifyError, node_location
 
 
@@ -37,7 +38,16 @@ def infer_example_inputs(model: nn.Module) -> tuple:
     return (torch.randn(2, *size, generator=torch.Generator().manual_seed(0)),)
 
 
-class _Recorder(fx.Interpreter):
+class Interpreter(fx.Interpreter):
+    """fx.Interpreter that hands each node plain (mutable) copies of its list and dict arguments, as the
+    generated forward does (see `hatify.concrete.thaw`)."""
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple, dict]:
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return thaw(args), thaw(kwargs)
+
+
+class _Recorder(Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         try:
             result = super().run_node(n)

@@ -17,6 +17,7 @@ from .inputs import Inputs
 from .model import HATModel
 from .plan import LayerPlan
 from .rewrite import KEPT, ROOT_HOLDER, SCALE_ARG, TASK_ARG
+from .shapes import Interpreter
 
 
 def _unwrap(hat: Any) -> HATModel:
@@ -97,7 +98,7 @@ def compare_open(model: nn.Module, hat: HATModel, inputs: Inputs) -> tuple[dict[
     return diffs, 1e-5 * max(1.0, scale)
 
 
-class _InputRecorder(fx.Interpreter):
+class _InputRecorder(Interpreter):
     def __init__(self, gm: fx.GraphModule, watch: set[str]) -> None:
         super().__init__(gm)
         self.watch, self.seen = watch, {}

@@ -183,3 +183,34 @@ def test_data_branch_becomes_opaque_with_reason_code_and_line():
     why = hat.plan.opaque["1"]
     assert why.startswith("untraceable at test_capture.py:"), why
     assert hatify.validate(model, hat, (x,)).passed
+
+
+def clipped_window(window, size):
+    """Mutates its list argument in place, like torchvision's `_get_window_and_shift_size` (swin3d)."""
+    for i in range(len(size)):
+        if size[i] <= window[i]:
+            window[i] = size[i]
+    return window
+
+
+fx.wrap("clipped_window")  # one node called with traced sizes: fx freezes its list arguments
+
+
+class MutatingHelper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.head = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        window = clipped_window([3, 7], [x.shape[1], x.shape[2]])
+        h = F.relu(self.proj(x))[:, : window[0], : window[1]]
+        return self.head(h.mean((1, 2)))
+
+
+def test_wrapped_helper_that_mutates_its_list_argument():
+    model, x = MutatingHelper().eval(), torch.randn(2, 5, 3, 4)
+    hat = hatify.hatify(model, num_tasks=2, example_inputs=(x,))
+    assert [n.target for n in hat.net.graph.nodes if n.op == "call_function"].count(clipped_window) == 1
+    assert {layer.name for layer in hat.plan.masked_layers} == {"proj"}
+    assert hatify.validate(model, hat, (x,)).passed
+    assert _train_two_tasks(hat, x)

@@ -48,7 +48,7 @@ def test_small_build_converts_validates_and_keeps_task0(family):
     assert not row["opaque"] and not row["unknown_ops"], (row["opaque"], row["unknown_ops"])
 
 
-@pytest.mark.parametrize("family", ["detection.faster_rcnn", "optical_flow.raft"])
+@pytest.mark.parametrize("family", ["detection.faster_rcnn", "detection.fcos", "optical_flow.raft"])
 def test_zoo_family(family):
     row = torchvision_zoo.check_family(family)
     assert row["status"] == "pass", f"{family}: {row['reason']}: {row['why']}"
