@@ -311,6 +311,44 @@ def test_peft_lora_on_hf_bert():
     _check_lora(model, pretrained, (torch.randint(0, 100, (6, 8)),), lora_layers=4)
 
 
+def test_peft_model_wrapper_converts_as_it_is_with_keyword_inputs():
+    """The `PeftModel` itself (its `forward(*args, **kwargs)`), called with a keyword batch: LoRA layers are HAT
+    layers, task 0 stays bit-identical under AdamW(weight_decay), the base weights stay the pretrained ones."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, vocab_size=100, max_position_embeddings=32, num_labels=3)
+    peft_model = get_peft_model(AutoModelForSequenceClassification.from_config(cfg),
+                                LoraConfig(r=4, target_modules=["query", "value"])).eval()
+    frozen = _frozen_values(peft_model)
+    batch = {"input_ids": torch.randint(0, 100, (6, 8)), "attention_mask": torch.ones(6, 8, dtype=torch.long)}
+    hat = hatify.hatify(peft_model, 2, batch)
+    masked = [layer.name for layer in hat.plan.masked_layers]
+    assert len(masked) == 8 and all(".lora_A." in n or ".lora_B." in n for n in masked)
+    opt = torch.optim.AdamW(hat.parameters(), lr=1e-2, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(1)
+    after = {}
+    for t in range(2):
+        hat.train()
+        hat.begin_task(t)
+        for b in range(4):
+            y = torch.randint(0, 3, (6,), generator=gen)
+            out = hat(**batch, task_id=t, mask_scale=hat.mask_scale(b, 4))
+            loss = F.cross_entropy(out.logits, y) + hat.regularization()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        hat.end_task()
+        hat.eval()
+        with torch.no_grad():
+            after[t] = hat(**batch, task_id=t).logits
+    with torch.no_grad():
+        assert torch.equal(hat(**batch, task_id=0).logits, after[0])
+    _assert_frozen_untouched(hat, frozen)
+
+
 def test_bottleneck_adapters_in_a_frozen_backbone():
     backbone = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
     pretrained = copy.deepcopy(backbone.state_dict())
