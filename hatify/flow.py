@@ -13,7 +13,7 @@ from .errors import node_location, source_line
 from .inplace import aliased_writes, writes_input
 from . import maps
 from .maps import UnitMap
-from .ownership import inline_shared_layers, keeps_rows, outside_reads
+from .ownership import inline_shared_layers, keeps_rows, live_nodes, outside_reads
 from .rules import PER_CHANNEL_MODULES, RuleContext, _canon, fallback_rule, rule_for
 from .shapes import TensorSpec
 
@@ -242,7 +242,7 @@ def _weight_args(node: fx.Node, producer: Producer) -> list[fx.Node]:
 
 def _disown(gm: fx.GraphModule, by_name: dict[str, Producer], node_of: dict[fx.Node, Producer]) -> list[UnknownOp]:
     """Drop the layers whose weight is read outside the layer or transformed across rows (see `ownership`)."""
-    dropped = []
+    dropped, live = [], live_nodes(gm)
     for producer in list(by_name.values()):
         sites = [n for n, p in node_of.items() if p is producer]
         # the weight's chain, and the bias's where the layer owns its bias (a bias it does not own is per task)
@@ -253,7 +253,7 @@ def _disown(gm: fx.GraphModule, by_name: dict[str, Producer], node_of: dict[fx.N
             reason = "weight transformed across rows before use (not provably row-local)"
         # `x @ W + b`: the add applies the layer's bias, so it is the layer's own read of it
         calls = sites + [u for site in sites if producer.bias and _canon(site.target) == "matmul" for u in site.users]
-        bad = outside_reads(gm, [p for p in (producer.weight, producer.bias) if p], calls, args)
+        bad = outside_reads(gm, [p for p in (producer.weight, producer.bias) if p], calls, args, live)
         if bad:
             reason = f"weight also read outside the layer at {node_location(bad[0])}"
         elif producer.weight_shared:

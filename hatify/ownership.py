@@ -96,12 +96,14 @@ def keeps_rows(weight_node: fx.Node, param: str, gm: fx.GraphModule) -> bool:
     return True
 
 
-def outside_reads(gm: fx.GraphModule, params: list[str], sites: list[fx.Node], args: list[fx.Node]) -> list[fx.Node]:
+def outside_reads(gm: fx.GraphModule, params: list[str], sites: list[fx.Node], args: list[fx.Node],
+                  live: set[fx.Node] | None = None) -> list[fx.Node]:
     """Reads of `params` that are not the layer's own: a get_attr outside the chains from its parameters to its
-    call sites' weight and bias arguments `args`, or a chain node whose result also flows elsewhere."""
+    call sites' weight and bias arguments `args`, or a chain node whose result also flows elsewhere. `live`:
+    `live_nodes(gm)`, computed once by a caller that asks for many layers."""
     chain = {n for a in args for n in _ancestors(a)}
     own = chain | set(sites) | in_place_writers(chain, gm)
-    live = _live(gm)  # a read whose result is never used reads nothing
+    live = live_nodes(gm) if live is None else live  # a read whose result is never used reads nothing
     bad = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target in params and n not in chain and n in live]
     return bad + [n for n in gm.graph.nodes
                   if n in chain and any(u not in own and u in live and not _metadata(u) for u in n.users)]
@@ -117,13 +119,19 @@ def _metadata(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is getattr and node.args[1] in _METADATA
 
 
-def _live(gm: fx.GraphModule) -> set[fx.Node]:
+def live_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     """Nodes the output, or an in-place write, depends on."""
     from .inplace import writes_input
 
-    roots = [n for n in gm.graph.nodes if n.op == "output" or writes_input(
+    stack = [n for n in gm.graph.nodes if n.op == "output" or writes_input(
         n, gm.get_submodule(n.target) if n.op == "call_module" else None)]
-    return {a for root in roots for a in _ancestors(root)}
+    seen: set[fx.Node] = set()
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    return seen
 
 
 _INLINE = {nn.Linear: lambda m: (F.linear, ("weight", "bias"), ()),
