@@ -16,14 +16,20 @@ from .shapes import TensorSpec
 _TRIALS = 3
 
 
-def _ancestors(node: fx.Node) -> list[fx.Node]:
-    """`node` and every node it depends on, in graph order."""
-    seen, stack = set(), [node]
+def _reach(nodes: list[fx.Node]) -> set[fx.Node]:
+    """`nodes` and every node they depend on."""
+    seen, stack = set(), list(nodes)
     while stack:
         n = stack.pop()
         if n not in seen:
             seen.add(n)
             stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _ancestors(node: fx.Node) -> list[fx.Node]:
+    """`node` and every node it depends on, in graph order."""
+    seen = _reach([node])
     return [n for n in node.graph.nodes if n in seen]
 
 
@@ -31,7 +37,7 @@ def in_place_writers(nodes: set[fx.Node], gm: fx.GraphModule) -> set[fx.Node]:
     """In-place writes into `nodes`, directly or through views, and those views: they change what a chain hands
     its layer (`bias = self.qkv.bias.clone(); bias[n:2 * n].zero_()`, Swin V2). Only writes whose result is not
     used otherwise, and views used only by such writes, count."""
-    from .inplace import _alias_kind, _first_tensor, writes_input
+    from .inplace import _alias_kind, _first_tensor
 
     found: set[fx.Node] = set()
     frontier = [n for n in nodes if n.op != "get_attr"]  # a write into a parameter itself is never the layer's
@@ -40,8 +46,7 @@ def in_place_writers(nodes: set[fx.Node], gm: fx.GraphModule) -> set[fx.Node]:
         for user in node.users:
             if user in nodes or user in found or _first_tensor(user) is not node:
                 continue
-            module = gm.get_submodule(user.target) if user.op == "call_module" else None
-            if writes_input(user, module) or _alias_kind(user, gm) == "view":
+            if _is_write(user, gm) or _alias_kind(user, gm) == "view":
                 found.add(user)
                 frontier.append(user)
     changed = True
@@ -65,8 +70,8 @@ def keeps_rows(weight_node: fx.Node, param: str, gm: fx.GraphModule) -> bool:
     parameter changes no other row of the result, on several draws (and the row count is kept). In-place writes
     into the chain before its first use count as part of it."""
     chain = set(_ancestors(weight_node))
-    first_use = min((list(weight_node.graph.nodes).index(u) for u in weight_node.users), default=None)
     order = {n: i for i, n in enumerate(weight_node.graph.nodes)}
+    first_use = min((order[u] for u in weight_node.users), default=None)
     writers = {w for w in in_place_writers(chain, gm) if first_use is None or order[w] < first_use}
     needed = chain | {a for w in writers for a in _ancestors(w)}
     graph = fx.Graph()
@@ -121,17 +126,7 @@ def _metadata(node: fx.Node) -> bool:
 
 def live_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     """Nodes the output, or an in-place write, depends on."""
-    from .inplace import writes_input
-
-    stack = [n for n in gm.graph.nodes if n.op == "output" or writes_input(
-        n, gm.get_submodule(n.target) if n.op == "call_module" else None)]
-    seen: set[fx.Node] = set()
-    while stack:
-        node = stack.pop()
-        if node not in seen:
-            seen.add(node)
-            stack.extend(node.all_input_nodes)
-    return seen
+    return _reach([n for n in gm.graph.nodes if n.op == "output" or _is_write(n, gm)])
 
 
 _INLINE = {nn.Linear: lambda m: (F.linear, ("weight", "bias"), ()),
