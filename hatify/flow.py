@@ -342,6 +342,10 @@ def analyse(gm: fx.GraphModule, producers: list[Producer], config: HATConfig) ->
     flows: dict[fx.Node, Any] = {}
     remask: dict[str, UnitMap] = {}
     unknown: list[UnknownOp] = list(gm.meta.get("hat_disowned", []))
+    unknown += [UnknownOp(node.name, _op_name(node, gm.get_submodule(node.target) if node.op == "call_module"
+                                              else None), f"storage written in place by '{write.name}' "
+                          f"({source_line(write) or '?'}) while this view of it is read later: output treated as "
+                          "all ones", source_line(node)) for node, write in written.items()]
     for node in gm.graph.nodes:
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
         flows[node] = _node_flow(node, module, mask_at, producer_nodes, written, flows, remask,
@@ -353,7 +357,7 @@ def analyse(gm: fx.GraphModule, producers: list[Producer], config: HATConfig) ->
 
 
 def _node_flow(node: fx.Node, module: nn.Module | None, mask_at: dict[str, UnitMap], producers: set[str],
-               written: set[fx.Node], flows: dict, remask: dict[str, UnitMap], unknown: list[UnknownOp],
+               written: dict[fx.Node, fx.Node], flows: dict, remask: dict[str, UnitMap], unknown: list[UnknownOp],
                config: HATConfig) -> Any:
     """The map of one node: a mask applied there, ones where nothing is known, else its op's rule."""
     spec = node.meta.get("hat_spec")
@@ -370,7 +374,7 @@ def _node_flow(node: fx.Node, module: nn.Module | None, mask_at: dict[str, UnitM
         result = fallback.fn(ctx) if fallback else UnitMap.ones()
         if ctx.tensor_inputs() and not all(ctx.map_of(n).is_ones for n in ctx.tensor_inputs()) \
                 and isinstance(result, UnitMap) and result.is_ones:
-            op = type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target))
+            op = _op_name(node, module)
             why = "zeros not kept when probed in train and eval mode" if fallback else "no mask rule"
             unknown.append(UnknownOp(node.name, op, f"{why}: output treated as all ones", source_line(node)))
         return result
@@ -380,6 +384,10 @@ def _node_flow(node: fx.Node, module: nn.Module | None, mask_at: dict[str, UnitM
     if isinstance(result, UnitMap) and result.truncated:
         unknown.append(UnknownOp(node.name, str(node.target), "too many union terms: all ones", source_line(node)))
     return result
+
+
+def _op_name(node: fx.Node, module: nn.Module | None) -> str:
+    return type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target))
 
 
 def _merge_write(flows: dict, group: list[fx.Node], written: Any, max_terms: int) -> None:

@@ -22,6 +22,8 @@ _VIEW_OPS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", 
              "real", "imag"}
 _SAME_OPS = {"detach", "contiguous", "to", "type", "type_as", "float", "half", "double", "bfloat16", "alias",
              "dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"}
+_FRESH_MODULES = {nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                  nn.ConvTranspose3d, nn.Embedding, nn.EmbeddingBag}
 _SAME_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
                       operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor}
@@ -75,6 +77,8 @@ def _alias_kind(node: fx.Node, gm: fx.GraphModule) -> str | None:
         module = gm.get_submodule(node.target)
         if type(module) in _SAME_MODULES or writes_input(node, module):
             return "same"
+        if type(module) in _FRESH_MODULES:  # unit-producing layers compute a new tensor
+            return None
         # Flatten is a view; a module hatify has no rule for may return anything.
         return "view" if isinstance(module, (nn.Flatten, nn.Unflatten)) or rule_for(node, module) is None else None
     if node.op not in ("call_function", "call_method"):
@@ -91,44 +95,63 @@ def _first_tensor(node: fx.Node) -> fx.Node | None:
     return first if isinstance(first, fx.Node) else None
 
 
-def storage_groups(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
-    """Union-find over nodes that may share storage: node -> representative of its group."""
-    parent: dict[fx.Node, fx.Node] = {}
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[fx.Node, fx.Node] = {}
 
-    def find(n: fx.Node) -> fx.Node:
-        while parent.get(n, n) is not n:
-            n = parent[n]
+    def find(self, n: fx.Node) -> fx.Node:
+        self.parent.setdefault(n, n)
+        while self.parent[n] is not n:
+            self.parent[n] = self.parent[self.parent[n]]
+            n = self.parent[n]
         return n
 
+    def join(self, a: fx.Node, b: fx.Node) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def storage_groups(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+    """Union-find over nodes that may share storage: node -> representative of its group."""
+    groups = _UnionFind()
     for node in gm.graph.nodes:
-        parent.setdefault(node, node)
+        groups.find(node)
         source = _first_tensor(node)
         if source is not None and _alias_kind(node, gm):
-            parent[find(node)] = find(source)
-    return {n: find(n) for n in parent}
+            groups.join(node, source)
+    return {n: groups.find(n) for n in gm.graph.nodes}
 
 
-def aliased_writes(gm: fx.GraphModule) -> tuple[set[fx.Node], dict[fx.Node, list[fx.Node]]]:
-    """(nodes whose storage is written while a view shares it: unknown maps; group representative -> members
-    of every other written group, in graph order)."""
+def aliased_writes(gm: fx.GraphModule) -> tuple[dict[fx.Node, fx.Node], dict[fx.Node, list[fx.Node]]]:
+    """(stale node -> the write that made it stale: unknown maps; layout representative -> the members of every written layout, in graph order).
+
+    Tensors that share storage fall into layouts: the members joined by "same" edges (a base, its in-place results
+    and casts) read the storage one way, each view another. A write through one layout gives its members the union
+    of old and new maps (`merge_into`). A member of another layout that was taken before the write and is still
+    read after it holds a map derived from the old contents in another layout: only that one is unknown. Views
+    taken after the write derive their maps from the merged one and stay known."""
     groups = storage_groups(gm)
-    members: dict[fx.Node, list[fx.Node]] = {}
-    for node, root in groups.items():
-        members.setdefault(root, []).append(node)
-    written_roots = set()
+    layouts = _UnionFind()
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    writes: list[fx.Node] = []
     for node in gm.graph.nodes:
-        if node.op in ("call_function", "call_method", "call_module"):
+        layouts.find(node)
+        source = _first_tensor(node)
+        if source is not None and _alias_kind(node, gm) == "same":
+            layouts.join(node, source)
+        if node.op in ("call_function", "call_method", "call_module") and source is not None:
             module = gm.get_submodule(node.target) if node.op == "call_module" else None
-            if writes_input(node, module) and _first_tensor(node) is not None:
-                written_roots.add(groups[_first_tensor(node)])
-    unknown: set[fx.Node] = set()
-    plain: dict[fx.Node, list[fx.Node]] = {}
-    for root in written_roots:
-        group = members[root]
-        # Only tensors of one layout share storage (the base, in-place results, casts): one map fits them all.
-        if any(_alias_kind(n, gm) == "view" for n in group if n is not root):
-            unknown.update(group)
-        else:
-            plain[root] = group
-    return unknown, plain
-
+            if writes_input(node, module):
+                writes.append(node)
+    members: dict[fx.Node, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        members.setdefault(groups[node], []).append(node)
+    stale: dict[fx.Node, fx.Node] = {}
+    merge_into: dict[fx.Node, list[fx.Node]] = {}
+    for write in writes:
+        layout = layouts.find(write)
+        merge_into.setdefault(layout, [n for n in members[groups[write]] if layouts.find(n) is layout])
+        last_read = {n: max((order[u] for u in n.users), default=-1) for n in members[groups[write]]}
+        for n in members[groups[write]]:
+            if layouts.find(n) is not layout and order[n] < order[write] and last_read[n] > order[write]:
+                stale.setdefault(n, write)
+    return stale, merge_into

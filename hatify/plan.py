@@ -11,6 +11,7 @@ from torch import fx, nn
 
 from .capture import Capture
 from .config import HATConfig
+from .errors import source_line
 from .flow import Flow, Producer, UnknownOp
 from .maps import ONES, UnitMap, per_unit
 from .shapes import TensorSpec
@@ -150,6 +151,32 @@ def _describe(index: torch.Tensor, producers: list[Producer]) -> tuple[list[str]
     return names, f"index map{partial}"
 
 
+def _unknown_cause(starts: list[fx.Node], flow: Flow) -> str:
+    """Why a layer's input map is unknown: the first op back from its input that turned known maps into all ones
+    (named with its source line and reason), or the model input / a parameter that feeds it with no mask."""
+    why = {u.node: u for u in flow.unknown}
+    sources: list[str] = []
+    stack, seen = list(starts), set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.name in why:
+            op = why[node.name]
+            return f"input unknown: {op.op} '{op.node}' at {op.line or '?'}: {op.reason}"
+        inputs = [n for n in node.all_input_nodes if n.op != "get_attr" or isinstance(flow.maps.get(n.name), UnitMap)]
+        known = [n for n in inputs if isinstance(flow.maps.get(n.name), UnitMap) and not flow.maps[n.name].is_ones]
+        if known:
+            line = source_line(node)
+            return (f"input unknown: '{node.name}' ({node.op} {getattr(node.target, '__name__', node.target)}) "
+                    f"at {line or '?'} has a known input but an all-ones output")
+        if node.op in ("placeholder", "get_attr"):
+            sources.append("the model input" if node.op == "placeholder" else f"parameter {node.target}")
+        stack.extend(inputs)
+    return f"input fed by {', '.join(dict.fromkeys(sources)) or 'no masked layer'}: no mask to follow"
+
+
 def _input_units(producer: Producer, weight: torch.Tensor) -> int | None:
     if producer.kind == "linear":
         return weight.shape[1]
@@ -194,6 +221,8 @@ def make_plan(capture: Capture, flow: Flow, num_tasks: int, config: HATConfig) -
                 layer.reason = "weight transformed before use: protected by output unit only"
             layer.input_index = index
             layer.input_producers, layer.input_map = _describe(index, flow.producers)
+            if not layer.reason and bool((index == ONES).all()):
+                layer.reason = _unknown_cause([nodes[s.input_node] for s in p.sites if s.input_node], flow)
         layers.append(layer)
 
     gates = {}

@@ -48,7 +48,8 @@ class Report:
             masked = layer["role"] == "masked"
             rows.append((layer["name"], layer["op"], "converted" if masked else "head (per task)",
                          str(layer["units"]), str(layer["params"]), ", ".join(layer["input_producers"]) or "-",
-                         layer["input_map"] if masked else layer["reason"] or "-"))
+                         (f"{layer['input_map']}: {layer['reason']}" if layer["reason"] else layer["input_map"])
+                         if masked else layer["reason"] or "-"))
         for module in self.plan["modules"]:
             if module["policy"] != "head":
                 rows.append((module["name"], module["op"], _action(module["policy"], module["reason"]), "-",
@@ -66,6 +67,7 @@ class Report:
                 f"norms, {s['mask_units']} mask units, {s.get('gates', '?')} mask applications{folded}, "
                 f"{s['nodes']} graph nodes; "
                 f"{100 * s['hat_parameter_share']:.1f}% of parameters under HAT control; "
+                f"input map known for {s['known_input_maps']} of {s['layers_with_inputs']} HAT layers; "
                 f"{'planned' if s['converted_parameters'] is None else 'converted'} in {s['conversion_seconds']:.2f} s")
 
     def notes(self) -> list[tuple[str, str]]:
@@ -141,8 +143,16 @@ def kept_names(plan, policy: str) -> list[str]:
     return [m.name for m in plan.modules if m.policy == policy] + [p.name for p in plan.params if p.policy == policy]
 
 
+def known_input_maps(plan) -> tuple[int, int]:
+    """(masked layers whose input map is known, masked layers with input units): the precision of the mask flow.
+    A layer fed by the model input counts as not known (no mask can feed it)."""
+    layers = [layer for layer in plan.masked_layers if layer.input_units is not None]
+    return sum(not layer.input_map.startswith("ones") for layer in layers), len(layers)
+
+
 def _summary(plan, seconds: float, converted: int | None, folded: int | None) -> dict:
     masked = sum(layer.params for layer in plan.masked_layers)
+    known, with_inputs = known_input_maps(plan)
     # A head module is also a head layer: count its parameters once.
     original = sum(layer.params for layer in plan.layers) + sum(m.params for m in plan.modules if m.policy != "head") \
         + sum(math.prod(p.shape) for p in plan.params if p.policy != "head")
@@ -153,6 +163,7 @@ def _summary(plan, seconds: float, converted: int | None, folded: int | None) ->
         "task_indexed_modules": sum(m.policy in ("task_indexed", "statistics_per_task") for m in plan.modules),
         "opaque_modules": [m.name for m in plan.modules if m.reason.startswith("opaque")],
         "loose_parameters": [p.name for p in plan.params if p.policy != "head"],
+        "known_input_maps": known, "layers_with_inputs": with_inputs, "known_input_share": known / max(1, with_inputs),
         "unknown_ops": len(plan.unknown), "remasked_norms": len(plan.remask),
         "gates": len(plan.gates) + len(plan.remask), "folded_gates": folded,
         "original_parameters": original, "parameters_in_hat_layers": masked,

@@ -13,9 +13,10 @@ IN_WIDTH, OUT_WIDTH = 5, 3
 UNARY = ["linear", "linear_functional", "linear_scaled_weight", "linear_transposed_weight", "relu", "relu_",
          "gelu", "tanh", "clamp_shifted", "hardtanh_shifted", "layernorm", "batchnorm", "dropout", "offset",
          "one_minus", "scale", "setitem", "setitem_zero", "split_half", "chunk", "view_transpose", "sigmoid",
-         "mean_keepdim", "clone_add_", "masked_fill_", "weight_read_outside"]
+         "mean_keepdim", "clone_add_", "masked_fill_", "weight_read_outside", "relu_direct", "stale_view",
+         "view_then_relu_"]
 BINARY = ["add", "add_keyword", "add_", "iadd", "sub", "mul", "cat", "where", "maximum", "add_alpha", "add_direct",
-          "view_add_direct"]
+          "view_add_direct", "stale_view_iadd", "iadd_then_view"]
 
 op = st.one_of(st.tuples(st.sampled_from(UNARY), st.integers(2, 6)),
                st.tuples(st.sampled_from(BINARY), st.integers(0, 10)))
@@ -56,9 +57,13 @@ class FuzzNet(nn.Module):
                     kind = "relu"
                 else:
                     out = w // 2 if kind == "split_half" else (w + 1) // 2
-            elif kind == "view_transpose" and w % 2:
+            elif kind in ("view_transpose", "stale_view", "view_then_relu_") and w % 2:
                 kind = "gelu"
+            elif kind == "relu_direct" and (not self.steps or self.steps[-1][0] != "linear"):
+                kind = "relu"  # in place on a tensor autograd saved would break the original's backward
             elif kind in BINARY:
+                if kind in ("stale_view_iadd", "iadd_then_view") and w % 2:
+                    kind = "iadd"
                 if kind.endswith("_direct") and (not self.steps or self.steps[-1][0] != "linear"):
                     kind = "add"  # in place on a tensor autograd saved would break the original's backward
                 other = widths[arg % len(widths)]
@@ -123,6 +128,26 @@ def _view_transpose(h: torch.Tensor) -> torch.Tensor:
     return h.view(h.shape[0], 2, h.shape[1] // 2).transpose(1, 2).reshape(h.shape[0], h.shape[1])
 
 
+def _moved(h: torch.Tensor) -> torch.Tensor:
+    """A view of `h` that moves elements (units change place)."""
+    return h.view(h.shape[0], 2, h.shape[1] // 2).transpose(1, 2)
+
+
+def _stale_view(h: torch.Tensor) -> torch.Tensor:
+    """A view taken before an in-place write and read after it: it sees the written values."""
+    g = h.clone()
+    v = _moved(g)
+    g.add_(0.5)
+    return v.reshape(h.shape)
+
+
+def _view_then_relu_(h: torch.Tensor) -> torch.Tensor:
+    """An in-place activation through a view: the base, read afterwards, holds the result."""
+    g = h.clone()
+    F.relu(_moved(g), inplace=True)
+    return g
+
+
 _UNARY = {
     "relu": torch.relu, "relu_": lambda h: F.relu(h.clone(), inplace=True), "gelu": F.gelu, "tanh": torch.tanh,
     "clamp_shifted": lambda h: h.clamp(min=0.1), "hardtanh_shifted": lambda h: F.hardtanh(h, 0.1, 1.0),
@@ -131,7 +156,8 @@ _UNARY = {
     "split_half": lambda h: h[:, : h.shape[1] // 2], "chunk": lambda h: torch.chunk(h, 2, dim=1)[0],
     "view_transpose": _view_transpose, "sigmoid": torch.sigmoid,
     "mean_keepdim": lambda h: h - h.mean(dim=1, keepdim=True), "clone_add_": _clone_add_,
-    "masked_fill_": _masked_fill_,
+    "masked_fill_": _masked_fill_, "relu_direct": lambda h: F.relu(h, inplace=True), "stale_view": _stale_view,
+    "view_then_relu_": _view_then_relu_,
 }
 
 
@@ -149,6 +175,15 @@ def _binary(kind: str, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if kind == "view_add_direct":  # through a view: the base sees the write
         h.view(-1).add_(y.reshape(-1))
         return h
+    if kind == "stale_view_iadd":  # a view taken before a residual add in place, read after it (fx traces
+        g = h.clone()               # `g += y` as an out-of-place add, so the write is spelled add_)
+        v = _moved(g)
+        g.add_(y)
+        return v.reshape(h.shape)
+    if kind == "iadd_then_view":  # the view is taken after the write: it follows the merged map
+        g = h.clone()
+        g += y
+        return _moved(g).reshape(h.shape)
     if kind == "iadd":
         g = h.clone()
         g += y
