@@ -8,6 +8,11 @@ class HatifyError(ValueError):
     """Bad input to hatify: the message names the module, node or argument at fault and what to do."""
 
 
+class HatifyWarning(UserWarning):
+    """Something the user may want to change: hatify did what was asked, but the result may not be what is
+    wanted (filter with `warnings.simplefilter("ignore", hatify.HatifyWarning)`)."""
+
+
 class ValidationFailed(HatifyError):
     """`hatify()` converted the model but the conversion failed validation; `report` holds the plan and figures,
     `result` the `ValidationResult`."""

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -9,9 +11,10 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from . import fsdp
-from .errors import HatifyError
+from .errors import HatifyError, HatifyWarning
 from .inputs import CONSTANTS
 from .layers import MaskBank, Protect, TaskIndexed, TaskParameter
+from .norm_stats import has_running_statistics, reestimate_norm_statistics
 from .plan import LayerPlan, Plan
 from .rewrite import SCALE_ARG, TASK_ARG, _owner
 
@@ -148,9 +151,15 @@ class HATModel(nn.Module):
         self.current_task = t
         self.masks.last = None
 
-    def end_task(self) -> None:
+    def end_task(self, data: Iterable[Any] | None = None) -> None:
         """Finish the current task: its binary mask joins the cumulative mask, the weights it uses are frozen,
         and its own embedding, norm copies, heads and loose parameters become buffers.
+
+        `data`: the task's training batches (`(inputs, labels)`, or dicts of keyword inputs with `labels`; a
+        DataLoader). Its norms' running statistics (BatchNorm) are first re-estimated from them under the task's
+        final binary masks, so that eval-mode outputs match what the task learned (`norm_stats`). Without it a
+        model with running statistics keeps those gathered under soft masks while the weights moved, and a
+        warning says so.
 
         On a model sharded with `fully_shard` (FSDP2) every rank must call it: the full values are gathered, the
         frozen values are the same on every rank, and the finished task's own tensors stay sharded parameters
@@ -159,6 +168,13 @@ class HATModel(nn.Module):
         if t is None:
             raise HatifyError("end_task() without begin_task(t)")
         fsdp.refuse_fsdp1(self, "end_task()")
+        if data is not None:
+            reestimate_norm_statistics(self, t, data)
+        elif has_running_statistics(self):
+            warnings.warn(f"end_task() for task {t} without data: its BatchNorm running statistics were gathered "
+                          "under soft masks while the weights moved, and eval-mode accuracy can fall far below "
+                          "train-mode accuracy; pass end_task(data=train_loader) to re-estimate them under the final "
+                          "binary masks", HatifyWarning, stacklevel=2)
         fsdp.reshard(self)
         sharded = fsdp.is_sharded(self)
         with torch.no_grad():
