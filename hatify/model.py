@@ -170,7 +170,7 @@ class HATModel(nn.Module):
         fsdp.refuse_fsdp1(self, "end_task()")
         if data is not None:
             reestimate_norm_statistics(self, t, data)
-        elif has_running_statistics(self):
+        elif has_running_statistics(self, t):
             warnings.warn(f"end_task() for task {t} without data: its BatchNorm running statistics were gathered "
                           "under soft masks while the weights moved, and eval-mode accuracy can fall far below "
                           "train-mode accuracy; pass end_task(data=train_loader) to re-estimate them under the final "

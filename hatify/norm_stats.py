@@ -22,14 +22,15 @@ _StatsNorm = nn.modules.batchnorm._NormBase
 
 
 def task_norms(hat, t: int) -> list[_StatsNorm]:
-    """Task t's own norm modules that keep running statistics (its copies in every task-indexed module)."""
+    """Task t's own norm modules that keep running statistics: its copies in every task-indexed module, unless a
+    finished task owns the copy already (a shared copy, frozen by the first task)."""
     return [norm for module in hat.net.modules() if isinstance(module, TaskIndexed)
-            for norm in module.pick(t).modules()
+            and (0 if module.shared else t) not in module.frozen for norm in module.pick(t).modules()
             if isinstance(norm, _StatsNorm) and norm.track_running_stats and norm.running_mean is not None]
 
 
-def has_running_statistics(hat) -> bool:
-    return bool(task_norms(hat, 0))
+def has_running_statistics(hat, t: int) -> bool:
+    return bool(task_norms(hat, t))
 
 
 def reestimate_norm_statistics(hat, t: int, data: Iterable[Any]) -> int:
