@@ -1,6 +1,6 @@
 """Capacity over a long task sequence: what HAT leaves free for later tasks, with in-place ops and without.
 
-    .venv/bin/python benchmarks/capacity.py [--tasks 10] [--epochs 4] [--seeds 0,1]
+    .venv/bin/python benchmarks/capacity.py [--tasks 10] [--epochs 12] [--seeds 0,1,2] [--networks mlp,cnn]
 
 Permuted digits (scikit-learn's 1,797 8x8 digits, shipped in its wheel): task 0 unpermuted, task t a fixed random
 permutation of the 64 pixels, all 10 classes, 70/30 split. Two networks, each in two spellings that compute the
@@ -188,13 +188,14 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=10)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--networks", default=",".join(NETWORKS))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     runs = []
     for seed in map(int, args.seeds.split(",")):
-        for network in NETWORKS:
+        for network in args.networks.split(","):
             for inplace in (True, False):
                 runs.append(run(network, inplace, args.tasks, args.epochs, seed))
                 r = runs[-1]

@@ -335,17 +335,13 @@ def analyse(gm: fx.GraphModule, producers: list[Producer], config: HATConfig) ->
             spec = _spec_by_name(gm, site.apply_after)
             mask_at[site.apply_after] = UnitMap.units(p.offset, p.units, spec.ndim, p.out_axis % spec.ndim)
     producer_nodes = {site.node for p in producers for site in p.sites}
-    # A tensor written in place while a view shares its storage: unknown. One written with no view on it: its
-    # map is the union of what it held and what was written (`merge_into`).
+    # A view taken before an in-place write into its storage and read after it: unknown. A written tensor and its
+    # aliases of one layout: the union of what they held and what was written (`merge_into`).
     written, merge_into = aliased_writes(gm)
     group_of = {n: members for members in merge_into.values() for n in members}
     flows: dict[fx.Node, Any] = {}
     remask: dict[str, UnitMap] = {}
     unknown: list[UnknownOp] = list(gm.meta.get("hat_disowned", []))
-    unknown += [UnknownOp(node.name, _op_name(node, gm.get_submodule(node.target) if node.op == "call_module"
-                                              else None), f"storage written in place by '{write.name}' "
-                          f"({source_line(write) or '?'}) while this view of it is read later: output treated as "
-                          "all ones", source_line(node)) for node, write in written.items()]
     for node in gm.graph.nodes:
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
         flows[node] = _node_flow(node, module, mask_at, producer_nodes, written, flows, remask,
@@ -363,6 +359,16 @@ def _node_flow(node: fx.Node, module: nn.Module | None, mask_at: dict[str, UnitM
     spec = node.meta.get("hat_spec")
     if node.name in mask_at and node not in written:
         return mask_at[node.name]
+    if node in written and isinstance(spec, TensorSpec):
+        # a stale view: report it where it loses a map it would have had
+        would_be = None if node.op in ("placeholder", "get_attr", "output") or node.name in producers else \
+            _node_flow(node, module, mask_at, producers, {}, flows, {}, [], config)
+        if isinstance(would_be, UnitMap) and not would_be.is_ones:
+            write = written[node]
+            unknown.append(UnknownOp(node.name, _op_name(node, module), f"storage written in place by '{write.name}' "
+                                     f"({source_line(write) or '?'}) while this view of it is read later: output "
+                                     "treated as all ones", source_line(node)))
+        return UnitMap.ones()
     if node.op in ("placeholder", "get_attr", "output") or node.name in producers or node in written:
         return UnitMap.ones() if isinstance(spec, TensorSpec) else None
     if not _has_tensor(spec):
