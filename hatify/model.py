@@ -14,6 +14,7 @@ from .inputs import CONSTANTS
 from .layers import MaskBank, Protect, TaskIndexed, TaskParameter
 from .plan import LayerPlan, Plan
 from .rewrite import SCALE_ARG, TASK_ARG, _owner
+from .taskinf.statistics import TaskStatistics
 
 
 class HATModel(nn.Module):
@@ -36,6 +37,7 @@ class HATModel(nn.Module):
         self.register_buffer("trained", torch.zeros(plan.num_tasks, dtype=torch.bool))
         self.register_buffer("cumulative", torch.zeros(plan.total_units, dtype=torch.bool))
         self.current_task: int | None = None
+        self.task_stats = TaskStatistics()  # task inference: per observed task, filled by end_task(data=...)
 
     # ------------------------------------------------------------------------------ forward
     @property
@@ -45,6 +47,12 @@ class HATModel(nn.Module):
     def forward(self, *inputs: Any, task_id: Any = None, mask_scale: float | None = None, **kwargs: Any) -> Any:
         if task_id is None:
             raise HatifyError("task_id is required: call hat(*inputs, task_id=t) with an int or one id per sample")
+        if isinstance(task_id, str):
+            if task_id != "infer":
+                raise HatifyError(f"task_id={task_id!r}: the only task name is 'infer' (predict each sample's task)")
+            if mask_scale is not None:
+                raise HatifyError("task_id='infer' runs the finished tasks' binary masks: give no mask_scale")
+            return self.infer_task(*inputs, **kwargs).outputs
         if mask_scale is not None and not isinstance(mask_scale, (int, float)):
             if isinstance(mask_scale, torch.Tensor) and mask_scale.numel() == 1:
                 mask_scale = float(mask_scale)
@@ -148,9 +156,11 @@ class HATModel(nn.Module):
         self.current_task = t
         self.masks.last = None
 
-    def end_task(self) -> None:
+    def end_task(self, data: Any = None, keep: int = 0) -> None:
         """Finish the current task: its binary mask joins the cumulative mask, the weights it uses are frozen,
-        and its own embedding, norm copies, heads and loose parameters become buffers.
+        and its own embedding, norm copies, heads and loose parameters become buffers. With `data` (the task's
+        training batches) the statistics task inference needs are recorded under the final masks
+        (`observe(t, data, keep=keep)`).
 
         On a model sharded with `fully_shard` (FSDP2) every rank must call it: the full values are gathered, the
         frozen values are the same on every rank, and the finished task's own tensors stay sharded parameters
@@ -174,6 +184,27 @@ class HATModel(nn.Module):
             self.trained[t] = True
         self.current_task = None
         self.masks.last = None
+        if data is not None:
+            self.observe(t, data, keep=keep)
+        elif keep:
+            raise HatifyError("end_task(keep=n) keeps samples of data: give data=the task's training batches")
+
+    # ------------------------------------------------------------------------------ task inference
+    def observe(self, t: int, data: Any, keep: int = 0, logits: str | int | None = None) -> None:
+        """Record finished task t's statistics for task inference from its training batches (each
+        `(inputs, labels)` or a dict of keyword inputs holding `labels`); `keep=n` keeps n samples per class."""
+        from .taskinf.observe import observe
+
+        observe(self, t, data, keep, logits)
+
+    def infer_task(self, *inputs: Any, method: str | None = None, logits: str | int | None = None,
+                   **kwargs: Any):
+        """Predict each sample's task among the observed ones: a `TaskPrediction` (task, probs, classes,
+        outputs). `method` names the score (`hatify.taskinf.SCORES`), `logits` the output field holding the
+        class scores when it is neither the output tensor nor a `logits` field."""
+        from .taskinf.infer import infer_task
+
+        return infer_task(self, inputs, kwargs, method, logits)
 
     def _freeze_task(self, t: int) -> None:
         self.masks.freeze(t)
@@ -235,6 +266,7 @@ class HATModel(nn.Module):
         from .lifecycle import forget_task
 
         forget_task(self, t)
+        self.task_stats.drop(t)
 
     def extract(self, t: int, prune: bool = False) -> fx.GraphModule:
         """Task t as a plain module that takes the original model's inputs and needs only torch."""
