@@ -60,6 +60,15 @@ def _per_task(context: Context, name: str) -> torch.Tensor:
     return torch.stack(values)
 
 
+def squared_distances(x: torch.Tensor, centres: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """(batch, centres) squared Mahalanobis distances, expanded (no batch x centres x features tensor), in
+    float64 against the cancellation of the expansion."""
+    x, centres, precision = x.double(), centres.to(x.device, torch.float64), precision.to(x.device, torch.float64)
+    xp = x @ precision
+    d = (xp * x).sum(-1, keepdim=True) - 2 * xp @ centres.T + ((centres @ precision) * centres).sum(-1)
+    return d.clamp_min(0).float()
+
+
 @register("max_softmax")
 class MaxSoftmax(Score):
     def score(self, logits, features):
@@ -114,9 +123,9 @@ class Mahalanobis(Score):
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
         """(batch, tasks) smallest distance over each task's classes, over its expected value."""
-        diff = features[:, :, None, :] - self.means.to(features)[:, None]           # tasks, batch, classes, feat
-        d = torch.einsum("tbcd,tde,tbce->tbc", diff, self.precision.to(features), diff).amin(-1)
-        return (d / self.expected.to(features)[:, None]).T
+        d = torch.stack([squared_distances(features[i], self.means[i], self.precision[i]).amin(-1)
+                         for i in range(len(self.tasks))], 1)
+        return d / self.expected.to(d)
 
     def score(self, logits, features):
         return -self.distances(features)
@@ -155,79 +164,27 @@ def kept_samples(context: Context) -> tuple[tuple, dict, torch.Tensor]:
     return args, kwargs, owner
 
 
-@register("calibrated")
-class Calibrated(Score):
-    """Per task an affine map of (Mahalanobis, normalised max logit) scores, fitted on the kept samples of all
-    tasks to predict their task (TPL's per-task calibration; the kept samples of the other tasks show each
-    task what it must score low)."""
+@register("knn")
+class NearestOthers(Score):
+    """Mahalanobis to the task's own class means against the mean distance to the k nearest kept samples of
+    the other tasks, both seen through the task's masks in its metric (TPL's likelihood ratio with a kNN
+    estimate of "the other tasks"): a task must score its own data high and what it saw of the others low."""
 
     needs_features = True
     needs_buffer = True
-
-    def setup(self, context):
-        super().setup(context)
-        self.parts = [Mahalanobis(), NormalizedMaxLogit()]
-        for part in self.parts:
-            part.setup(context)
-        args, kwargs, owner = kept_samples(context)
-        run = context.run(args, kwargs)
-        inputs = self._inputs(run.logits, run.features)
-        tasks, k = inputs.shape[1], inputs.shape[2]
-        weight = torch.zeros(tasks, k)
-        weight[:, 0] = 1.0
-        bias = torch.zeros(tasks)
-        init = weight.clone()
-        weight.requires_grad_(True)
-        bias.requires_grad_(True)
-        optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
-        owner = owner.to(inputs.device)
-
-        def closure():
-            optimizer.zero_grad()
-            logit = (inputs * weight).sum(-1) + bias
-            loss = torch.nn.functional.cross_entropy(logit, owner) + 1e-2 * ((weight - init) ** 2).sum()
-            loss.backward()
-            return loss
-
-        with torch.enable_grad():
-            optimizer.step(closure)
-        self.weight, self.bias = weight.detach(), bias.detach()
-
-    def _inputs(self, logits, features):
-        return torch.stack([part.score(logits, features) for part in self.parts], -1)   # batch, tasks, k
-
-    def score(self, logits, features):
-        inputs = self._inputs(logits, features)
-        return (inputs * self.weight.to(inputs)).sum(-1) + self.bias.to(inputs)
-
-
-@register("likelihood_ratio")
-class LikelihoodRatio(Score):
-    """Mahalanobis of the task's own classes against the other tasks' kept samples seen through the task's
-    masks (TPL's likelihood ratio, Gaussian): the class means of each other task's kept samples, under task
-    t's masks and t's shrunk covariance, are what t must tell apart from its own data."""
-
-    needs_features = True
-    needs_buffer = True
+    k = 5
 
     def setup(self, context):
         super().setup(context)
         self.own = Mahalanobis()
         self.own.setup(context)
         args, kwargs, owner = kept_samples(context)
-        labels = torch.cat([context.stats.buffer(t)[2] for t in context.tasks])
         features = context.run(args, kwargs).features
-        group = owner * (int(labels.max()) + 1) + labels
-        self.other_means = []
-        for i in range(len(context.tasks)):
-            ids = group[owner != i].unique()
-            self.other_means.append(torch.stack([features[i][group == g].mean(0) for g in ids]))
+        self.others = [features[i][owner.to(features.device) != i] for i in range(len(context.tasks))]
 
     def score(self, logits, features):
-        own = self.own.distances(features)                       # batch, tasks
-        other = []
-        for i, means in enumerate(self.other_means):
-            diff = features[i][:, None, :] - means.to(features)[None]
-            d = torch.einsum("bcd,de,bce->bc", diff, self.own.precision[i].to(features), diff).amin(-1)
-            other.append(d / self.own.expected[i].to(features))
-        return torch.stack(other, 1) - own
+        near = []
+        for i, others in enumerate(self.others):
+            d = squared_distances(features[i], others, self.own.precision[i])
+            near.append(d.topk(min(self.k, d.shape[1]), largest=False).values.mean(-1) / self.own.expected[i])
+        return torch.stack(near, 1) - self.own.distances(features)
