@@ -46,7 +46,8 @@ def _summarise(hat, t: int, data: Any, keep: int, logits: str | int | None) -> t
     use_features = True
     kept: dict[str, list] = {}
     kept_labels: list[torch.Tensor] = []
-    for inputs, kwargs, labels in iterate_batches(data):
+    device = next((v.device for v in hat.parameters()), None) or next((v.device for v in hat.buffers()), None)
+    for inputs, kwargs, labels in iterate_batches(data, device):  # a loader's batches may be on the CPU
         run = run_tasks(hat, inputs, kwargs, [t], logits, features=use_features)
         scores = run.logits[0].double()
         if labels.shape[0] != scores.shape[0]:
