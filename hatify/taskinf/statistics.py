@@ -48,11 +48,12 @@ class TaskStatistics(nn.Module):
         labels = self.get(t, "buffer_labels")
         if labels is None:
             return None
-        args = [self.get(t, f"buffer_arg{i}") for i in range(len(self._buffers))]
-        args = tuple(a for a in args[:next((i for i, a in enumerate(args) if a is None), len(args))])
+        args: list[torch.Tensor] = []
+        while (arg := self.get(t, f"buffer_arg{len(args)}")) is not None:
+            args.append(arg)
         prefix = f"t{t}_buffer_kw_"
         kwargs = {n[len(prefix):]: v for n, v in self._buffers.items() if n.startswith(prefix)}
-        return args, kwargs, labels
+        return tuple(args), kwargs, labels
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # The observed tasks (and their shapes) are in the incoming state: make the buffers match it.
