@@ -168,6 +168,8 @@ class HATModel(nn.Module):
         t = self.current_task
         if t is None:
             raise HatifyError("end_task() without begin_task(t)")
+        if keep and data is None:
+            raise HatifyError("end_task(keep=n) keeps samples of data: give data=the task's training batches")
         fsdp.refuse_fsdp1(self, "end_task()")
         fsdp.reshard(self)
         sharded = fsdp.is_sharded(self)
@@ -186,8 +188,6 @@ class HATModel(nn.Module):
         self.masks.last = None
         if data is not None:
             self.observe(t, data, keep=keep)
-        elif keep:
-            raise HatifyError("end_task(keep=n) keeps samples of data: give data=the task's training batches")
 
     # ------------------------------------------------------------------------------ task inference
     def observe(self, t: int, data: Any, keep: int = 0, logits: str | int | None = None) -> None:

@@ -140,10 +140,13 @@ def test_bad_inputs_are_one_line_errors(trained):
         trained.observe(0, torch.randn(4, 4))
     with pytest.raises(HatifyError, match=r"\(inputs, labels\)"):
         list(iterate_batches([x]))
+    hat = hatify.hatify(mlp(), 2, example_inputs=(torch.randn(2, 4),))
+    train_task(hat, 0, steps=2)
+    with pytest.raises(HatifyError, match="give data="):
+        hat.end_task(keep=3)
+    assert hat.current_task == 0   # refused before anything was frozen
+    hat.end_task(data=batches(0))
     with pytest.raises(HatifyError, match="keep=n"):
-        hat = hatify.hatify(mlp(), 2, example_inputs=(torch.randn(2, 4),))
-        train_task(hat, 0, steps=2)
-        hat.end_task(data=batches(0))
         hat.infer_task(x, method="knn")
     assert trained.task_stats.tasks() == [0, 1, 2]
 
