@@ -207,3 +207,49 @@ def test_transformers_model_with_keyword_inputs_and_a_logits_field():
         assert torch.allclose(pred.outputs.logits[i], hat(**one, task_id=int(pred.task[i])).logits[0], atol=1e-5)
     assert hat.task_stats.buffer(1)[1].keys() == {"input_ids", "attention_mask"}
     hat.infer_task(**batch, method="knn")
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_the_per_sample_path_runs_a_mixed_batch_in_one_pass_with_each_row_under_its_own_masks(kind):
+    from hatify import per_sample
+
+    if kind == "mlp":
+        model, x = mlp(), torch.randn(9, 4)
+    else:
+        model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(8 * 16, 3))
+        x = torch.randn(9, 1, 4, 4)
+    hat = hatify.hatify(model, 3, example_inputs=(x[:2],))
+    for t in range(3):
+        hat.begin_task(t)
+        with torch.no_grad():
+            hat.masks.embedding(t).copy_(torch.randn(hat.masks.units))   # distinct masks per task
+        hat.end_task()
+    ids = torch.tensor([2, 0, 1, 1, 0, 2, 2, 0, 1])
+    calls = []
+    hat.net.get_submodule("0").register_forward_hook(lambda *a: calls.append(1))
+    hat.eval()
+    with torch.no_grad():
+        one_pass = per_sample.run(hat.net, (x,), {}, ids)
+        assert len(calls) == 1   # one pass for three tasks
+        for t in range(3):
+            assert torch.allclose(one_pass[ids == t], hat(x[ids == t], task_id=t), atol=1e-6)
+        calls.clear()
+        assert torch.allclose(hat(x, task_id=ids), one_pass, atol=1e-6)
+        assert len(calls) == 3   # on the CPU a mixed batch runs each task's rows together (measured faster)
+
+
+def test_the_per_sample_path_refuses_what_it_cannot_batch():
+    from hatify import per_sample
+
+    class SequenceFirst(nn.Module):   # (length, batch, features): the batch is not the first axis
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj, self.head = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.proj(x.transpose(0, 1)).mean(0))
+
+    hat = hatify.hatify(SequenceFirst(), 2, example_inputs=(torch.randn(2, 5, 4),)).eval()
+    with pytest.raises(per_sample.Unsupported, match="first axis"):
+        per_sample.run(hat.net, (torch.randn(3, 5, 4),), {}, torch.tensor([0, 1, 0]))
