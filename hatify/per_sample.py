@@ -57,7 +57,7 @@ def _static_reason(net: fx.GraphModule) -> str:
         if isinstance(module, TaskParameter) and not module.shared:
             return f"{node.target} is a per-task parameter read by the graph"
         if isinstance(module, Gate):
-            spec = node.args[0].meta.get("hat_spec") if isinstance(node.args[0], fx.Node) else None
+            spec = node.meta.get("hat_spec")   # the gated activation, as traced
             if not isinstance(spec, TensorSpec) or not spec.ndim or spec.shape[0] != batch:
                 return f"the activation gated at {node.target} does not carry the batch on its first axis"
     return ""
