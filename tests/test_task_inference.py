@@ -64,6 +64,10 @@ def test_infer_task_predicts_the_task_and_returns_that_tasks_outputs(trained):
     assert isinstance(pred, TaskPrediction) and pred.tasks == [0, 1, 2]
     assert pred.task.shape == (120,) and pred.classes.shape == (120,) and pred.probs.shape == (120, 3)
     assert torch.allclose(pred.probs.sum(1), torch.ones(120))
+    assert pred.class_probs.shape == (120, 6) and torch.allclose(pred.class_probs.sum(1), torch.ones(120))
+    blocks = pred.class_probs.view(120, 3, 2)
+    assert torch.allclose(blocks.sum(2), pred.probs)   # P(task | x) is the sum over its classes
+    assert torch.equal(blocks[torch.arange(120), pred.task].argmax(1), pred.classes)
     assert float((pred.task == owner).float().mean()) > 0.9   # the clouds are far apart
     per_sample = torch.stack([hat(x[i:i + 1], task_id=int(pred.task[i]))[0] for i in range(len(x))])
     assert torch.allclose(pred.outputs, per_sample, atol=1e-6)

@@ -18,13 +18,16 @@ DEFAULT_METHOD = "mahalanobis"
 class TaskPrediction:
     """`task` (batch,) the predicted task ids, `probs` (batch, observed tasks) P(task | x) in the order of
     `tasks`, `classes` (batch,) the within-task class under the predicted task, `outputs` the predicted task's
-    outputs per sample in the model's output structure. A class-incremental label is (task, class)."""
+    outputs per sample in the model's output structure. A class-incremental label is (task, class).
+    `class_probs` (batch, observed tasks x classes): P(task, class | x) = P(task | x) P(class | x, task), the
+    classes of `tasks[i]` at columns i * classes ... (i + 1) * classes - 1 (one head over all classes seen)."""
 
     task: torch.Tensor
     probs: torch.Tensor
     classes: torch.Tensor
     outputs: Any
     tasks: list[int]
+    class_probs: torch.Tensor
 
 
 def infer_task(hat, inputs: tuple, kwargs: dict, method: str | None = None,
@@ -53,7 +56,9 @@ def infer_task(hat, inputs: tuple, kwargs: dict, method: str | None = None,
     rows = best * batch + torch.arange(batch, device=best.device)
     classes = run.logits.reshape(len(tasks) * batch, -1)[rows].argmax(1)
     probs = (score / scorer.temperature).softmax(1)
-    return TaskPrediction(chosen, probs, classes, select_rows(run.outputs, rows, len(tasks) * batch), tasks)
+    joint = probs[:, :, None] * run.logits.softmax(-1).transpose(0, 1)
+    return TaskPrediction(chosen, probs, classes, select_rows(run.outputs, rows, len(tasks) * batch), tasks,
+                          joint.reshape(batch, -1))
 
 
 def _scorer(hat, method: str | None, tasks: list[int], logits: str | int | None) -> Score:
