@@ -37,8 +37,9 @@ def iterate_batches(data: Iterable[Any], device: torch.device | None = None
             raise HatifyError(f"batch {i} is a {type(batch).__name__}: each batch must be (inputs, labels) or a "
                               "dict of keyword inputs holding 'labels'")
         if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.is_floating_point():
+            shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else ""
             raise HatifyError(f"batch {i}: labels must be a 1-D integer tensor of within-task classes, got "
-                              f"{type(labels).__name__}{tuple(labels.shape) if isinstance(labels, torch.Tensor) else ''}")
+                              f"{type(labels).__name__}{shape}")
         if device is not None:
             move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v
             inputs, kwargs = tuple(move(v) for v in inputs), {k: move(v) for k, v in kwargs.items()}
