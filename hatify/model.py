@@ -10,13 +10,14 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from . import fsdp
+from . import fsdp, per_sample
 from .errors import HatifyError, HatifyWarning
 from .inputs import CONSTANTS
 from .layers import MaskBank, Protect, TaskIndexed, TaskParameter
 from .norm_stats import has_running_statistics, reestimate_norm_statistics
 from .plan import LayerPlan, Plan
 from .rewrite import SCALE_ARG, TASK_ARG, _owner
+from .taskinf.statistics import TaskStatistics
 
 
 class HATModel(nn.Module):
@@ -39,6 +40,7 @@ class HATModel(nn.Module):
         self.register_buffer("trained", torch.zeros(plan.num_tasks, dtype=torch.bool))
         self.register_buffer("cumulative", torch.zeros(plan.total_units, dtype=torch.bool))
         self.current_task: int | None = None
+        self.task_stats = TaskStatistics()  # task inference: per observed task, filled by end_task(data=...)
 
     # ------------------------------------------------------------------------------ forward
     @property
@@ -48,6 +50,12 @@ class HATModel(nn.Module):
     def forward(self, *inputs: Any, task_id: Any = None, mask_scale: float | None = None, **kwargs: Any) -> Any:
         if task_id is None:
             raise HatifyError("task_id is required: call hat(*inputs, task_id=t) with an int or one id per sample")
+        if isinstance(task_id, str):
+            if task_id != "infer":
+                raise HatifyError(f"task_id={task_id!r}: the only task name is 'infer' (predict each sample's task)")
+            if mask_scale is not None:
+                raise HatifyError("task_id='infer' runs the finished tasks' binary masks: give no mask_scale")
+            return self.infer_task(*inputs, **kwargs).outputs
         if mask_scale is not None and not isinstance(mask_scale, (int, float)):
             if isinstance(mask_scale, torch.Tensor) and mask_scale.numel() == 1:
                 mask_scale = float(mask_scale)
@@ -108,7 +116,16 @@ class HATModel(nn.Module):
         return task_id
 
     def _mixed(self, inputs: tuple, kwargs: dict, ids: torch.Tensor, mask_scale: float | None) -> Any:
-        """A batch of several tasks: run each task's samples together and put the outputs back in order."""
+        """A batch of several tasks. On an accelerator, in eval with binary masks: one pass, each row under its
+        own task's masks (`hatify.per_sample`) where the graph allows it. Else (and on the CPU, where one large
+        pass measured 2-3x slower than one cache-sized pass per task) each task's samples run together and the
+        outputs are put back in order."""
+        device = next((v.device for v in pytree.tree_leaves((inputs, kwargs)) if isinstance(v, torch.Tensor)), None)
+        if not self.training and mask_scale is None and device is not None and device.type != "cpu":
+            try:
+                return per_sample.run(self.net, inputs, kwargs, ids)
+            except per_sample.Unsupported:
+                pass
         batch = ids.shape[0]
         pieces = []
         for t in ids.unique().tolist():
@@ -151,15 +168,16 @@ class HATModel(nn.Module):
         self.current_task = t
         self.masks.last = None
 
-    def end_task(self, data: Iterable[Any] | None = None) -> None:
+    def end_task(self, data: Iterable[Any] | None = None, keep: int = 0) -> None:
         """Finish the current task: its binary mask joins the cumulative mask, the weights it uses are frozen,
         and its own embedding, norm copies, heads and loose parameters become buffers.
 
         `data`: the task's training batches (`(inputs, labels)`, or dicts of keyword inputs with `labels`; a
-        DataLoader). Its norms' running statistics (BatchNorm) are first re-estimated from them under the task's
-        final binary masks, so that eval-mode outputs match what the task learned (`norm_stats`). Without it a
-        model with running statistics keeps those gathered under soft masks while the weights moved, and a
-        warning says so.
+        DataLoader; a one-shot iterator is read into a list first, since it is read twice). Its norms' running
+        statistics (BatchNorm) are first re-estimated from them under the task's final binary masks, so that
+        eval-mode outputs match what the task learned (`norm_stats`); then, after the freeze, the statistics task
+        inference needs are recorded (`observe(t, data, keep=keep)`). Without data a model with running
+        statistics keeps those gathered under soft masks while the weights moved, and a warning says so.
 
         On a model sharded with `fully_shard` (FSDP2) every rank must call it: the full values are gathered, the
         frozen values are the same on every rank, and the finished task's own tensors stay sharded parameters
@@ -167,7 +185,11 @@ class HATModel(nn.Module):
         t = self.current_task
         if t is None:
             raise HatifyError("end_task() without begin_task(t)")
+        if keep and data is None:
+            raise HatifyError("end_task(keep=n) keeps samples of data: give data=the task's training batches")
         fsdp.refuse_fsdp1(self, "end_task()")
+        if data is not None and iter(data) is data:
+            data = list(data)
         if data is not None:
             reestimate_norm_statistics(self, t, data)
         elif has_running_statistics(self, t):
@@ -190,6 +212,32 @@ class HATModel(nn.Module):
             self.trained[t] = True
         self.current_task = None
         self.masks.last = None
+        if data is not None:
+            try:
+                self.observe(t, data, keep=keep)
+            except HatifyError as exc:
+                if keep:  # asked for explicitly
+                    raise
+                warnings.warn(f"end_task(data=...): task {t} is finished, but no task-inference statistics were "
+                              f"recorded ({exc}); call hat.observe({t}, data, logits=...) to record them",
+                              HatifyWarning, stacklevel=2)
+
+    # ------------------------------------------------------------------------------ task inference
+    def observe(self, t: int, data: Any, keep: int = 0, logits: str | int | None = None) -> None:
+        """Record finished task t's statistics for task inference from its training batches (each
+        `(inputs, labels)` or a dict of keyword inputs holding `labels`); `keep=n` keeps n samples per class."""
+        from .taskinf.observe import observe
+
+        observe(self, t, data, keep, logits)
+
+    def infer_task(self, *inputs: Any, method: str | None = None, logits: str | int | None = None,
+                   **kwargs: Any):
+        """Predict each sample's task among the observed ones: a `TaskPrediction` (task, probs, classes,
+        outputs). `method` names the score (`hatify.taskinf.SCORES`), `logits` the output field holding the
+        class scores when it is neither the output tensor nor a `logits` field."""
+        from .taskinf.infer import infer_task
+
+        return infer_task(self, inputs, kwargs, method, logits)
 
     def _freeze_task(self, t: int) -> None:
         self.masks.freeze(t)
@@ -251,6 +299,7 @@ class HATModel(nn.Module):
         from .lifecycle import forget_task
 
         forget_task(self, t)
+        self.task_stats.drop(t)
 
     def extract(self, t: int, prune: bool = False) -> fx.GraphModule:
         """Task t as a plain module that takes the original model's inputs and needs only torch."""

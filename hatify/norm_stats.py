@@ -45,7 +45,7 @@ def reestimate_norm_statistics(hat, t: int, data: Iterable[Any]) -> int:
     if not norms:
         return 0
     device = next((b.device for b in hat.buffers()), None)
-    batches = iterate_batches(data, device)
+    batches = iterate_batches(data, device, classes=False)
     first = next(batches, None)
     if first is None:
         raise HatifyError(f"end_task(data=...) for task {t}: the data held no batch; pass the task's training data "

@@ -136,3 +136,27 @@ def test_errors_name_the_problem():
                   evaluator=evaluator())
     with pytest.raises(hatify.HatifyError, match="HATMultiTaskModule"):
         naive.train(exps[0])
+
+
+def test_class_incremental_evaluation_through_task_inference():
+    """Train 3 tasks with task labels, evaluate on a class-incremental stream (global labels, no task labels)."""
+    bm = split_digits_benchmark()
+    hat = new_hat(num_tasks=3)
+    strategy = HAT(model=HATMultiTaskModule(hat, infer_task=True), optimizer=torch.optim.AdamW(hat.parameters(),
+                   lr=1e-2), train_mb_size=32, train_epochs=EPOCHS, eval_mb_size=256, evaluator=evaluator(),
+                   plugins=[HATPlugin(observe=True, keep=2)])
+    for experience in list(bm.train_stream)[:3]:
+        strategy.train(experience)
+    assert hat.task_stats.tasks() == [0, 1, 2]
+    assert hat.task_stats.get(2, "buffer_labels").bincount().tolist() == [2, 2]
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32)[digits.target < 6] / 16.0
+    y = torch.tensor(digits.target)[digits.target < 6]
+    data = TensorDataset(x, y)
+    data.targets = y.tolist()
+    cil = nc_benchmark(data, data, n_experiences=1, task_labels=False, fixed_class_order=list(range(6)), seed=0)
+    metrics = strategy.eval(cil.test_stream)
+    accuracy = metrics["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
+    expected = float((hat.infer_task(x).class_probs.argmax(1) == y).float().mean())
+    assert abs(accuracy - expected) < 1e-6
+    assert accuracy > 0.8   # chance is 1/6

@@ -119,3 +119,15 @@ def test_errors(tmp_path):
     plain = Trainer(model=DigitsNet(), args=args(tmp_path), train_dataset=data, callbacks=[HATTrainerCallback()])
     with pytest.raises(hatify.HatifyError, match="HATTaskModel"):
         plain.train()
+
+
+def test_callback_records_task_inference_statistics_from_the_training_data(tmp_path):
+    hat = new_hat()
+    (xtr, ytr), _ = split_digits()[0]
+    Trainer(model=HATTaskModel(hat, 0), args=args(tmp_path, batch=64, epochs=1), train_dataset=Digits(xtr, ytr),
+            callbacks=[HATTrainerCallback(observe=True, keep=2)]).train()
+    assert hat.task_stats.tasks() == [0]
+    assert int(hat.task_stats.get(0, "class_counts").sum()) == len(ytr)
+    kept = hat.task_stats.buffer(0)
+    assert set(kept[1]) == {"pixels", "scale"} and kept[2].bincount().tolist() == [2, 2]
+    assert hat.infer_task(pixels=xtr[:5], scale=torch.ones(5, 1)).task.tolist() == [0] * 5

@@ -85,3 +85,17 @@ def test_callback_refuses_a_model_outside_the_module():
         trainer(other.cb, epochs=1).fit(other, loader)
     with pytest.raises(hatify.HatifyError, match="HATCallback needs a model converted by hatify"):
         HATCallback(nn.Linear(2, 2), 0)
+
+
+def test_callback_records_task_inference_statistics_from_the_training_data():
+    tasks = split_digits()[:2]
+    hat = hatify.hatify(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 2)), num_tasks=2,
+                        example_inputs=(torch.zeros(2, 64),))
+    module = DigitsModule(hat)
+    for t, ((xtr, ytr), _) in enumerate(tasks):
+        module.cb = HATCallback(hat, t, observe=True, keep=3)
+        trainer(module.cb, epochs=1).fit(module, DataLoader(TensorDataset(xtr, ytr), batch_size=64))
+        assert int(hat.task_stats.get(t, "class_counts").sum()) == len(ytr)   # every training sample seen
+        assert hat.task_stats.get(t, "buffer_labels").bincount().tolist() == [3, 3]
+    x = torch.cat([test[0] for _, test in tasks])
+    assert hat.infer_task(x).probs.shape == (len(x), 2)

@@ -40,25 +40,34 @@ class HATMultiTaskModule(MultiTaskModule):
 
     `forward(x, task_labels)` runs `hat(x, task_id=task_labels, mask_scale=...)`: soft masks at the mask scale
     `HATPlugin` sets while training, binary masks in eval mode. Per-sample labels may mix tasks. Without labels
-    it trains the task in progress, and in eval mode returns every task's outputs as a dict.
+    it trains the task in progress, and in eval mode returns every task's outputs as a dict. With
+    `infer_task=True` evaluation is class-incremental: the task labels are ignored, the task is predicted
+    (`hat.infer_task`, tasks observed with `HATPlugin(observe=True)`), and the output is log P(task, class | x)
+    over all classes seen, the column of class j of task t being t * classes + j.
 
     Example:
         >>> model = HATMultiTaskModule(hatify.hatify(net, num_tasks=5, example_inputs=(x,)))
         >>> model.eval(); model(x, torch.zeros(len(x), dtype=torch.long)).shape
     """
 
-    def __init__(self, hat: HATModel) -> None:
+    def __init__(self, hat: HATModel, infer_task: bool = False) -> None:
         if not isinstance(hat, HATModel):
             raise HatifyError(f"HATMultiTaskModule wraps a model converted by hatify.hatify(...), "
                               f"got {type(hat).__name__}")
         super().__init__()
         self.hat = hat
         self.mask_scale: float | None = None
+        # Class-incremental evaluation: ignore the task labels and predict the task (see `forward`).
+        self.infer_task = infer_task
 
     def adaptation(self, experience: Any) -> None:
         """Nothing to adapt: every task's heads and masks exist from the conversion on."""
 
     def forward(self, x: Any, task_labels: torch.Tensor | int | None = None) -> Any:
+        if self.infer_task and not self.training:
+            # One head over every class seen: log P(task, class | x), class j of task t at column t * C + j
+            # (tasks 0..T-1 observed, C classes each), as a class-incremental stream labels them.
+            return self.hat.infer_task(x).class_probs.clamp_min(1e-30).log()
         if task_labels is None:  # Avalanche passes none for experiences without a `task_labels` attribute (online)
             if self.training and self.hat.current_task is not None:
                 task_labels = self.hat.current_task
@@ -85,7 +94,9 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
     - before each forward: the mask scale from the batch index within the epoch
       (`hat.mask_scale(clock.train_epoch_iterations, len(dataloader))`);
     - before backward: `hat.regularization()` added to the loss;
-    - after the experience: `hat.end_task()` (the task's outputs are then bit-identical forever).
+    - after the experience: `hat.end_task()` (the task's outputs are then bit-identical forever); with
+      `observe=True` also the task's statistics for task inference from its training data (`keep=n` samples per
+      class kept), for class-incremental evaluation with `HATMultiTaskModule(hat, infer_task=True)`.
     Every rank of a distributed run does the same, so the replicas stay equal.
 
     Example:
@@ -112,6 +123,11 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         strategy.loss = strategy.loss + _hat_module(strategy.model).hat.regularization()
 
+    def __init__(self, observe: bool = False, keep: int = 0) -> None:
+        super().__init__()
+        # Record task-inference statistics (and keep n samples per class) from each experience's training data.
+        self.observe, self.keep = observe, keep
+
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         module = _hat_module(strategy.model)
         module.mask_scale = None
@@ -120,7 +136,14 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
                 experience.access_task_boundaries and experience.is_last_subexp):
             return
         if module.hat.current_task is not None:
-            module.hat.end_task()
+            module.hat.end_task(data=_batches(experience, strategy) if self.observe else None, keep=self.keep)
+
+
+def _batches(experience: Any, strategy: Any) -> Any:
+    """The experience's training data as (inputs, labels) batches, with its evaluation transforms."""
+    data = experience.dataset.eval() if hasattr(experience.dataset, "eval") else experience.dataset
+    loader = torch.utils.data.DataLoader(data, batch_size=strategy.train_mb_size)
+    return ((batch[0], batch[1]) for batch in loader)  # Avalanche's batches are (x, y, task label)
 
 
 class HAT(SupervisedTemplate):

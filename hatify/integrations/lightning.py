@@ -44,13 +44,17 @@ class HATCallback(pl.Callback):
         >>> L.Trainer(max_epochs=5, callbacks=[cb]).fit(module, loader)
         >>> hat.trained_tasks
         [0]
+
+    `observe=True` also records the task's statistics for task inference from `trainer.train_dataloader`
+    (`hat.end_task(data=..., keep=keep)`), whose batches are `(inputs, labels)` or dicts holding `labels`.
     """
 
-    def __init__(self, hat: HATModel, task_id: int) -> None:
+    def __init__(self, hat: HATModel, task_id: int, observe: bool = False, keep: int = 0) -> None:
         if not isinstance(hat, HATModel):
             raise HatifyError(f"HATCallback needs a model converted by hatify.hatify(...), got {type(hat).__name__}")
         self.hat = hat
         self.task_id = task_id
+        self.observe, self.keep = observe, keep
         self.mask_scale: float = hat.plan.config.s_max
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -70,4 +74,4 @@ class HATCallback(pl.Callback):
         self.mask_scale = self.hat.mask_scale(batch_idx // k, math.ceil(batches / k))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.hat.end_task()
+        self.hat.end_task(data=trainer.train_dataloader if self.observe else None, keep=self.keep)

@@ -10,7 +10,8 @@
   with the loss `loss(logits, labels) + hat.regularization()` while training (no regulariser in evaluation, which
   uses binary masks). Its forward signature lists the model's inputs, so the Trainer keeps those batch keys.
 - `HATTrainerCallback()` runs `hat.begin_task(t)` when training begins and `hat.end_task()` when it ends, and sets
-  the mask scale before every optimizer step from the step's index within the epoch.
+  the mask scale before every optimizer step from the step's index within the epoch. `HATTrainerCallback(
+  observe=True, keep=0)` also records the task's statistics for task inference from the training dataloader.
 - Gradient accumulation: the mask scale follows the optimizer step (every micro-batch of a step sees the same
   masks, the schedule spans `ceil(batches / gradient_accumulation_steps)` steps per epoch), and the Trainer
   divides each micro-batch's loss, regulariser included, by the number of micro-batches of the step
@@ -83,7 +84,8 @@ class HATTrainerCallback(TrainerCallback):
         ...         callbacks=[HATTrainerCallback()]).train()
     """
 
-    def __init__(self) -> None:
+    def __init__(self, observe: bool = False, keep: int = 0) -> None:
+        self.observe, self.keep = observe, keep  # record task-inference statistics from the training data
         self.task: HATTaskModel | None = None
         self.steps_per_epoch: float = math.inf
         self.epoch_start = 0
@@ -108,8 +110,9 @@ class HATTrainerCallback(TrainerCallback):
         else:
             self.task.mask_scale = hat.mask_scale(state.global_step - self.epoch_start, self.steps_per_epoch)
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.task.hat.end_task()
+    def on_train_end(self, args: Any, state: Any, control: Any, train_dataloader: Any = None,
+                     **kwargs: Any) -> None:
+        self.task.hat.end_task(data=train_dataloader if self.observe else None, keep=self.keep)
         self.task = None
 
 
