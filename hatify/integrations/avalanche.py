@@ -33,6 +33,7 @@ from torch import nn
 
 from ..errors import HatifyError
 from ..model import HATModel
+from ..norm_stats import has_running_statistics
 
 
 class HATMultiTaskModule(MultiTaskModule):
@@ -94,7 +95,8 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
     - before each forward: the mask scale from the batch index within the epoch
       (`hat.mask_scale(clock.train_epoch_iterations, len(dataloader))`);
     - before backward: `hat.regularization()` added to the loss;
-    - after the experience: `hat.end_task()` (the task's outputs are then bit-identical forever); with
+    - after the experience: `hat.end_task()` (the task's outputs are then bit-identical forever), given the
+      experience's training data where the model has BatchNorm running statistics (re-estimated); with
       `observe=True` also the task's statistics for task inference from its training data (`keep=n` samples per
       class kept), for class-incremental evaluation with `HATMultiTaskModule(hat, infer_task=True)`.
     Every rank of a distributed run does the same, so the replicas stay equal.
@@ -136,7 +138,9 @@ class HATPlugin(SupervisedPlugin, supports_distributed=True):
                 experience.access_task_boundaries and experience.is_last_subexp):
             return
         if module.hat.current_task is not None:
-            module.hat.end_task(data=_batches(experience, strategy) if self.observe else None, keep=self.keep)
+            hat = module.hat
+            wanted = self.observe or has_running_statistics(hat, hat.current_task)  # norms re-estimated too
+            hat.end_task(data=_batches(experience, strategy) if wanted else None, keep=self.keep)
 
 
 def _batches(experience: Any, strategy: Any) -> Any:

@@ -30,6 +30,7 @@ import lightning.pytorch as pl
 
 from ..errors import HatifyError
 from ..model import HATModel
+from ..norm_stats import has_running_statistics
 
 
 class HATCallback(pl.Callback):
@@ -45,6 +46,8 @@ class HATCallback(pl.Callback):
         >>> hat.trained_tasks
         [0]
 
+    Where the model has BatchNorm running statistics, `end_task` gets `trainer.train_dataloader` to re-estimate
+    them under the task's final masks (see `HATModel.end_task`).
     `observe=True` also records the task's statistics for task inference from `trainer.train_dataloader`
     (`hat.end_task(data=..., keep=keep)`), whose batches are `(inputs, labels)` or dicts holding `labels`.
     """
@@ -74,4 +77,5 @@ class HATCallback(pl.Callback):
         self.mask_scale = self.hat.mask_scale(batch_idx // k, math.ceil(batches / k))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.hat.end_task(data=trainer.train_dataloader if self.observe else None, keep=self.keep)
+        wanted = self.observe or has_running_statistics(self.hat, self.hat.current_task)  # norms re-estimated too
+        self.hat.end_task(data=trainer.train_dataloader if wanted else None, keep=self.keep)

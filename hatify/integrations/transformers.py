@@ -11,7 +11,8 @@
   uses binary masks). Its forward signature lists the model's inputs, so the Trainer keeps those batch keys.
 - `HATTrainerCallback()` runs `hat.begin_task(t)` when training begins and `hat.end_task()` when it ends, and sets
   the mask scale before every optimizer step from the step's index within the epoch. `HATTrainerCallback(
-  observe=True, keep=0)` also records the task's statistics for task inference from the training dataloader.
+  observe=True, keep=0)` also records the task's statistics for task inference from the training dataloader, which
+  `end_task` also gets where the model has BatchNorm running statistics (re-estimated under the final masks).
 - Gradient accumulation: the mask scale follows the optimizer step (every micro-batch of a step sees the same
   masks, the schedule spans `ceil(batches / gradient_accumulation_steps)` steps per epoch), and the Trainer
   divides each micro-batch's loss, regulariser included, by the number of micro-batches of the step
@@ -35,6 +36,7 @@ from transformers import TrainerCallback
 from ..errors import HatifyError
 from ..model import HATModel
 from ..rewrite import SCALE_ARG, TASK_ARG
+from ..norm_stats import has_running_statistics
 
 
 class HATTaskModel(nn.Module):
@@ -112,7 +114,9 @@ class HATTrainerCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, train_dataloader: Any = None,
                      **kwargs: Any) -> None:
-        self.task.hat.end_task(data=train_dataloader if self.observe else None, keep=self.keep)
+        hat = self.task.hat
+        wanted = self.observe or has_running_statistics(hat, hat.current_task)  # norms re-estimated too
+        hat.end_task(data=train_dataloader if wanted else None, keep=self.keep)
         self.task = None
 
 
