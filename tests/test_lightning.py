@@ -58,6 +58,10 @@ def test_lightning_split_digits_acc_and_bit_identical():
             trainer(module.cb, epochs=8, accumulate=accumulate).fit(module, loader)
         eval_mode = [w for w in caught if "in eval mode at the start of training" in str(w.message)]
         assert bool(eval_mode) == (t > 0)  # the finished tasks' BatchNorm copies (documented in the module)
+        # the callback gave end_task the training data: statistics re-estimated (one pass), no warning
+        assert not [w for w in caught if issubclass(w.category, hatify.HatifyWarning)]
+        bn = hat.net.get_submodule("1").copies[t]
+        assert int(bn.num_batches_tracked) == len(loader)  # a cumulative average over one pass, not 8 epochs
         steps = math.ceil(len(loader) / accumulate)
         epoch = module.scales[:len(loader)]
         assert epoch[0] == hat.mask_scale(0, steps) and epoch[-1] == hat.plan.config.s_max
