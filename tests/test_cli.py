@@ -306,6 +306,8 @@ def test_load_errors(tmp_path):
     hatify.save(hat, tmp_path / "plain.hat")
     with pytest.raises(hatify.HatifyError, match="no such file"):
         hatify.load(tmp_path / "missing.hat")
+    with pytest.raises(hatify.HatifyError, match="is a directory: give the path of a file written by hatify.save"):
+        hatify.load(tmp_path)
     with pytest.raises(hatify.HatifyError, match="model="):   # no recipe was given to hatify()
         hatify.load(tmp_path / "plain.hat")
     with pytest.raises(hatify.HatifyError, match="do not fit|mask units"):
