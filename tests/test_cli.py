@@ -63,6 +63,13 @@ BAD = {
     "malformed_input_shape": (["convert", CNN, "-o", "out.hat", "--num-tasks", "2", "--input-shape", "2,3,x,16"],
                               "--input-shape"),
     "unknown_set_key": (["convert", CNN, *CONVERT_CNN, "--set", "nope=1"], "unknown key"),
+    "wrong_input_shape": (["convert", CNN, "-o", "out.hat", "--num-tasks", "2", "--input-shape", "2,1,16,16"],
+                          "Conv2d(3, 8, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1)) on inputs float32[2, 1, "
+                          "16, 16] failed"),
+    "hf_typo": (["convert", "hf:bertt", "-o", "out.hat", "--num-tasks", "2"], "did you mean hf:bert,"),
+    "hf_hub_name": (["convert", "hf:bert-base-uncased", "-o", "out.hat", "--num-tasks", "2"],
+                    "(did you mean hf:bert?); hub names are not downloaded"),
+    "report_folder": (["report", "{inputs}"], "is a directory"),
 }
 
 
@@ -212,7 +219,7 @@ def test_bad_input_exits_2_with_one_line(runs, name):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and lines[0].startswith("hatify: error: "), result.stderr
-    assert BAD[name][1] in lines[0]
+    assert BAD[name][1] in lines[0] and len(lines[0]) < 400, lines[0]
     assert _files(where) == set()
 
 
@@ -236,6 +243,10 @@ def test_source_syntax():
             parse_source(bad)
     with pytest.raises(hatify.HatifyError, match="not one of"):
         parse_source(__file__, "--arch", files=False)
+    for bare, hint in [("resnet18", "hf:MODEL_TYPE, package.module:factory or an existing model file; did you mean "
+                                    "timm:resnet18?"), ("bert", "did you mean hf:bert?")]:
+        with pytest.raises(hatify.HatifyError, match=hint.replace("?", r"\?")):
+            parse_source(bare)
 
 
 def test_config_overrides_take_the_field_types():
