@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     if os.getcwd() not in sys.path:   # factories in the current directory import, as under `python -m`
         sys.path.insert(0, os.getcwd())
-    out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 120)
+    out = Console(soft_wrap=False)  # the terminal's width; piped: COLUMNS, else 80
     with warnings.catch_warnings(record=not debug) as caught:
         try:
             args = build_parser().parse_args(argv)

@@ -10,6 +10,7 @@ import torch
 from torch import fx, nn
 
 from .capture import Capture
+from .errors import source_line
 from .config import HATConfig
 from .flow import Flow, Producer, UnknownOp
 from .maps import ONES, UnitMap, per_unit
@@ -150,6 +151,47 @@ def _describe(index: torch.Tensor, producers: list[Producer]) -> tuple[list[str]
     return names, f"index map{partial}"
 
 
+def unmasked_input_reason(gm: fx.GraphModule, flow: Flow, starts: list[str | None]) -> str:
+    """Why no mask reaches a layer's input (`input_map` "ones"), for the report: the nearest place upstream where
+    the masks were lost (an unknown op, a mask site whose map is ones, e.g. a tensor written in place), else
+    what the input is made from (the model input, a parameter, a tensor made in forward)."""
+    from .inplace import writes_input
+
+    nodes = {n.name: n for n in gm.graph.nodes}
+    unknown = {u.node: u for u in flow.unknown}
+    sites = {site.apply_after: p.name for p in flow.producers for site in p.sites if site.apply_after}
+    queue, seen, sources = [nodes[s] for s in starts if s in nodes], {}, []
+    if not queue:
+        return "the input is not a tensor of known shape"
+    while queue:
+        node = queue.pop(0)
+        if node in seen:
+            continue
+        seen[node] = None  # (a dict: the first in-place writer found is the nearest)
+        line = f" ({source_line(node)})" if source_line(node) else ""
+        if node.name in unknown:
+            op = unknown[node.name].op
+            return f"{op if op == node.name else f'{op} at {node.name}'}{line}: no mask rule"
+        if node.name in sites:
+            writer = next((n.name for n in seen if writes_input(
+                n, gm.get_submodule(n.target) if n.op == "call_module" else None)), None)
+            how = f", written in place by {writer}" if writer else ""
+            return f"{sites[node.name]}'s mask lost at {node.name}{line}{how}"
+        if node.op == "placeholder":
+            sources.append("model input")
+        elif node.op == "get_attr":
+            sources.append("a parameter or buffer")
+        else:
+            inputs = [n for n in node.all_input_nodes if _has_spec(n)]
+            sources += [] if inputs else ["a tensor made in forward"]
+            queue += inputs
+    return f"made from the {' and '.join(dict.fromkeys(sources)) or 'model input'}"
+
+
+def _has_spec(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("hat_spec"), TensorSpec)
+
+
 def _input_units(producer: Producer, weight: torch.Tensor) -> int | None:
     if producer.kind == "linear":
         return weight.shape[1]
@@ -194,6 +236,8 @@ def make_plan(capture: Capture, flow: Flow, num_tasks: int, config: HATConfig) -
                 layer.reason = "weight transformed before use: protected by output unit only"
             layer.input_index = index
             layer.input_producers, layer.input_map = _describe(index, flow.producers)
+            if not layer.input_producers and not layer.reason:
+                layer.reason = unmasked_input_reason(gm, flow, [s.input_node for s in p.sites])
         layers.append(layer)
 
     gates = {}
@@ -245,7 +289,7 @@ def _other_parameters(gm: fx.GraphModule, layers: list[LayerPlan], kept: dict[st
         elif type(module) in NORM_MODULES and count + _buffers(module):
             # Running statistics move in train mode even when the affine parameters are frozen: one copy per task.
             policy, reason = _policy(node.target, values, config, "task_indexed",
-                                     "normalisation: affine parameters and statistics per task")
+                                     "normalisation: affine and statistics per task")
             if _buffers(module) and policy == "frozen":
                 policy, reason = "statistics_per_task", f"{reason}; its running statistics get one copy per task"
             modules.append(ModulePlan(node.target, op, policy, reason, count))

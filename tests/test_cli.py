@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -360,3 +361,41 @@ def test_report_prints_capacity_and_plots_it(tmp_path, capsys):
     hatify.save(untrained, tmp_path / "fresh.hat")
     assert main(["report", str(tmp_path / "fresh.hat"), "--plot", str(tmp_path / "none.png")]) == 2
     assert not (tmp_path / "none.png").exists()
+
+
+# ------------------------------------------------------------------------------ the report on a terminal
+class _NoRule(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.fc2(torch.special.erfcx(self.fc1(x))).relu())  # erfcx: an op without a mask rule
+
+
+def test_report_fits_the_terminal_and_every_fallback_row_says_why(monkeypatch):
+    import timm
+    from rich.console import Console
+
+    hat = hatify.hatify(timm.create_model("resnet18", num_classes=4), 2, (torch.randn(2, 3, 32, 32),), validate=False)
+    report, rows = hat.report, hat.report.rows()
+    for layer, row in zip(report.plan["layers"], rows):
+        if layer["role"] == "masked" and not layer["input_producers"]:  # "ones (no mask known)": a reason follows
+            assert row[-1].startswith("ones: ") and len(row[-1]) > len("ones: ") + 10, row
+    assert rows[0][-1] == "ones: made from the model input"  # conv1
+    for width in (80, 100, 200):
+        console = Console(width=width, record=True, file=open(os.devnull, "w"))
+        console.print(report)
+        lines = console.export_text().splitlines()
+        assert max(map(len, lines)) <= width
+        assert all(any(row[0] in line.split() for line in lines) for row in rows)  # names never break
+        assert len(lines) < 3 * len(rows)
+    monkeypatch.setenv("COLUMNS", "80")
+    assert max(map(len, str(report).splitlines())) <= 80
+    monkeypatch.setenv("COLUMNS", "200")
+    assert "input from" in str(report)  # wide enough for one column per field
+
+    norule = hatify.hatify(_NoRule(), 2, (torch.randn(2, 4),))
+    assert norule.plan.layer("fc2").input_map == "ones (no mask known)"
+    assert re.fullmatch(r"special_erfcx \(test_cli.py:\d+\): no mask rule", norule.plan.layer("fc2").reason)
+    assert norule.report.summary["unmasked_inputs"] == ["fc2"] and "no input mask" in str(norule.report)
