@@ -361,6 +361,30 @@ def test_report_prints_capacity_and_plots_it(tmp_path, capsys):
     hatify.save(untrained, tmp_path / "fresh.hat")
     assert main(["report", str(tmp_path / "fresh.hat"), "--plot", str(tmp_path / "none.png")]) == 2
     assert not (tmp_path / "none.png").exists()
+    printed = capsys.readouterr()
+    assert printed.out == ""  # refused before printing anything
+    assert printed.err.strip().splitlines() == [f"hatify: error: --plot: {tmp_path / 'fresh.hat'} has no trained task, "
+                                                "so no capacity to plot (train a task: begin_task, end_task, then "
+                                                "hatify.save)"]
+
+
+@pytest.mark.parametrize("tasks", [3, 12, 40])
+def test_capacity_heatmap_labels_do_not_overlap(tasks):
+    pytest.importorskip("matplotlib")
+    from hatify.capacity import capacity_figure
+
+    names = [f"model.encoder.layer.{i}.attention.output.dense{j}" for i in range(12) for j in (1, 2)] + ["fc"]
+    capacity = {name: {"units": 64, "used": {t: (t * 7 + i) % 64 for t in range(tasks)}, "free": 3}
+                for i, name in enumerate(names)}
+    fig = capacity_figure(capacity)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for labels in (fig.axes[0].get_xticklabels(), fig.axes[0].get_yticklabels()):
+        boxes = [label.get_window_extent(renderer) for label in labels]
+        assert len(boxes) in (tasks + 1, len(capacity))
+        assert not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:])), [label.get_text() for label in labels]
+    assert [label.get_text() for label in fig.axes[0].get_xticklabels()][-2:] == [str(tasks - 1), "free"]
+
 
 
 # ------------------------------------------------------------------------------ the report on a terminal
