@@ -149,3 +149,36 @@ def test_task_ids_as_lists_and_numpy_integers_and_checked_mask_scales():
     for b, count in ((3, 3), (5, 3), (-1, 3), (0, 0)):
         with pytest.raises(hatify.HatifyError, match="batch index must be in"):
             hat.mask_scale(b, count)
+
+
+class _PermutedLinearIntoBatchNorm(nn.Module):
+    """A Linear on the last axis (behind a permute) feeding a BatchNorm2d that normalises axis 1, then F.glu."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn, self.fc2 = nn.Linear(4, 6), nn.BatchNorm2d(8), nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.glu(self.fc2(self.bn(self.fc(x.permute(0, 2, 3, 1)))), dim=-1)
+
+
+def test_extract_pruned_leaves_a_norm_on_another_axis_whole():
+    x = torch.randn(4, 4, 8, 6)
+    hat = hatify.hatify(_PermutedLinearIntoBatchNorm(), num_tasks=2, example_inputs=(x[:2],))
+    opt = OPTIMIZERS["adam"](hat.parameters())
+    gen = torch.Generator().manual_seed(0)
+    for t in range(2):
+        hat.train()
+        hat.begin_task(t)
+        for b in range(4):
+            loss = (hat(x, task_id=t, mask_scale=hat.mask_scale(b, 4)) - torch.randn(4, 8, 6, 2, generator=gen))
+            (loss.square().mean() + hat.regularization()).backward()
+            opt.step()
+            opt.zero_grad()
+        hat.end_task()
+    hat.eval()
+    for t in range(2):
+        pruned = hat.extract(t, prune=True)
+        with torch.no_grad():
+            torch.testing.assert_close(pruned(x), hat(x, task_id=t), atol=1e-5, rtol=1e-5)
+        assert pruned.bn.num_features == 8 and not pruned.prune_summary["fc"]["pruned"]
