@@ -13,6 +13,7 @@ from . import fsdp
 from .errors import HatifyError
 from .inputs import CONSTANTS
 from .layers import MaskBank, Protect, TaskIndexed, TaskParameter
+from .naming import keep_user_names, user_names
 from .plan import LayerPlan, Plan
 from .rewrite import SCALE_ARG, TASK_ARG, _owner
 
@@ -37,6 +38,7 @@ class HATModel(nn.Module):
         self.register_buffer("trained", torch.zeros(plan.num_tasks, dtype=torch.bool))
         self.register_buffer("cumulative", torch.zeros(plan.total_units, dtype=torch.bool))
         self.current_task: int | None = None
+        keep_user_names(self, plan.renamed, "net.")
 
     # ------------------------------------------------------------------------------ forward
     @property
@@ -264,7 +266,7 @@ class HATModel(nn.Module):
         for layer in self.plan.masked_layers:
             sl = slice(layer.offset, layer.offset + layer.units)
             per_task = {t: int(u[sl].sum()) for t, u in used.items()}
-            result[layer.name] = {"units": layer.units, "used": per_task,
+            result[user_names(layer.name, self.plan.renamed)] = {"units": layer.units, "used": per_task,
                                   "free": int(layer.units - self.cumulative[sl].sum())}
         return result
 

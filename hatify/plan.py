@@ -93,6 +93,8 @@ class Plan:
     # Parameters that had requires_grad=False at conversion (kept as they are; recorded so that `load` rebuilds
     # the same plan from a fresh architecture).
     frozen: list[str] = field(default_factory=list)
+    # alias -> the user's top-level name, where the graph holds a module under another name (hatify.naming).
+    renamed: dict[str, str] = field(default_factory=dict)
 
     def layer(self, name: str) -> LayerPlan:
         for layer in self.layers:
@@ -252,7 +254,8 @@ def make_plan(capture: Capture, flow: Flow, num_tasks: int, config: HATConfig) -
     modules, params = _other_parameters(gm, layers, kept, capture, config)
     frozen = [name for name, value in gm.named_parameters() if not value.requires_grad]
     return Plan(num_tasks, config, layers, modules, params, gates, remask, flow.unknown, dict(capture.opaque),
-                list(capture.mode_leaves), flow.total_units, len(gm.graph.nodes), list(capture.specialized), frozen)
+                list(capture.mode_leaves), flow.total_units, len(gm.graph.nodes), list(capture.specialized), frozen,
+                dict(capture.renamed))
 
 
 def flow_axis(layer: LayerPlan, spec: TensorSpec) -> int:

@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .layers import FoldedGate
+from .naming import user_names
 
 
 @dataclass
@@ -24,13 +25,14 @@ class Report:
     def build(hat, seconds: float) -> "Report":
         folded = sum(isinstance(gate, FoldedGate) for gate in hat.net.hat_gates.values())
         summary = _summary(hat.plan, seconds, converted=sum(p.numel() for p in hat.parameters()), folded=folded)
-        return Report(hat.net.__class__.__name__, seconds, hat.plan.to_dict(), summary)
+        return Report(hat.net.__class__.__name__, seconds, *user_names((hat.plan.to_dict(), summary), hat.plan.renamed))
 
     @staticmethod
     def from_plan(plan, model: str, seconds: float) -> "Report":
         """The report of a dry run (`hatify.explain`): no converted model, so `converted_parameters` and
         `folded_gates` are None."""
-        return Report(model, seconds, plan.to_dict(), _summary(plan, seconds, converted=None, folded=None))
+        return Report(model, seconds, *user_names((plan.to_dict(), _summary(plan, seconds, converted=None, folded=None)),
+                                                   plan.renamed))
 
     @staticmethod
     def from_dict(data: dict) -> "Report":
