@@ -101,8 +101,8 @@ def build(source: dict) -> nn.Module:
 
 def example_inputs(model: nn.Module, given: Inputs | None = None, batch: int = 2, length: int = 16) -> Inputs:
     """Keyword inputs a transformers model takes (`given`, or sized from its config: `input_ids` and what its
-    tokenizer returns with them (`text_inputs`) for text, `pixel_values` for vision, `input_values` or `input_features` for audio;
-    `decoder_input_ids` too for an encoder-decoder), with `use_cache=False` where the model takes it."""
+    tokenizer returns with them (`text_inputs`) for text, `pixel_values` for vision, `input_values` or
+    `input_features` for audio; `decoder_input_ids` too for an encoder-decoder), with `use_cache=False` where the model takes it."""
     config = model.config
     if given is not None:
         return Inputs(given.args, {**_no_cache(model), **given.kwargs})

@@ -10,8 +10,8 @@ import torch
 from torch import fx, nn
 
 from .capture import Capture
-from .errors import source_line
 from .config import HATConfig
+from .errors import source_line
 from .flow import Flow, Producer, UnknownOp
 from .maps import ONES, UnitMap, per_unit
 from .shapes import TensorSpec
@@ -153,6 +153,9 @@ def _describe(index: torch.Tensor, producers: list[Producer]) -> tuple[list[str]
     return names, f"index map{partial}"
 
 
+MADE_FROM = "made from"  # the reason of an input without a mask because nothing upstream has one (the model input)
+
+
 def unmasked_input_reason(gm: fx.GraphModule, flow: Flow, starts: list[str | None]) -> str:
     """Why no mask reaches a layer's input (`input_map` "ones"), for the report: the nearest place upstream where
     the masks were lost (an unknown op, a mask site whose map is ones, e.g. a tensor written in place), else
@@ -187,7 +190,7 @@ def unmasked_input_reason(gm: fx.GraphModule, flow: Flow, starts: list[str | Non
             inputs = [n for n in node.all_input_nodes if _has_spec(n)]
             sources += [] if inputs else ["a tensor made in forward"]
             queue += inputs
-    return f"made from the {' and '.join(dict.fromkeys(sources)) or 'model input'}"
+    return f"{MADE_FROM} the {' and '.join(dict.fromkeys(sources)) or 'model input'}"
 
 
 def _has_spec(node: fx.Node) -> bool:

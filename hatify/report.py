@@ -11,6 +11,7 @@ from rich.table import Table
 
 from .layers import FoldedGate
 from .naming import user_names
+from .plan import MADE_FROM
 
 
 @dataclass
@@ -31,8 +32,8 @@ class Report:
     def from_plan(plan, model: str, seconds: float) -> "Report":
         """The report of a dry run (`hatify.explain`): no converted model, so `converted_parameters` and
         `folded_gates` are None."""
-        return Report(model, seconds, *user_names((plan.to_dict(), _summary(plan, seconds, converted=None, folded=None)),
-                                                   plan.renamed))
+        summary = _summary(plan, seconds, converted=None, folded=None)
+        return Report(model, seconds, *user_names((plan.to_dict(), summary), plan.renamed))
 
     @staticmethod
     def from_dict(data: dict) -> "Report":
@@ -101,7 +102,8 @@ class Report:
         rows = self.rows()
         yield self._table(rows) if _table_width(rows) <= options.max_width else self._stacked(rows)
         yield f"[bold]{self.headline()}[/]"
-        styles = {"opaque": "yellow", "unknown op": "yellow", "no input mask": "yellow", "validation": "green", "frozen": "cyan", "SHARED": "red"}
+        styles = {"opaque": "yellow", "unknown op": "yellow", "no input mask": "yellow", "validation": "green",
+                  "frozen": "cyan", "SHARED": "red"}
         for kind, text in self.notes():
             style = "red" if kind == "validation" and not self.validation["passed"] else styles[kind]
             yield f"[{style}]{kind}[/] {escape(text)}"
@@ -162,7 +164,7 @@ def _table_width(rows: list[tuple[str, ...]]) -> int:
 
 def _unmasked_input(layer) -> bool:
     """A converted layer whose input units carry no mask, for a reason other than being fed by the model input."""
-    return layer.input_units is not None and not layer.input_producers and not layer.reason.startswith("made from")
+    return layer.input_units is not None and not layer.input_producers and not layer.reason.startswith(MADE_FROM)
 
 
 def _input_cell(layer: dict) -> str:
