@@ -158,39 +158,64 @@ MADE_FROM = "made from"  # the reason of an input without a mask because nothing
 
 def unmasked_input_reason(gm: fx.GraphModule, flow: Flow, starts: list[str | None]) -> str:
     """Why no mask reaches a layer's input (`input_map` "ones"), for the report: the nearest place upstream where
-    the masks were lost (an unknown op, a mask site whose map is ones, e.g. a tensor written in place), else
-    what the input is made from (the model input, a parameter, a tensor made in forward)."""
-    from .inplace import writes_input
-
+    the masks were lost (an op without a rule, an op whose rule drops them, a mask site whose map is ones, e.g. a
+    tensor written in place), else what the input is made from (the model input, a parameter, a new tensor)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     unknown = {u.node: u for u in flow.unknown}
     sites = {site.apply_after: p.name for p in flow.producers for site in p.sites if site.apply_after}
     queue, seen, sources = [nodes[s] for s in starts if s in nodes], {}, []
     if not queue:
         return "the input is not a tensor of known shape"
+    if any(_masked(flow, node) for node in queue):
+        return "its input's masks are on other axes than its input units"
     while queue:
         node = queue.pop(0)
         if node in seen:
             continue
         seen[node] = None  # (a dict: the first in-place writer found is the nearest)
-        line = f" ({source_line(node)})" if source_line(node) else ""
         if node.name in unknown:
-            op = unknown[node.name].op
-            return f"{op if op == node.name else f'{op} at {node.name}'}{line}: no mask rule"
+            return f"{_where(node, unknown[node.name].op)}: no mask rule"
         if node.name in sites:
-            writer = next((n.name for n in seen if writes_input(
-                n, gm.get_submodule(n.target) if n.op == "call_module" else None)), None)
-            how = f", written in place by {writer}" if writer else ""
-            return f"{sites[node.name]}'s mask lost at {node.name}{line}{how}"
+            line = f" ({source_line(node)})" if source_line(node) else ""
+            return f"{sites[node.name]}'s mask lost at {node.name}{line}{_written(seen, gm)}"
         if node.op == "placeholder":
             sources.append("model input")
         elif node.op == "get_attr":
             sources.append("a parameter or buffer")
         else:
             inputs = [n for n in node.all_input_nodes if _has_spec(n)]
+            unmasked = [n for n in inputs if not _masked(flow, n)]
+            if inputs and not unmasked:  # every input has masks, the output none: lost here
+                return f"masks lost at {_where(node, _op_name(node, gm))}{_written(seen, gm)}"
             sources += [] if inputs else ["a tensor made in forward"]
-            queue += inputs
+            queue += unmasked  # (a masked operand joined with an unmasked one: the cause is upstream of the latter)
     return f"{MADE_FROM} the {' and '.join(dict.fromkeys(sources)) or 'model input'}"
+
+
+def _written(walked: dict[fx.Node, None], gm: fx.GraphModule) -> str:
+    """`, written in place by relu_1`: the nearest node on the walk that writes its input in place."""
+    from .inplace import writes_input
+
+    writer = next((n.name for n in walked if writes_input(
+        n, gm.get_submodule(n.target) if n.op == "call_module" else None)), None)
+    return f", written in place by {writer}" if writer else ""
+
+
+def _masked(flow: Flow, node: fx.Node) -> bool:
+    masks = flow.maps.get(node.name)
+    return isinstance(masks, UnitMap) and not masks.is_ones
+
+
+def _op_name(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _where(node: fx.Node, op: str) -> str:
+    """`erfcx (model.py:12)`, or `ReLU at act1 (model.py:9)` where the node is not named after its op."""
+    line = source_line(node)
+    return f"{op if op == node.name else f'{op} at {node.name}'}{f' ({line})' if line else ''}"
 
 
 def _has_spec(node: fx.Node) -> bool:
