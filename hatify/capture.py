@@ -22,6 +22,7 @@ from .config import HATConfig
 from .copying import detached_deepcopy
 from .errors import _OWN_DIR, HatifyError
 from .inputs import CONSTANTS, KEYWORD, Inputs, StructuredOutput, is_constant, needs_spec
+from .naming import aliases
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Capture:
     opaque: dict[str, str] = field(default_factory=dict)
     mode_leaves: list[str] = field(default_factory=list)
     specialized: list[dict] = field(default_factory=list)
+    renamed: dict[str, str] = field(default_factory=dict)   # alias -> the user's top-level name (hatify.naming)
 
 
 def _timm_notrace() -> tuple[set, tuple]:
@@ -311,7 +313,7 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set,
     """
     if not isinstance(model, nn.Module):
         raise HatifyError(f"hatify needs an nn.Module, got {type(model).__name__}")
-    _check_top_level_names(model)
+    renamed = aliases([*model._modules, *model._parameters, *model._buffers], _reserved_names())
     timm_leaves, autowrap = _timm_notrace()
     if not isinstance(example_inputs, int) and example_inputs is not None:
         timm_leaves = set()  # concrete values resolve the shape branches these modules are listed for
@@ -362,9 +364,12 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set,
     _anchor_metadata_reads(root, graph)
     for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
         graph.erase_node(node)  # a read only Python looked at (`isinstance(self.wo.weight, Tensor)`): no data use
+    _use_aliases(root, graph, renamed)
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     gm.meta[CONSTANTS] = dict(call[1]) if call else {}
-    return Capture(gm, {**tracer.opaque, **reasons}, list(tracer.mode_leaves), list(tracer.specialized))
+    to_alias = lambda name: _aliased(name, {u: a for a, u in renamed.items()})
+    return Capture(gm, {to_alias(k): v for k, v in {**tracer.opaque, **reasons}.items()},
+                   [to_alias(n) for n in tracer.mode_leaves], list(tracer.specialized), renamed)
 
 
 def _reserved_names() -> set[str]:
@@ -374,17 +379,22 @@ def _reserved_names() -> set[str]:
                                                           "hat_root_params"}
 
 
-def _check_top_level_names(model: nn.Module) -> None:
-    """The converted model is a GraphModule holding the model's top-level submodules, parameters and buffers
-    under their own names: a name that is also a GraphModule attribute (`meta`, `graph`, `code`, `forward`)
-    cannot be held."""
-    names = [*model._modules, *model._parameters, *model._buffers]
-    clash = sorted(set(names) & _reserved_names())
-    if clash:
-        raise HatifyError(
-            f"{type(model).__name__} has a top-level submodule, parameter or buffer named {clash[0]!r}, which is also "
-            "an attribute of torch.fx.GraphModule (the converted model) or of hatify's own layers; rename it "
-            f"(e.g. to {clash[0].strip('_') + '_'!r}) or wrap the model in a container module")
+def _aliased(name: str, to_alias: dict[str, str]) -> str:
+    head, dot, rest = name.partition(".")
+    return f"{to_alias[head]}{dot}{rest}" if head in to_alias else name
+
+
+def _use_aliases(root: nn.Module, graph: fx.Graph, renamed: dict[str, str]) -> None:
+    """Top-level names the GraphModule cannot hold (`meta`, `graph`, `code`, ...): the graph reads the module,
+    parameter or buffer under its alias (see `hatify.naming`); `root` is the traced copy, so it may hold both."""
+    to_alias = {user: alias for alias, user in renamed.items()}
+    for alias, user in renamed.items():
+        for table in (root._modules, root._parameters, root._buffers):
+            if user in table:
+                table[alias] = table[user]
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            node.target = _aliased(node.target, to_alias)
 
 
 _METADATA = ("dtype", "device")

@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     if os.getcwd() not in sys.path:   # factories in the current directory import, as under `python -m`
         sys.path.insert(0, os.getcwd())
-    out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 120)
+    out = Console(soft_wrap=False)  # the terminal's width; piped: COLUMNS, else 80
     with warnings.catch_warnings(record=not debug) as caught:
         try:
             args = build_parser().parse_args(argv)
@@ -226,6 +226,10 @@ def run_explain(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 def run_report(args: argparse.Namespace, out: Console, err: Console) -> int:
     meta = hat_io.read_metadata(args.file)
+    capacity = meta.get("capacity") or {}
+    if args.plot and not (meta["trained_tasks"] and capacity):  # before printing anything
+        raise HatifyError(f"--plot: {args.file} has no trained task, so no capacity to plot (train a task: "
+                          "begin_task, end_task, then hatify.save)")
     if args.json:
         sys.stdout.write(json.dumps(meta, indent=2) + "\n")
         return EXIT_OK
@@ -238,12 +242,9 @@ def run_report(args: argparse.Namespace, out: Console, err: Console) -> int:
     about.add_row("written by", f"hatify {meta['hatify_version']}, torch {meta['torch_version']}")
     out.print(about)
     out.print(Report.from_dict(meta["report"]))
-    capacity = meta.get("capacity") or {}
     if meta["trained_tasks"] and capacity:
         out.print(capacity_table(capacity))
     if args.plot:
-        if not meta["trained_tasks"] or not capacity:
-            raise HatifyError(f"{args.file} has no trained task: there is no capacity to plot")
         out.print(f"wrote {plot_capacity(capacity, args.plot)}")
     return EXIT_OK
 

@@ -1,6 +1,7 @@
 """The pipeline: capture -> shapes -> mask flow -> plan -> rewrite -> report. `explain` stops at the plan."""
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from typing import Any
@@ -13,6 +14,7 @@ from .errors import HatifyError, ValidationFailed
 from .inputs import Inputs
 from .flow import analyse, find_producers
 from .model import HATModel
+from .naming import graph_names
 from .plan import Plan, make_plan
 from .rewrite import rewrite
 from .rules import MODULE_LEAVES, register_timm_rules
@@ -47,8 +49,14 @@ def _plan(model, num_tasks, example_inputs, config):
     register_timm_rules()
     cap = capture(model, config, set(MODULE_LEAVES), example_inputs)
     propagate(cap.graph_module, example_inputs.flat)
-    flow = analyse(cap.graph_module, find_producers(cap.graph_module, config), config)
-    return cap, make_plan(cap, flow, num_tasks, config)
+    named = config  # the module names the config gives, as the graph holds them (hatify.naming)
+    if cap.renamed and (config.include or config.exclude or isinstance(config.heads, (tuple, list))):
+        named = dataclasses.replace(config, **graph_names({"heads": config.heads, "include": config.include,
+                                                           "exclude": config.exclude}, cap.renamed))
+    flow = analyse(cap.graph_module, find_producers(cap.graph_module, named), named)
+    plan = make_plan(cap, flow, num_tasks, named)
+    plan.config = config
+    return cap, plan
 
 
 def hatify(model: nn.Module, num_tasks: int, example_inputs: Any = None, config: HATConfig | None = None,

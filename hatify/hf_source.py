@@ -3,6 +3,7 @@ config by model type with random weights (`hf:bert,num_hidden_layers=2`), its re
 example inputs derived from its config. transformers is imported only here, and only when used."""
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 from pathlib import Path
@@ -52,9 +53,8 @@ def load(target: str, kwargs: dict, class_name: str | None) -> tuple[nn.Module, 
             if not (path / "config.json").is_file():
                 raise HatifyError(f"hf:{target}: the directory has no config.json (a save_pretrained directory)")
             model = cls.from_pretrained(path, local_files_only=True, **kwargs)
-        elif "/" in target or target.startswith("."):
-            raise HatifyError(f"hf:{target}: no such directory (hub names are not downloaded; pass a local "
-                              "directory or a model type such as hf:bert,num_hidden_layers=2)")
+        elif "/" in target or target.startswith(".") or target not in transformers.CONFIG_MAPPING:
+            raise HatifyError(unknown_model_type(target, list(transformers.CONFIG_MAPPING.keys())))
         else:
             model = _from_config(cls, transformers.AutoConfig.for_model(target, **kwargs))
     except HatifyError:
@@ -63,6 +63,18 @@ def load(target: str, kwargs: dict, class_name: str | None) -> tuple[nn.Module, 
         raise HatifyError(f"hf:{target} with {cls.__name__} failed: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
     return model, recipe(model, cls.__name__)
+
+
+def unknown_model_type(target: str, model_types: list[str]) -> str:
+    """One short line for an `hf:` target that is neither a directory nor a model type: the closest model types
+    (by spelling, or the type a hub name starts with, `bert-base-uncased` -> `bert`), and what to pass instead."""
+    name = target.rstrip("/").rsplit("/", 1)[-1].lower()
+    prefixes = sorted((t for t in model_types if name.startswith((f"{t}-", f"{t}_"))), key=len, reverse=True)
+    close = list(dict.fromkeys(prefixes[:1] + difflib.get_close_matches(name, model_types, n=3)))[:3]
+    what = "no such directory" if "/" in target or target.startswith(".") else "unknown model type"
+    hint = f" (did you mean {', '.join(f'hf:{t}' for t in close)}?)" if close else ""
+    return (f"hf:{target}: {what}{hint}; hub names are not downloaded: pass a save_pretrained directory "
+            "(hf:./my-model) or a model type with random weights (hf:bert,num_hidden_layers=2)")
 
 
 def recipe(model: nn.Module, class_name: str) -> dict:
@@ -88,9 +100,9 @@ def build(source: dict) -> nn.Module:
 
 
 def example_inputs(model: nn.Module, given: Inputs | None = None, batch: int = 2, length: int = 16) -> Inputs:
-    """Keyword inputs a transformers model takes (`given`, or sized from its config: `input_ids` +
-    `attention_mask` for text, `pixel_values` for vision, `input_values` or `input_features` for audio;
-    `decoder_input_ids` too for an encoder-decoder), with `use_cache=False` where the model takes it."""
+    """Keyword inputs a transformers model takes (`given`, or sized from its config: `input_ids` and what its
+    tokenizer returns with them (`text_inputs`) for text, `pixel_values` for vision, `input_values` or
+    `input_features` for audio; `decoder_input_ids` too for an encoder-decoder), with `use_cache=False` where the model takes it."""
     config = model.config
     if given is not None:
         return Inputs(given.args, {**_no_cache(model), **given.kwargs})
@@ -107,13 +119,33 @@ def example_inputs(model: nn.Module, given: Inputs | None = None, batch: int = 2
         frames = 2 * getattr(config, "max_source_positions", 1500)
         kwargs = {name: torch.randn(batch, getattr(config, "num_mel_bins", 80), frames, generator=gen)}
     elif name == "input_ids":
-        kwargs = {name: torch.randint(0, vocab, (batch, length), generator=gen),
-                  "attention_mask": torch.ones(batch, length, dtype=torch.long)}
+        kwargs = {name: torch.randint(0, vocab, (batch, length), generator=gen)}
+        for extra in text_inputs(model):
+            kwargs[extra] = (torch.ones if extra == "attention_mask" else torch.zeros)(batch, length, dtype=torch.long)
     else:
         raise HatifyError(f"{type(model).__name__} takes {name!r}: give its shape with --input-shape {name}=...")
     if getattr(config, "is_encoder_decoder", False):
         kwargs["decoder_input_ids"] = torch.randint(0, vocab, (batch, length // 2), generator=gen)
     return Inputs((), {**kwargs, **_no_cache(model)})
+
+
+def text_inputs(model: nn.Module) -> list[str]:
+    """The inputs besides `input_ids` that the model type's tokenizer returns by default and the forward takes
+    (`attention_mask`, and `token_type_ids` for BERT): the tokenizer class's `model_input_names`, read without
+    loading any vocabulary. Without a known tokenizer: `attention_mask`, and `token_type_ids` where the config
+    has several token types."""
+    taken = inspect.signature(model.forward).parameters
+    names = ["attention_mask"] + (["token_type_ids"] if getattr(model.config, "type_vocab_size", 0) > 1 else [])
+    try:
+        from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES, tokenizer_class_from_name
+
+        entry = TOKENIZER_MAPPING_NAMES.get(getattr(model.config, "model_type", None))
+        classes = [n for n in (entry if isinstance(entry, (tuple, list)) else (entry,)) if n]
+        tokenizer = tokenizer_class_from_name(classes[0]) if classes else None
+        names = list(getattr(tokenizer, "model_input_names", None) or names)
+    except Exception:  # a tokenizer class that needs a missing package: keep the guess from the config
+        pass
+    return [n for n in dict.fromkeys(names) if n != "input_ids" and n in taken]
 
 
 def _no_cache(model: nn.Module) -> dict:

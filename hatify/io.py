@@ -288,6 +288,8 @@ def _umask() -> int:
 
 def _existing(path: str | os.PathLike) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise HatifyError(f"{path} is a directory: give the path of a file written by hatify.save (e.g. model.hat)")
     if not path.is_file():
         raise HatifyError(f"no such file: {path}")
     return path

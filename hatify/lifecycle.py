@@ -77,7 +77,7 @@ def extract(hat, t: int, prune: bool = False) -> fx.GraphModule:
     """Task t alone as a plain GraphModule: takes the original inputs (no task id), binary masks folded in as
     constant multipliers, task t's norm copies, heads and parameters selected. Needs only torch to run.
     `prune=True` also removes the units task t does not use where shapes allow (`net.prune_summary`)."""
-    hat._task_ids(t, (), {})
+    t = hat._one_task(t, "extract")
     fsdp.refuse_sharded(hat, "extract()")
     net = detached_deepcopy(hat.net).eval()
     with torch.no_grad():

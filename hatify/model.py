@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -14,6 +15,7 @@ from . import fsdp, per_sample
 from .errors import HatifyError, HatifyWarning
 from .inputs import CONSTANTS
 from .layers import MaskBank, Protect, TaskIndexed, TaskParameter
+from .naming import keep_user_names, user_names
 from .norm_stats import has_running_statistics, reestimate_norm_statistics
 from .plan import LayerPlan, Plan
 from .rewrite import SCALE_ARG, TASK_ARG, _owner
@@ -41,6 +43,7 @@ class HATModel(nn.Module):
         self.register_buffer("cumulative", torch.zeros(plan.total_units, dtype=torch.bool))
         self.current_task: int | None = None
         self.task_stats = TaskStatistics()  # task inference: per observed task, filled by end_task(data=...)
+        keep_user_names(self, plan.renamed, "net.")
 
     # ------------------------------------------------------------------------------ forward
     @property
@@ -56,11 +59,8 @@ class HATModel(nn.Module):
             if mask_scale is not None:
                 raise HatifyError("task_id='infer' runs the finished tasks' binary masks: give no mask_scale")
             return self.infer_task(*inputs, **kwargs).outputs
-        if mask_scale is not None and not isinstance(mask_scale, (int, float)):
-            if isinstance(mask_scale, torch.Tensor) and mask_scale.numel() == 1:
-                mask_scale = float(mask_scale)
-            else:
-                raise HatifyError(f"mask_scale must be a float or None, got {type(mask_scale).__name__}")
+        if mask_scale is not None:
+            mask_scale = _checked_scale(mask_scale)
         if kwargs:
             kwargs = self._keywords(inputs, kwargs)
         ids = self._task_ids(task_id, inputs, kwargs)
@@ -91,6 +91,11 @@ class HATModel(nn.Module):
         return {k: v for k, v in kwargs.items() if k not in constants}
 
     def _task_ids(self, task_id: Any, inputs: tuple, kwargs: dict) -> int | torch.Tensor:
+        if isinstance(task_id, (list, tuple)) or type(task_id).__module__ == "numpy":
+            try:  # one id per sample as a list or array, or a numpy integer: the same as a tensor of them
+                task_id = torch.as_tensor(task_id)
+            except (TypeError, ValueError):
+                raise HatifyError(f"task_id must be an int or one integer id per sample, got {task_id!r}") from None
         if isinstance(task_id, torch.Tensor):
             if task_id.dtype in (torch.bool,) or task_id.is_floating_point() or task_id.is_complex():
                 raise HatifyError(f"task_id tensor must hold integers, got dtype {task_id.dtype}")
@@ -114,6 +119,12 @@ class HATModel(nn.Module):
         if not 0 <= task_id < self.num_tasks:
             raise HatifyError(f"task_id {task_id} is out of range: this model has tasks 0..{self.num_tasks - 1}")
         return task_id
+
+    def _one_task(self, t: Any, what: str) -> int:
+        """One task id (an int, or a numpy or 0-d tensor integer) for the calls about a single task."""
+        if isinstance(t, (list, tuple)) or getattr(t, "ndim", 0):
+            raise HatifyError(f"{what}({t!r}): expected one task id, an int")
+        return self._task_ids(t, (), {})
 
     def _mixed(self, inputs: tuple, kwargs: dict, ids: torch.Tensor, mask_scale: float | None) -> Any:
         """A batch of several tasks. On an accelerator, in eval with binary masks: one pass, each row under its
@@ -155,7 +166,10 @@ class HATModel(nn.Module):
 
     def begin_task(self, t: int) -> None:
         """Start training task t (its heads, norm copies and mask embedding train; old tasks are frozen)."""
-        self._task_ids(t, (), {})
+        t = self._one_task(t, "begin_task")
+        if self.current_task not in (None, t):  # beginning another task would drop the open one without a word
+            raise HatifyError(f"begin_task({t}): task {self.current_task} is still open; call hat.end_task() to "
+                              f"finish it first")
         if bool(self.trained[t]):
             raise HatifyError(f"task {t} was already trained; call hat.forget_task({t}) first to retrain it")
         fsdp.refuse_fsdp1(self, "begin_task()")
@@ -262,7 +276,10 @@ class HATModel(nn.Module):
 
     # ------------------------------------------------------------------------------ training helpers
     def mask_scale(self, batch_index: int, num_batches: int) -> float:
-        """The annealed mask scale s for batch b of B (0-based) under the configured schedule."""
+        """The annealed mask scale s for batch b of B (0-based, 0 <= b < B) under the configured schedule."""
+        if not 0 <= batch_index < num_batches:
+            raise HatifyError(f"mask_scale({batch_index}, {num_batches}): the batch index must be in "
+                              f"0..{num_batches - 1} (b counts the batches of the epoch from 0, B is their number)")
         return mask_scale(self.plan.config.schedule, self.plan.config.s_max, batch_index, num_batches)
 
     def regularization(self) -> torch.Tensor:
@@ -314,7 +331,7 @@ class HATModel(nn.Module):
         for layer in self.plan.masked_layers:
             sl = slice(layer.offset, layer.offset + layer.units)
             per_task = {t: int(u[sl].sum()) for t, u in used.items()}
-            result[layer.name] = {"units": layer.units, "used": per_task,
+            result[user_names(layer.name, self.plan.renamed)] = {"units": layer.units, "used": per_task,
                                   "free": int(layer.units - self.cumulative[sl].sum())}
         return result
 
@@ -358,6 +375,18 @@ def mask_scale(schedule: str, s_max: float, b: int, num_batches: int) -> float:
     if num_batches <= 1:
         return float(s_max)
     return 1 / s_max + (s_max - 1 / s_max) * b / (num_batches - 1)
+
+
+def _checked_scale(value: Any) -> float:
+    """A mask scale s > 0 and finite: sigmoid(s * e) with s <= 0 or inf/nan is no mask."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise HatifyError(f"mask_scale must be a float or None, got {type(value).__name__}")
+    # (not while compiling: a guard on the value would recompile for every new scale)
+    if not torch.compiler.is_compiling() and not (math.isfinite(value) and value > 0):
+        raise HatifyError(f"mask_scale must be a finite number > 0 (e.g. hat.mask_scale(b, B)), got {value}")
+    return float(value)
 
 
 def _sync_buffers(module: nn.Module) -> None:

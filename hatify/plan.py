@@ -93,6 +93,8 @@ class Plan:
     # Parameters that had requires_grad=False at conversion (kept as they are; recorded so that `load` rebuilds
     # the same plan from a fresh architecture).
     frozen: list[str] = field(default_factory=list)
+    # alias -> the user's top-level name, where the graph holds a module under another name (hatify.naming).
+    renamed: dict[str, str] = field(default_factory=dict)
 
     def layer(self, name: str) -> LayerPlan:
         for layer in self.layers:
@@ -151,30 +153,73 @@ def _describe(index: torch.Tensor, producers: list[Producer]) -> tuple[list[str]
     return names, f"index map{partial}"
 
 
-def _unknown_cause(starts: list[fx.Node], flow: Flow) -> str:
-    """Why a layer's input map is unknown: the first op back from its input that turned known maps into all ones
-    (named with its source line and reason), or the model input / a parameter that feeds it with no mask."""
-    why = {u.node: u for u in flow.unknown}
-    sources: list[str] = []
-    stack, seen = list(starts), set()
-    while stack:
-        node = stack.pop()
+MADE_FROM = "made from"  # the reason of an input without a mask because nothing upstream has one (the model input)
+
+
+def unmasked_input_reason(gm: fx.GraphModule, flow: Flow, starts: list[str | None]) -> str:
+    """Why no mask reaches a layer's input (`input_map` "ones"), for the report: the nearest place upstream where
+    the masks were lost (an op without a rule, an op whose rule drops them, a mask site whose map is ones, e.g. a
+    tensor written in place), else what the input is made from (the model input, a parameter, a new tensor)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    unknown = {u.node: u for u in flow.unknown}
+    sites = {site.apply_after: p.name for p in flow.producers for site in p.sites if site.apply_after}
+    queue, seen, sources = [nodes[s] for s in starts if s in nodes], {}, []
+    if not queue:
+        return "the input is not a tensor of known shape"
+    if any(_masked(flow, node) for node in queue):
+        return "its input's masks are on other axes than its input units"
+    while queue:
+        node = queue.pop(0)
         if node in seen:
             continue
-        seen.add(node)
-        if node.name in why:
-            op = why[node.name]
-            return f"input unknown: {op.op} '{op.node}' at {op.line or '?'}: {op.reason}"
-        inputs = [n for n in node.all_input_nodes if n.op != "get_attr" or isinstance(flow.maps.get(n.name), UnitMap)]
-        known = [n for n in inputs if isinstance(flow.maps.get(n.name), UnitMap) and not flow.maps[n.name].is_ones]
-        if known:
-            line = source_line(node)
-            return (f"input unknown: '{node.name}' ({node.op} {getattr(node.target, '__name__', node.target)}) "
-                    f"at {line or '?'} has a known input but an all-ones output")
-        if node.op in ("placeholder", "get_attr"):
-            sources.append("the model input" if node.op == "placeholder" else f"parameter {node.target}")
-        stack.extend(inputs)
-    return f"input fed by {', '.join(dict.fromkeys(sources)) or 'no masked layer'}: no mask to follow"
+        seen[node] = None  # (a dict: the first in-place writer found is the nearest)
+        if node.name in unknown:
+            return f"{_where(node, unknown[node.name].op)}: {unknown[node.name].reason}"
+        if node.name in sites:
+            line = f" ({source_line(node)})" if source_line(node) else ""
+            return f"{sites[node.name]}'s mask lost at {node.name}{line}{_written(seen, gm)}"
+        if node.op == "placeholder":
+            sources.append("model input")
+        elif node.op == "get_attr":
+            sources.append("a parameter or buffer")
+        else:
+            inputs = [n for n in node.all_input_nodes if _has_spec(n)]
+            unmasked = [n for n in inputs if not _masked(flow, n)]
+            if inputs and not unmasked:  # every input has masks, the output none: lost here
+                return f"masks lost at {_where(node, _op_name(node, gm))}{_written(seen, gm)}"
+            sources += [] if inputs else ["a tensor made in forward"]
+            queue += unmasked  # (a masked operand joined with an unmasked one: the cause is upstream of the latter)
+    return f"{MADE_FROM} the {' and '.join(dict.fromkeys(sources)) or 'model input'}"
+
+
+def _written(walked: dict[fx.Node, None], gm: fx.GraphModule) -> str:
+    """`, written in place by relu_1`: the nearest node on the walk that writes its input in place."""
+    from .inplace import writes_input
+
+    writer = next((n.name for n in walked if writes_input(
+        n, gm.get_submodule(n.target) if n.op == "call_module" else None)), None)
+    return f", written in place by {writer}" if writer else ""
+
+
+def _masked(flow: Flow, node: fx.Node) -> bool:
+    masks = flow.maps.get(node.name)
+    return isinstance(masks, UnitMap) and not masks.is_ones
+
+
+def _op_name(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _where(node: fx.Node, op: str) -> str:
+    """`erfcx (model.py:12)`, or `ReLU at act1 (model.py:9)` where the node is not named after its op."""
+    line = source_line(node)
+    return f"{op if op == node.name else f'{op} at {node.name}'}{f' ({line})' if line else ''}"
+
+
+def _has_spec(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("hat_spec"), TensorSpec)
 
 
 def _input_units(producer: Producer, weight: torch.Tensor) -> int | None:
@@ -221,8 +266,8 @@ def make_plan(capture: Capture, flow: Flow, num_tasks: int, config: HATConfig) -
                 layer.reason = "weight transformed before use: protected by output unit only"
             layer.input_index = index
             layer.input_producers, layer.input_map = _describe(index, flow.producers)
-            if not layer.reason and bool((index == ONES).all()):
-                layer.reason = _unknown_cause([nodes[s.input_node] for s in p.sites if s.input_node], flow)
+            if not layer.input_producers and not layer.reason:
+                layer.reason = unmasked_input_reason(gm, flow, [s.input_node for s in p.sites])
         layers.append(layer)
 
     gates = {}
@@ -237,7 +282,8 @@ def make_plan(capture: Capture, flow: Flow, num_tasks: int, config: HATConfig) -
     modules, params = _other_parameters(gm, layers, kept, capture, config)
     frozen = [name for name, value in gm.named_parameters() if not value.requires_grad]
     return Plan(num_tasks, config, layers, modules, params, gates, remask, flow.unknown, dict(capture.opaque),
-                list(capture.mode_leaves), flow.total_units, len(gm.graph.nodes), list(capture.specialized), frozen)
+                list(capture.mode_leaves), flow.total_units, len(gm.graph.nodes), list(capture.specialized), frozen,
+                dict(capture.renamed))
 
 
 def flow_axis(layer: LayerPlan, spec: TensorSpec) -> int:
@@ -274,7 +320,7 @@ def _other_parameters(gm: fx.GraphModule, layers: list[LayerPlan], kept: dict[st
         elif type(module) in NORM_MODULES and count + _buffers(module):
             # Running statistics move in train mode even when the affine parameters are frozen: one copy per task.
             policy, reason = _policy(node.target, values, config, "task_indexed",
-                                     "normalisation: affine parameters and statistics per task")
+                                     "normalisation: affine and statistics per task")
             if _buffers(module) and policy == "frozen":
                 policy, reason = "statistics_per_task", f"{reason}; its running statistics get one copy per task"
             modules.append(ModulePlan(node.target, op, policy, reason, count))

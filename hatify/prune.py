@@ -136,8 +136,9 @@ def _analyse(net: fx.GraphModule, layers: dict, unsafe: set, groups: _Groups) ->
             spoil(*live)
         elif writes_input(node, module) and not _is_passthrough(node, net, live[0].axis):
             spoil(*live)  # an in-place write changes a tensor other readers hold
+        # (a BatchNorm's features are axis 1: units on another axis, a Linear's behind a permute, are spoiled)
         elif _is_passthrough(node, net, live[0].axis) or \
-                (module is not None and type(module) in PER_CHANNEL_MODULES) or \
+                (module is not None and type(module) in PER_CHANNEL_MODULES and live[0].axis == 1) or \
                 (node.target is operator.mul and str(getattr(node.args[1], "target", "")).startswith("hat_mask_")):
             src, spec_in, spec_out = inputs[0], _spec(node.all_input_nodes[0]), _spec(node)
             if src is not None and spec_in and spec_out and spec_in.ndim == spec_out.ndim and \

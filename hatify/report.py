@@ -4,11 +4,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from rich import box
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.markup import escape
 from rich.table import Table
 
 from .layers import FoldedGate
+from .naming import user_names
+from .plan import MADE_FROM
 
 
 @dataclass
@@ -23,13 +26,14 @@ class Report:
     def build(hat, seconds: float) -> "Report":
         folded = sum(isinstance(gate, FoldedGate) for gate in hat.net.hat_gates.values())
         summary = _summary(hat.plan, seconds, converted=sum(p.numel() for p in hat.parameters()), folded=folded)
-        return Report(hat.net.__class__.__name__, seconds, hat.plan.to_dict(), summary)
+        return Report(hat.net.__class__.__name__, seconds, *user_names((hat.plan.to_dict(), summary), hat.plan.renamed))
 
     @staticmethod
     def from_plan(plan, model: str, seconds: float) -> "Report":
         """The report of a dry run (`hatify.explain`): no converted model, so `converted_parameters` and
         `folded_gates` are None."""
-        return Report(model, seconds, plan.to_dict(), _summary(plan, seconds, converted=None, folded=None))
+        summary = _summary(plan, seconds, converted=None, folded=None)
+        return Report(model, seconds, *user_names((plan.to_dict(), summary), plan.renamed))
 
     @staticmethod
     def from_dict(data: dict) -> "Report":
@@ -48,8 +52,7 @@ class Report:
             masked = layer["role"] == "masked"
             rows.append((layer["name"], layer["op"], "converted" if masked else "head (per task)",
                          str(layer["units"]), str(layer["params"]), ", ".join(layer["input_producers"]) or "-",
-                         (f"{layer['input_map']}: {layer['reason']}" if layer["reason"] else layer["input_map"])
-                         if masked else layer["reason"] or "-"))
+                         _input_cell(layer) if masked else layer["reason"] or "-"))
         for module in self.plan["modules"]:
             if module["policy"] != "head":
                 rows.append((module["name"], module["op"], _action(module["policy"], module["reason"]), "-",
@@ -76,6 +79,10 @@ class Report:
         notes += [("unknown op", f"{op['node']} ({op['op']}) at {op['line'] or '?'}: {op['reason']}")
                   for op in self.plan["unknown"]]
         s = self.summary
+        if s.get("unmasked_inputs"):
+            notes.append(("no input mask", f"{len(s['unmasked_inputs'])} converted layers get no mask on their input "
+                                           f"(protected by output unit only; why: the table): "
+                                           f"{_listed(s['unmasked_inputs'])}"))
         if s.get("frozen"):
             notes.append(("frozen", f"{len(s['frozen'])} modules/parameters kept as they are (requires_grad=False: "
                                     f"no gate, no protection, no per-task copy): {_listed(s['frozen'])}"))
@@ -93,17 +100,37 @@ class Report:
         return notes
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        table = Table(title=f"hatify: {self.model}", show_lines=False)
-        for col in _COLUMNS:
-            table.add_column(col, overflow="fold", justify="right" if col in ("units", "params") else "left")
-        for row in self.rows():
-            table.add_row(*map(escape, row))
-        yield table
+        rows = self.rows()
+        yield self._table(rows) if _table_width(rows) <= options.max_width else self._stacked(rows)
         yield f"[bold]{self.headline()}[/]"
-        styles = {"opaque": "yellow", "unknown op": "yellow", "validation": "green", "frozen": "cyan", "SHARED": "red"}
+        styles = {"opaque": "yellow", "unknown op": "yellow", "no input mask": "yellow", "validation": "green",
+                  "frozen": "cyan", "SHARED": "red"}
         for kind, text in self.notes():
             style = "red" if kind == "validation" and not self.validation["passed"] else styles[kind]
             yield f"[{style}]{kind}[/] {escape(text)}"
+
+    def _table(self, rows: list[tuple[str, ...]]) -> Table:
+        """One column per field; only the input map / reason wraps (at words)."""
+        table = Table(title=f"hatify: {self.model}", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        for col in _COLUMNS:
+            table.add_column(col, justify="right" if col in ("units", "params") else "left",
+                             no_wrap=col not in _COLUMNS[-2:], min_width=_REASON_WIDTH if col == _COLUMNS[-1] else None)
+        for row in rows:
+            table.add_row(*map(escape, row))
+        return table
+
+    def _stacked(self, rows: list[tuple[str, ...]]) -> Table:
+        """A terminal too narrow for one column per field (80 columns): the layer name, then everything else as
+        one text that wraps at words, so names never break."""
+        table = Table(title=f"hatify: {self.model}", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        table.add_column("layer", no_wrap=True)
+        table.add_column("op, action, units, parameters; input map / reason")
+        for name, op, action, units, params, producers, text in rows:
+            sizes = f"{units} units, {params} params" if units != "-" else f"{params} params"
+            source = f" from {producers}" if producers != "-" else ""
+            tail = f"input {text}{source}" if action == "converted" else text
+            table.add_row(escape(name), escape(f"{op}, {action}, {sizes}; {tail}"))
+        return table
 
     def to_markdown(self) -> str:
         """The same report as a Markdown document (a table and the summary)."""
@@ -120,9 +147,32 @@ class Report:
         return "\n".join(lines) + "\n"
 
     def __str__(self) -> str:
-        console = Console(width=120, record=True, file=_Null())
+        """The table at the terminal's width (`COLUMNS`, else 80 when there is no terminal), as rich measures it."""
+        console = Console(record=True, file=_Null())
         console.print(self)
         return console.export_text()
+
+
+_REASON_WIDTH = 30  # the input map / reason column is never narrower
+
+
+def _table_width(rows: list[tuple[str, ...]]) -> int:
+    """The width one column per field needs: every column but the wrapping last two at their widest, the
+    producers at up to 24 characters, the reason at `_REASON_WIDTH`, two spaces between columns."""
+    widths = [max([len(col)] + [len(row[i]) for row in rows]) for i, col in enumerate(_COLUMNS)]
+    return sum(widths[:-2]) + min(widths[-2], 24) + _REASON_WIDTH + 2 * (len(_COLUMNS) - 1)
+
+
+def _unmasked_input(layer) -> bool:
+    """A converted layer whose input units carry no mask, for a reason other than being fed by the model input."""
+    return layer.input_units is not None and not layer.input_producers and not layer.reason.startswith(MADE_FROM)
+
+
+def _input_cell(layer: dict) -> str:
+    """A converted layer's input map, with the reason where no mask reaches its input (or it is not used)."""
+    if layer["reason"] and not layer["input_producers"]:
+        return f"ones: {layer['reason']}"
+    return f"{layer['input_map']}; {layer['reason']}" if layer["reason"] else layer["input_map"]
 
 
 _COLUMNS = ("layer", "op", "action", "units", "params", "input from", "input map / reason")
@@ -165,6 +215,7 @@ def _summary(plan, seconds: float, converted: int | None, folded: int | None) ->
         "loose_parameters": [p.name for p in plan.params if p.policy != "head"],
         "known_input_maps": known, "layers_with_inputs": with_inputs, "known_input_share": known / max(1, with_inputs),
         "unknown_ops": len(plan.unknown), "remasked_norms": len(plan.remask),
+        "unmasked_inputs": [layer.name for layer in plan.masked_layers if _unmasked_input(layer)],
         "gates": len(plan.gates) + len(plan.remask), "folded_gates": folded,
         "original_parameters": original, "parameters_in_hat_layers": masked,
         "hat_parameter_share": masked / max(1, original),

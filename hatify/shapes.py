@@ -48,13 +48,32 @@ class Interpreter(fx.Interpreter):
 
 
 class _Recorder(Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False  # the error names the node and its source line in one line instead
+
     def run_node(self, n: fx.Node) -> Any:
         try:
             result = super().run_node(n)
         except Exception as exc:
-            raise HatifyError(f"shape propagation failed at {node_location(n)}: {type(exc).__name__}: {exc}") from exc
+            raise HatifyError(self.failure(n, exc)) from exc
         n.meta["hat_spec"] = spec_of(result)
         return result
+
+    def failure(self, n: fx.Node, exc: Exception) -> str:
+        """One line: the op (a module with its settings, which say what it expects), the shapes it got, the
+        first line of the error, and the usual cause."""
+        op = repr(self.module.get_submodule(n.target)) if n.op == "call_module" else ""
+        op = op if op and "\n" not in op else ""  # a container's repr runs to many lines
+        shapes = [_describe(self.env[a]) for a in n.all_input_nodes if isinstance(self.env.get(a), torch.Tensor)]
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return (f"running {node_location(n)}{f' = {op}' if op else ''} on inputs {', '.join(shapes) or '-'} "
+                f"failed: {type(exc).__name__}: {message}; check that example_inputs have the shapes and dtypes the "
+                "model is called with")
+
+
+def _describe(value: torch.Tensor) -> str:
+    return f"{str(value.dtype).removeprefix('torch.')}{list(value.shape)}"
 
 
 def propagate(gm: fx.GraphModule, example_inputs: tuple) -> Any:

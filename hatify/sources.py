@@ -76,9 +76,27 @@ def parse_source(text: str, what: str = "SOURCE", files: bool = True) -> SourceS
         return SourceSpec("factory", target, kwargs)
     if files and (Path(text).suffix in FILE_SUFFIXES or "/" in text):
         raise HatifyError(f"{what}: no such file: {text}")
-    forms = "timm:NAME, package.module:factory or an existing model file" if files else \
-        "timm:NAME or package.module:factory"
-    raise HatifyError(f"{what} {text!r} is not one of {forms}")
+    forms = "timm:NAME, hf:DIRECTORY, hf:MODEL_TYPE, package.module:factory or an existing model file" if files \
+        else "timm:NAME or package.module:factory"
+    raise HatifyError(f"{what} {text!r} is not one of {forms}{_prefixed(target, files)}")
+
+
+def _prefixed(name: str, hf: bool) -> str:
+    """`; did you mean timm:resnet18?` when a bare name is a timm model (or, for SOURCE, a transformers model
+    type); the libraries are only imported on this error path."""
+    try:
+        import timm
+        if timm.is_model(name):
+            return f"; did you mean timm:{name}?"
+    except ImportError:
+        pass
+    try:
+        from transformers import CONFIG_MAPPING
+        if hf and name in CONFIG_MAPPING:
+            return f"; did you mean hf:{name}?"
+    except ImportError:
+        pass
+    return ""
 
 
 def _split_kwargs(text: str, what: str) -> tuple[str, dict]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +64,13 @@ BAD = {
     "malformed_input_shape": (["convert", CNN, "-o", "out.hat", "--num-tasks", "2", "--input-shape", "2,3,x,16"],
                               "--input-shape"),
     "unknown_set_key": (["convert", CNN, *CONVERT_CNN, "--set", "nope=1"], "unknown key"),
+    "wrong_input_shape": (["convert", CNN, "-o", "out.hat", "--num-tasks", "2", "--input-shape", "2,1,16,16"],
+                          "Conv2d(3, 8, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1)) on inputs float32[2, 1, "
+                          "16, 16] failed"),
+    "hf_typo": (["convert", "hf:bertt", "-o", "out.hat", "--num-tasks", "2"], "did you mean hf:bert,"),
+    "hf_hub_name": (["convert", "hf:bert-base-uncased", "-o", "out.hat", "--num-tasks", "2"],
+                    "(did you mean hf:bert?); hub names are not downloaded"),
+    "report_folder": (["report", "{inputs}"], "is a directory"),
 }
 
 
@@ -212,7 +220,7 @@ def test_bad_input_exits_2_with_one_line(runs, name):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and lines[0].startswith("hatify: error: "), result.stderr
-    assert BAD[name][1] in lines[0]
+    assert BAD[name][1] in lines[0] and len(lines[0]) < 400, lines[0]
     assert _files(where) == set()
 
 
@@ -236,6 +244,10 @@ def test_source_syntax():
             parse_source(bad)
     with pytest.raises(hatify.HatifyError, match="not one of"):
         parse_source(__file__, "--arch", files=False)
+    for bare, hint in [("resnet18", "hf:MODEL_TYPE, package.module:factory or an existing model file; did you mean "
+                                    "timm:resnet18?"), ("bert", "did you mean hf:bert?")]:
+        with pytest.raises(hatify.HatifyError, match=hint.replace("?", r"\?")):
+            parse_source(bare)
 
 
 def test_config_overrides_take_the_field_types():
@@ -306,6 +318,8 @@ def test_load_errors(tmp_path):
     hatify.save(hat, tmp_path / "plain.hat")
     with pytest.raises(hatify.HatifyError, match="no such file"):
         hatify.load(tmp_path / "missing.hat")
+    with pytest.raises(hatify.HatifyError, match="is a directory: give the path of a file written by hatify.save"):
+        hatify.load(tmp_path)
     with pytest.raises(hatify.HatifyError, match="model="):   # no recipe was given to hatify()
         hatify.load(tmp_path / "plain.hat")
     with pytest.raises(hatify.HatifyError, match="do not fit|mask units"):
@@ -347,3 +361,65 @@ def test_report_prints_capacity_and_plots_it(tmp_path, capsys):
     hatify.save(untrained, tmp_path / "fresh.hat")
     assert main(["report", str(tmp_path / "fresh.hat"), "--plot", str(tmp_path / "none.png")]) == 2
     assert not (tmp_path / "none.png").exists()
+    printed = capsys.readouterr()
+    assert printed.out == ""  # refused before printing anything
+    assert printed.err.strip().splitlines() == [f"hatify: error: --plot: {tmp_path / 'fresh.hat'} has no trained task, "
+                                                "so no capacity to plot (train a task: begin_task, end_task, then "
+                                                "hatify.save)"]
+
+
+@pytest.mark.parametrize("tasks", [3, 12, 40])
+def test_capacity_heatmap_labels_do_not_overlap(tasks):
+    pytest.importorskip("matplotlib")
+    from hatify.capacity import capacity_figure
+
+    names = [f"model.encoder.layer.{i}.attention.output.dense{j}" for i in range(12) for j in (1, 2)] + ["fc"]
+    capacity = {name: {"units": 64, "used": {t: (t * 7 + i) % 64 for t in range(tasks)}, "free": 3}
+                for i, name in enumerate(names)}
+    fig = capacity_figure(capacity)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for labels in (fig.axes[0].get_xticklabels(), fig.axes[0].get_yticklabels()):
+        boxes = [label.get_window_extent(renderer) for label in labels]
+        assert len(boxes) in (tasks + 1, len(capacity))
+        assert not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:])), [label.get_text() for label in labels]
+    assert [label.get_text() for label in fig.axes[0].get_xticklabels()][-2:] == [str(tasks - 1), "free"]
+
+
+
+# ------------------------------------------------------------------------------ the report on a terminal
+class _NoRule(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.fc2(torch.special.erfcx(self.fc1(x))).relu())  # erfcx: an op without a mask rule
+
+
+def test_report_fits_the_terminal_and_every_fallback_row_says_why(monkeypatch):
+    import timm
+    from rich.console import Console
+
+    hat = hatify.hatify(timm.create_model("resnet18", num_classes=4), 2, (torch.randn(2, 3, 32, 32),), validate=False)
+    report, rows = hat.report, hat.report.rows()
+    for layer, row in zip(report.plan["layers"], rows):
+        if layer["role"] == "masked" and not layer["input_producers"]:  # "ones (no mask known)": a reason follows
+            assert row[-1].startswith("ones: ") and len(row[-1]) > len("ones: ") + 10, row
+    assert rows[0][-1] == "ones: made from the model input"  # conv1
+    for width in (80, 100, 200):
+        console = Console(width=width, record=True, file=open(os.devnull, "w"))
+        console.print(report)
+        lines = console.export_text().splitlines()
+        assert max(map(len, lines)) <= width
+        assert all(any(row[0] in line.split() for line in lines) for row in rows)  # names never break
+        assert len(lines) < 3 * len(rows)
+    monkeypatch.setenv("COLUMNS", "80")
+    assert max(map(len, str(report).splitlines())) <= 80
+    monkeypatch.setenv("COLUMNS", "200")
+    assert "input from" in str(report)  # wide enough for one column per field
+
+    norule = hatify.hatify(_NoRule(), 2, (torch.randn(2, 4),))
+    assert norule.plan.layer("fc2").input_map == "ones (no mask known)"
+    assert re.fullmatch(r"special_erfcx \(test_cli.py:\d+\): no mask rule", norule.plan.layer("fc2").reason)
+    assert norule.report.summary["unmasked_inputs"] == ["fc2"] and "no input mask" in str(norule.report)

@@ -83,10 +83,12 @@ def test_cli_converts_an_hf_directory_and_load_rebuilds_it_from_the_recipe(tmp_p
             "--num-tasks", "2"]
     assert main(args) == 0
     hat = hatify.load(tmp_path / "bert.hat")  # no model=: the recipe holds the config
+    batch = {**batch, "token_type_ids": torch.zeros_like(batch["input_ids"])}  # as BERT's tokenizer returns it
     with hatify.masks_open(hat):
         torch.testing.assert_close(hat(**batch, task_id=0).logits, model(**batch).logits)
     meta = hatify.io.read_metadata(tmp_path / "bert.hat")
-    assert meta["source"]["kind"] == "hf" and set(meta["example_keyword_inputs"]) == {"input_ids", "attention_mask"}
+    assert meta["source"]["kind"] == "hf"
+    assert set(meta["example_keyword_inputs"]) == {"input_ids", "token_type_ids", "attention_mask"}
 
 
 def test_cli_hf_model_type_with_named_input_shapes(tmp_path, monkeypatch):
@@ -104,3 +106,27 @@ def test_cli_hf_model_type_with_named_input_shapes(tmp_path, monkeypatch):
     assert hat(input_ids=ids, task_id=1).logits.shape == (3, 8, 50)
     assert main(["convert", "hf:./missing-dir", "-o", "x.hat", "--num-tasks", "2"]) == 2
     assert main(["convert", "timm:resnet18", "--hf-class", "AutoModel", "-o", "x.hat", "--num-tasks", "2"]) == 2
+
+
+@pytest.mark.parametrize("model_type,expected", [
+    ("bert", ["input_ids", "token_type_ids", "attention_mask"]),   # BertTokenizer returns token types
+    ("roberta", ["input_ids", "attention_mask"]),                  # the forward takes them, the tokenizer returns none
+    ("distilbert", ["input_ids", "attention_mask"]),               # the forward does not take them
+])
+def test_hf_model_type_example_inputs_are_what_its_tokenizer_returns(model_type, expected):
+    from hatify.hf_source import example_inputs, load
+
+    model, _ = load(model_type, {"num_hidden_layers": 1} if model_type != "distilbert" else {"n_layers": 1}, None)
+    assert [k for k in example_inputs(model).kwargs if k != "use_cache"] == expected
+
+
+def test_hf_unknown_model_types_and_hub_names_get_one_short_line():
+    from hatify.hf_source import load
+
+    for target, hint in [("bertt", "(did you mean hf:bert, "), ("bert-base-uncased", "(did you mean hf:bert?)"),
+                         ("google/vit-base-patch16-224", "no such directory (did you mean hf:vit?)")]:
+        with pytest.raises(hatify.HatifyError) as caught:
+            load(target, {}, None)
+        message = str(caught.value)
+        assert hint in message and "hub names are not downloaded" in message and "save_pretrained" in message
+        assert len(message) < 300 and "\n" not in message, message

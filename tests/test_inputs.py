@@ -218,3 +218,16 @@ def test_bad_keyword_example_inputs_are_refused():
         hatify.hatify(Tagger(), 2, example_inputs={"input ids": torch.zeros(2, 6, dtype=torch.long)})
     with pytest.raises(hatify.HatifyError, match="example_inputs must be"):
         hatify.hatify(Tagger(), 2, example_inputs="input_ids")
+
+
+def test_example_inputs_of_the_wrong_shape_give_one_line_naming_op_shapes_and_fix():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    for x, expected in [(torch.randn(2, 3, 9, 9), "Linear(in_features=144, out_features=2, bias=True) on inputs "
+                                                  "float32[2, 196] failed: RuntimeError: mat1 and mat2"),
+                        (torch.randn(2, 1, 8, 8), "Conv2d(3, 4, kernel_size=(3, 3), stride=(1, 1)) on inputs "
+                                                  "float32[2, 1, 8, 8] failed")]:
+        with pytest.raises(hatify.HatifyError) as caught:
+            hatify.hatify(net, 2, example_inputs=(x,))
+        message = str(caught.value)
+        assert len(message.splitlines()) == 1 and len(message) < 400, message
+        assert expected in message and "check that example_inputs have the shapes" in message

@@ -106,3 +106,79 @@ def test_capacity_table_and_plot(tmp_path):
     assert "task 1" in console.export_text()
     png = plot_capacity(cap, tmp_path / "capacity.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_begin_task_while_a_task_is_open_is_refused_and_drops_nothing():
+    model, x, classes = _data("conv")
+    hat = hatify.hatify(model, num_tasks=3, example_inputs=(x[:2],))
+    opt = OPTIMIZERS["adamw"](hat.parameters())
+    after, hat = train_tasks(hat, opt, x, classes, [0])
+    hat.train()
+    hat.begin_task(1)
+    hat.begin_task(1)  # the open task again: nothing to drop
+    with pytest.raises(hatify.HatifyError, match=r"task 1 is still open; call hat.end_task\(\)"):
+        hat.begin_task(2)
+    assert hat.current_task == 1 and hat.trained_tasks == [0]
+    hat(x, task_id=1, mask_scale=hat.mask_scale(0, 1)).sum().backward()
+    hat.end_task()
+    assert hat.trained_tasks == [0, 1]
+    _assert_old_tasks_identical(after, hat, x)
+
+
+def test_task_ids_as_lists_and_numpy_integers_and_checked_mask_scales():
+    np = pytest.importorskip("numpy")
+    model, x, classes = _data("conv")
+    hat = hatify.hatify(model, num_tasks=3, example_inputs=(x[:2],)).eval()
+    ids = [i % 3 for i in range(x.shape[0])]
+    with torch.no_grad():
+        expected = hat(x, task_id=torch.tensor(ids))
+        assert torch.equal(hat(x, task_id=ids), expected)
+        assert torch.equal(hat(x, task_id=np.array(ids)), expected)
+        assert torch.equal(hat(x, task_id=np.int64(2)), hat(x, task_id=2))
+    with pytest.raises(hatify.HatifyError, match="must hold integers"):
+        hat(x, task_id=[0.5] * x.shape[0])
+    with pytest.raises(hatify.HatifyError, match="expected one task id"):
+        hat.begin_task([0, 1])
+    hat.train()
+    hat.begin_task(np.int64(0))
+    assert hat.current_task == 0 and type(hat.current_task) is int
+    for bad in (-1.0, 0.0, float("inf"), float("nan")):
+        with pytest.raises(hatify.HatifyError, match="finite number > 0"):
+            hat(x, task_id=0, mask_scale=bad)
+    assert hat.mask_scale(2, 3) == hat.plan.config.s_max
+    for b, count in ((3, 3), (5, 3), (-1, 3), (0, 0)):
+        with pytest.raises(hatify.HatifyError, match="batch index must be in"):
+            hat.mask_scale(b, count)
+
+
+class _PermutedLinearIntoBatchNorm(nn.Module):
+    """A Linear on the last axis (behind a permute) feeding a BatchNorm2d that normalises axis 1, then F.glu."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn, self.fc2 = nn.Linear(4, 6), nn.BatchNorm2d(8), nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.glu(self.fc2(self.bn(self.fc(x.permute(0, 2, 3, 1)))), dim=-1)
+
+
+def test_extract_pruned_leaves_a_norm_on_another_axis_whole():
+    x = torch.randn(4, 4, 8, 6)
+    hat = hatify.hatify(_PermutedLinearIntoBatchNorm(), num_tasks=2, example_inputs=(x[:2],))
+    opt = OPTIMIZERS["adam"](hat.parameters())
+    gen = torch.Generator().manual_seed(0)
+    for t in range(2):
+        hat.train()
+        hat.begin_task(t)
+        for b in range(4):
+            loss = (hat(x, task_id=t, mask_scale=hat.mask_scale(b, 4)) - torch.randn(4, 8, 6, 2, generator=gen))
+            (loss.square().mean() + hat.regularization()).backward()
+            opt.step()
+            opt.zero_grad()
+        hat.end_task()
+    hat.eval()
+    for t in range(2):
+        pruned = hat.extract(t, prune=True)
+        with torch.no_grad():
+            torch.testing.assert_close(pruned(x), hat(x, task_id=t), atol=1e-5, rtol=1e-5)
+        assert pruned.bn.num_features == 8 and not pruned.prune_summary["fc"]["pruned"]

@@ -37,7 +37,7 @@ def test_known_input_maps_on_common_cnns(name: str) -> None:
     summary = hatify.report.Report.from_plan(plan, name, 0.0).summary
     assert (summary["known_input_maps"], summary["layers_with_inputs"]) == CNNS[name]
     unknown = [layer for layer in plan.masked_layers if layer.input_map.startswith("ones")]
-    assert [layer.reason for layer in unknown] == ["input fed by the model input: no mask to follow"]
+    assert [layer.reason for layer in unknown] == ["made from the model input"]
 
 
 class InPlaceMLP(nn.Module):

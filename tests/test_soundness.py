@@ -66,9 +66,24 @@ def test_class8_keyword_operand():
 
 
 @pytest.mark.parametrize("name", ["meta", "graph", "code"])
-def test_class10_name_clash_is_a_hatify_error(name):
-    with pytest.raises(hatify.HatifyError, match=name):
-        hatify.hatify(NamedLikeGraphModule(name), 2, (X,))
+def test_class10_names_a_graph_module_uses_convert_and_are_kept(name, tmp_path):
+    model = NamedLikeGraphModule(name)
+    hat = hatify.hatify(model, 2, (X,), config=hatify.HATConfig(heads=()))  # validated; both layers masked
+    assert [(layer["name"], layer["input_producers"]) for layer in hat.report.plan["layers"]] == [
+        ("fc", []), (name, ["fc"])]
+    assert set(hat.capacity()) == {"fc", name}
+    keys = list(hat.state_dict())
+    assert f"net.{name}.parametrizations.weight.original" in keys and not any("user_" in k for k in keys)
+    train_task(hat, 0, (X,), torch.optim.AdamW(hat.parameters(), lr=0.05))
+    before = hat.eval()(X, task_id=0)
+    hatify.save(hat, tmp_path / "model.hat")
+    loaded = hatify.load(tmp_path / "model.hat", model=NamedLikeGraphModule(name))
+    assert torch.equal(loaded(X, task_id=0), before) and set(loaded.state_dict()) == set(hat.state_dict())
+    meta = hatify.io.read_metadata(tmp_path / "model.hat")
+    assert [layer["name"] for layer in meta["report"]["plan"]["layers"]] == ["fc", name] and name in meta["capacity"]
+    headed = hatify.hatify(model, 2, (X,), config=hatify.HATConfig(heads=(name,)))  # the config names it too
+    assert [(layer["name"], layer["role"]) for layer in headed.report.plan["layers"]] == [
+        ("fc", "masked"), (name, "head")]
 
 
 def test_class11_model_with_cached_activations_converts():
