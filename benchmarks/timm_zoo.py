@@ -31,6 +31,7 @@ import gc
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -311,10 +312,13 @@ def _summary(hat) -> dict:
 def known_fields(plan) -> dict:
     """The mask flow's precision in `plan`: masked layers whose input map is known ("K/N", the report's
     `known_input_maps` of `layers_with_inputs`), their share (None without such layers) and, per reason the plan
-    gives for an unknown one (the op and line that made it unknown, or the model input), how many layers."""
+    gives for an unknown one (the op and source line that made it unknown, or the model input), how many layers.
+    The reasons drop the graph node's name ('add_48') and block indices (blocks.3.norm1 -> blocks.*.norm1), so one
+    line of the model's source repeated in every block counts once."""
     from hatify.report import known_input_maps
     known, total = known_input_maps(plan)
-    unknown = Counter(layer.reason for layer in plan.masked_layers
+    unknown = Counter(re.sub(r"\.\d+(?=[.\s),:])", ".*", re.sub(r" '[^']*'", "", layer.reason))
+                      for layer in plan.masked_layers
                       if layer.input_units is not None and layer.input_map.startswith("ones"))
     return {"known_maps": f"{known}/{total}", "known_share": round(known / total, 4) if total else None,
             "unknown_inputs": dict(unknown)}
