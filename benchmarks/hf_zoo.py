@@ -10,17 +10,21 @@ weights, nothing downloaded), called with keyword inputs (`input_ids` + `attenti
 3. protect   tasks 0 and 1 train a few steps with ONE AdamW(weight_decay=0.01) optimizer and task 0's
              eval outputs stay bit-identical (`torch.equal`).
 
-The checks, their reason codes and the summary columns are timm_zoo's. Each architecture runs in its own
-subprocess with a timeout. Results: benchmarks/results/hf_zoo.json and .md.
+The checks, their reason codes and the summary columns (with the known input maps: `known_maps`,
+`known_share`, `unknown_inputs`) are timm_zoo's. Each architecture runs in its own subprocess with a timeout.
+Results: benchmarks/results/hf_zoo.json and .md. `--known-only` refreshes just the known input maps
+(`hatify.explain` on the same build and inputs in every setting, no validation or training).
 
     python benchmarks/hf_zoo.py                      # the whole zoo
     python benchmarks/hf_zoo.py --models bert,gpt2   # some architectures
+    python benchmarks/hf_zoo.py --known-only         # known input maps only, merged into hf_zoo.json
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import warnings
 import os
 import subprocess
 import sys
@@ -32,6 +36,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timm_zoo  # noqa: E402
 from timm_zoo import NUM_CLASSES, REASONS, RESULTS, _Fail, _first_line, _summary, train_and_check  # noqa: E402
 
 SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
@@ -221,6 +226,23 @@ def check(name: str, attn: str, padded: bool) -> dict:
     return row
 
 
+def known_of_model(name: str) -> dict:
+    """timm_zoo's `known_only` in every setting of `name` (the builds and inputs of the full run)."""
+    _, model_type, auto_class, kwargs, kind = next(entry for entry in ZOO if entry[0] == name)
+    found = []
+    for attn, padded in settings(name):
+        entry: dict = {"attn": attn, "padded": padded}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = build(model_type, auto_class, kwargs, attn)
+            entry.update(timm_zoo.known_only(model, inputs_for(model, kind, padded)))
+        except Exception as exc:  # the full run skips or fails this setting on its own
+            entry["known_error"] = f"{type(exc).__name__}: {_first_line(exc)}"
+        found.append(entry)
+    return {"settings": found}
+
+
 def settings(name: str) -> list[tuple[str, bool]]:
     kind = next(entry[4] for entry in ZOO if entry[0] == name)
     pads = (True, False) if kind in ("text", "seq2seq") else (False,)
@@ -257,11 +279,13 @@ def run_model(name: str, timeout: float) -> list[dict]:
     return rows
 
 
-COLUMNS = ("model", "class", "attn", "padded", "status", "reason", "hat_layers", "hat_parameter_share",
+COLUMNS = ("model", "class", "attn", "padded", "status", "reason", "hat_layers", "hat_parameter_share", "known",
            "fallback_params", "convert_s", "why")
 
 
 def _cell(row: dict, key: str) -> str:
+    if key == "known":
+        return timm_zoo._cell(row, key)
     value = row.get(key)
     if value is None or value == "":
         return "-"
@@ -270,7 +294,7 @@ def _cell(row: dict, key: str) -> str:
     return str(value)
 
 
-def write_results(rows: list[dict]) -> None:
+def write_results(rows: list[dict], known_run: dict | None = None) -> None:
     import transformers
 
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -279,11 +303,16 @@ def write_results(rows: list[dict]) -> None:
     clean = [a for a in architectures if all(r["status"] == "pass" for r in rows if r["model"] == a)]
     meta = {"transformers": transformers.__version__, "torch": torch.__version__, "passed": passed,
             "total": len(rows), "architectures": len(architectures), "architectures_passing": len(clean)}
+    if known_run:
+        meta["known_run"] = known_run
     (RESULTS / "hf_zoo.json").write_text(json.dumps({**meta, "reasons": REASONS, "rows": rows}, indent=1))
     lines = ["# hatify x HuggingFace transformers zoo", "",
              f"transformers {meta['transformers']}, torch {meta['torch']}; {passed} / {len(rows)} settings pass all "
              f"three checks (convert, validate, task 0 bit-identical after task 1 with one AdamW(weight_decay=0.01)); "
-             f"{len(clean)} / {len(architectures)} architectures pass in every setting.", "",
+             f"{len(clean)} / {len(architectures)} architectures pass in every setting. `known`: masked layers whose "
+             f"input map is known, of those with input units (a layer fed by the model input counts as unknown).", "",
+             timm_zoo.share_line(rows, "hat_parameter_share", lambda r: f"{r['model']}, {r['attn']}, padded "
+                                 f"{r['padded']}"), "", *timm_zoo.provenance(meta, "hf_zoo.py"),
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(r, c).replace("|", "/") for c in COLUMNS) + " |" for r in rows]
     lines += ["", "## Reason codes", ""] + [f"- `{code}`: {why}" for code, why in REASONS.items()]
@@ -294,11 +323,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", help="comma-separated zoo names (default: all)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per architecture (all settings)")
+    parser.add_argument("--known-only", action="store_true",
+                        help="only the known input maps (hatify.explain), merged into hf_zoo.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--known-worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         _worker(args.worker, args.out)
+        return 0
+    if args.known_worker:
+        timm_zoo.known_worker(args.known_worker.split(","), args.out, known_of_model)
         return 0
     names = [entry[0] for entry in ZOO]
     chosen = args.models.split(",") if args.models else names
@@ -306,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown models: {', '.join(unknown)}", file=sys.stderr)
         return 2
+    if args.known_only:
+        return main_known(chosen, args.timeout)
     rows = []
     for name in chosen:
         for row in run_model(name, args.timeout):
@@ -316,6 +353,29 @@ def main(argv: list[str] | None = None) -> int:
                   f"share={'-' if share is None else f'{share:.3f}'} {mark}", flush=True)
     write_results(rows)
     print(f"{sum(r['status'] == 'pass' for r in rows)} / {len(rows)} settings pass")
+    return 0
+
+
+def main_known(chosen: list[str], timeout: float) -> int:
+    """`--known-only`: the known columns of `chosen` architectures in every setting, merged into hf_zoo.json."""
+    path = RESULTS / "hf_zoo.json"
+    if not path.exists():
+        print("--known-only merges into hf_zoo.json: run the full zoo first", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    values = timm_zoo.run_known(__file__, chosen, timeout)
+    run = {**timm_zoo.known_run("hf_zoo.py"), "seconds": round(time.perf_counter() - start)}
+    rows = json.loads(path.read_text())["rows"]
+    for row in rows:
+        if row["model"] not in values:
+            continue
+        value = values[row["model"]]
+        setting = next((e for e in value.get("settings", []) if (e["attn"], e["padded"]) == (row.get("attn"),
+                                                                                          row.get("padded"))), value)
+        if row["status"] == "skip" and "known_error" in setting:  # the setting does not exist: nothing to measure
+            setting = None
+        timm_zoo.merge_known(row, setting and {k: v for k, v in setting.items() if k not in ("attn", "padded")})
+    write_results(rows, run)
     return 0
 
 

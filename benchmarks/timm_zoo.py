@@ -10,20 +10,28 @@ smallest input it accepts from a short ladder, converted with `hatify.hatify`, t
              eval outputs stay bit-identical (`torch.equal`).
 
 Each family runs in its own subprocess with a timeout, so one family never takes the run down. Results:
-benchmarks/results/timm_zoo.json and .md; also the conversion time of resnet50 at 224 (median of 3).
+benchmarks/results/timm_zoo.json and .md; also the conversion time of resnet50 at 224 (median of 3). Each
+row also records the precision of the mask flow: `known_maps` ("K/N": masked layers whose input map is known,
+of those with input units) and `known_share`, with the plan's reason for every unknown one (`unknown_inputs`).
+
+`--known-only` refreshes just those figures in minutes: the same model and input as the last full run's row,
+`hatify.explain` only (no validation, no training); every other field of the row stays from the full run.
 
     python benchmarks/timm_zoo.py                         # the whole zoo
     python benchmarks/timm_zoo.py --families resnet,vgg   # some families
     python benchmarks/timm_zoo.py --limit 10 --jobs 2
+    python benchmarks/timm_zoo.py --known-only            # known input maps only, merged into timm_zoo.json
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import gc
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -32,9 +40,10 @@ import threading
 import time
 import traceback
 import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -295,7 +304,143 @@ def _summary(hat) -> dict:
         sum(math.prod(p.shape) for p in plan.params if p.policy != "head")
     return {"nodes": s["nodes"], "hat_layers": s["hat_layers"], "hat_share": round(s["hat_parameter_share"], 4),
             "fallback_params": fallback, "fallback_share": round(fallback / max(1, s["original_parameters"]), 4),
-            "opaque": dict(plan.opaque), "unknown_ops": s["unknown_ops"]}
+            "opaque": dict(plan.opaque), "unknown_ops": s["unknown_ops"], **known_fields(plan)}
+
+
+# ------------------------------------------------------------------------------------------ known input maps
+
+def known_fields(plan) -> dict:
+    """The mask flow's precision in `plan`: masked layers whose input map is known ("K/N", the report's
+    `known_input_maps` of `layers_with_inputs`), their share (None without such layers) and, per reason the plan
+    gives for an unknown one (the op and source line that made it unknown, or the model input), how many layers.
+    The reasons drop the graph node's name ('add_48') and block indices (blocks.3.norm1 -> blocks.*.norm1), so one
+    line of the model's source repeated in every block counts once."""
+    from hatify.report import known_input_maps
+    known, total = known_input_maps(plan)
+    unknown = Counter(re.sub(r"\.\d+(?=[.\s),:])", ".*", re.sub(r" '[^']*'", "", layer.reason))
+                      for layer in plan.masked_layers
+                      if layer.input_units is not None and layer.input_map.startswith("ones"))
+    return {"known_maps": f"{known}/{total}", "known_share": round(known / total, 4) if total else None,
+            "unknown_inputs": dict(unknown)}
+
+
+def known_only(model: torch.nn.Module, inputs: Any) -> dict:
+    """`known_fields` of `model` on `inputs` from `hatify.explain` alone (no rewrite, validation or training)."""
+    import hatify
+    start = time.perf_counter()
+    plan = hatify.explain(model, num_tasks=2, example_inputs=inputs)
+    return {**known_fields(plan), "plan_s": round(time.perf_counter() - start, 3)}
+
+
+def known_worker(keys: list[str], out_path: str, measure: Callable[[str], dict]) -> None:
+    """Worker entry of `run_known`: `measure` each key in turn, one JSON line per key as soon as it is done."""
+    torch.set_num_threads(1)
+    for key in keys:
+        torch.manual_seed(0)
+        try:
+            value = measure(key)
+        except Exception as exc:  # one failing model does not end the pass
+            value = {"known_error": f"{type(exc).__name__}: {_first_line(exc)}"}
+        with open(out_path, "a") as out:
+            out.write(json.dumps({"key": key, "value": value}) + "\n")
+        gc.collect()
+
+
+def run_known(script: str, keys: list[str], timeout: float) -> dict[str, dict]:
+    """`script --known-worker KEYS` in one subprocess that takes the keys in turn (torch is imported once, not once
+    per model); a key that runs past `timeout` seconds or kills the worker gets `known_error` and a fresh worker
+    goes on after it."""
+    values: dict[str, dict] = {}
+    remaining = list(keys)
+    while remaining:
+        with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as tmp, \
+                tempfile.TemporaryFile("w+") as err:
+            out_path = tmp.name
+            proc = subprocess.Popen([sys.executable, script, "--known-worker", ",".join(remaining), "--out", out_path],
+                                    stdout=subprocess.DEVNULL, stderr=err,
+                                    env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+            done, since, timed_out = 0, time.perf_counter(), False
+            try:
+                while True:
+                    finished = proc.poll() is not None
+                    lines = Path(out_path).read_text().split("\n")[:-1]  # whole lines only
+                    for line in lines[done:]:
+                        entry = json.loads(line)
+                        values[entry["key"]] = entry["value"]
+                        print(f"{entry['key']:32s} {_known_text(entry['value'])}", flush=True)
+                    if len(lines) > done:
+                        done, since = len(lines), time.perf_counter()
+                    timed_out = time.perf_counter() - since > timeout
+                    if finished or done == len(remaining) or timed_out:
+                        break
+                    time.sleep(0.5)
+            finally:  # past the timeout, or this process interrupted: the worker goes too
+                if proc.poll() is None:
+                    proc.kill()
+            proc.wait()
+            if done < len(remaining):  # the key in progress ran too long or took the worker down
+                err.seek(0)
+                tail = err.read().strip().splitlines()
+                values[remaining[done]] = {"known_error": f"no result within {timeout:.0f} s" if timed_out else
+                                           f"exit {proc.returncode}: {tail[-1][:200] if tail else ''}"}
+                print(f"{remaining[done]:32s} {values[remaining[done]]['known_error']}", flush=True)
+                done += 1
+        with contextlib.suppress(OSError):
+            os.unlink(out_path)
+        remaining = remaining[done:]
+    return values
+
+
+def _known_text(value: dict) -> str:
+    if "settings" in value:  # one model in several settings (hf_zoo)
+        return "; ".join(f"{e['attn']}/{e['padded']}: {_known_text(e)}" for e in value["settings"])
+    if "known_error" in value:
+        return f"error: {value['known_error'][:100]}"
+    return f"known {value['known_maps']:>9s}  {value['plan_s']:.1f} s"
+
+
+def merge_known(row: dict, value: dict | None) -> None:
+    """Put a `--known-only` measurement into a full run's row (its other fields stay as they are)."""
+    for key in ("known_maps", "known_share", "unknown_inputs", "known_error"):
+        row.pop(key, None)
+    if value:
+        row.update({k: v for k, v in value.items() if k != "plan_s"})
+
+
+def known_run(script: str) -> dict:
+    """Where the known columns of a `--known-only` pass come from: the command, the date and the hatify commit."""
+    commit = subprocess.run(["git", "-C", str(RESULTS.parent), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    return {"command": f"python benchmarks/{script} --known-only", "commit": commit or None,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def provenance(meta: dict, script: str) -> list[str]:
+    """The md line that says which columns come from which run."""
+    run = meta.get("known_run")
+    if not run:
+        return [f"Every column comes from the full run (`python benchmarks/{script}`).", ""]
+    return [f"The `known` column (`known_maps`, `known_share`, and `unknown_inputs` in the JSON) comes from "
+            f"`{run['command']}` ({run['date']}, hatify {run['commit']}, {run['seconds']} s: `hatify.explain` on "
+            f"the same model and input, no validation or training); every other column from the last full run "
+            f"(`python benchmarks/{script}`).", ""]
+
+
+def share_line(rows: list[dict], share_key: str, label: Callable[[dict], str]) -> str:
+    """Median and lowest `share_key` and `known_share` over the passing rows, naming the lowest."""
+    passing = [r for r in rows if r["status"] == "pass"]
+    parts = []
+    for key, name in ((share_key, "hat_share"), ("known_share", "known_share")):
+        have = [r for r in passing if r.get(key) is not None]
+        if not have:
+            parts.append(f"{name}: no passing row has it")
+            continue
+        low = min(have, key=lambda r: r[key])
+        parts.append(f"{name} median {100 * statistics.median(r[key] for r in have):.1f}%, lowest "
+                     f"{100 * low[key]:.1f}% ({label(low)})")
+        if len(have) < len(passing):
+            parts[-1] += f", {len(passing) - len(have)} passing rows without it"
+    return f"Over the {len(passing)} passing rows: " + "; ".join(parts) + "."
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -311,6 +456,25 @@ def _worker(family: str, names: list[str], out_path: str) -> None:
             break
     row["family"] = family
     Path(out_path).write_text(json.dumps(row))
+
+
+def known_of_family(family: str) -> dict:
+    """`known_only` on the model and input of the family's row in timm_zoo.json (a family without one: the first
+    of its three smallest variants that can be created, as the full run picks)."""
+    rows = json.loads((RESULTS / "timm_zoo.json").read_text())["families"]
+    row = next((r for r in rows if r["family"] == family and r.get("input")), None)
+    if row is not None:
+        extra = {k: v for k, v in row.get("kwargs", {}).items() if k != "img_size"}
+        model, x, _ = make_model(row["model"], (row["input"][-1],), **extra)
+        return {"model": row["model"], **known_only(model, (x,))}
+    names = smallest_variant(families()[family], param_counts(families()[family], RESULTS / "timm_param_counts.json"))
+    for name in names[:3]:
+        try:
+            model, x, _ = make_model(name)
+        except Exception:
+            continue
+        return {"model": name, **known_only(model, (x,))}
+    raise _Fail("create_error", REASONS["create_error"])
 
 
 def run_family(family: str, names: list[str], timeout: float, threads: int) -> dict:
@@ -381,12 +545,15 @@ def time_resnet50(repeats: int = 3) -> dict:
             "threads": torch.get_num_threads()}
 
 
-COLUMNS = ("family", "model", "input", "status", "reason", "nodes", "hat_layers", "hat_share", "fallback_params",
-           "convert_s", "why")
+COLUMNS = ("family", "model", "input", "status", "reason", "nodes", "hat_layers", "hat_share", "known",
+           "fallback_params", "convert_s", "why")
 
 
 def _cell(row: dict, key: str) -> str:
     value = row.get(key)
+    if key == "known":
+        maps, share = row.get("known_maps"), row.get("known_share")
+        return "-" if maps is None else maps if share is None else f"{maps} ({100 * share:.0f}%)"
     if value is None or value == "":
         return "-"
     if key == "input":
@@ -405,7 +572,7 @@ def render_table(rows: list[dict]):
         table.add_column(col, overflow="fold", no_wrap=col not in ("why",))
     for row in rows:
         cells = [_cell(row, c) for c in COLUMNS]
-        cells[3] = "[green]pass[/]" if row["status"] == "pass" else "[red]fail[/]"
+        cells[COLUMNS.index("status")] = "[green]pass[/]" if row["status"] == "pass" else "[red]fail[/]"
         table.add_row(*cells)
     return table
 
@@ -418,7 +585,10 @@ def write_results(rows: list[dict], timing: dict | None, meta: dict) -> None:
     (RESULTS / "timm_zoo.json").write_text(json.dumps(payload, indent=1))
     lines = [f"# hatify x timm zoo", "",
              f"timm {meta['timm']}, torch {meta['torch']}; {passed} / {len(rows)} families pass all three checks "
-             f"(convert, validate, task 0 bit-identical after task 1 with one AdamW(weight_decay=0.01)).", ""]
+             f"(convert, validate, task 0 bit-identical after task 1 with one AdamW(weight_decay=0.01)). "
+             f"`known`: masked layers whose input map is known, of those with input units (a layer fed by the model "
+             f"input counts as unknown).", "", share_line(rows, "hat_share", lambda r: f"{r['family']}: {r['model']}"),
+             "", *provenance(meta, "timm_zoo.py")]
     if timing:
         lines += [f"resnet50 at 224: conversion {timing['median_s']:.3f} s, plus {timing['validation_median_s']:.3f} s "
                   f"for the default validation (medians of {len(timing['times_s'])}, {timing['threads']} threads).", ""]
@@ -438,19 +608,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per family (default: cores / jobs)")
     parser.add_argument("--no-timing", action="store_true", help="skip the resnet50 conversion timing")
     parser.add_argument("--merge", action="store_true", help="update the rows of an existing timm_zoo.json")
+    parser.add_argument("--known-only", action="store_true",
+                        help="only the known input maps (hatify.explain), merged into the rows of timm_zoo.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--known-worker", help=argparse.SUPPRESS)
     parser.add_argument("--names", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         _worker(args.worker, args.names.split(","), args.out)
         return 0
+    if args.known_worker:
+        known_worker(args.known_worker.split(","), args.out, known_of_family)
+        return 0
 
     import timm
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    console = Console(width=max(160, Console().width))
+    console = Console(width=max(180, Console().width))
     all_families = families()
     chosen = sorted(all_families)
     if args.families:
@@ -462,6 +638,8 @@ def main(argv: list[str] | None = None) -> int:
         chosen = wanted
     if args.limit:
         chosen = chosen[: args.limit]
+    if args.known_only:
+        return main_known(chosen, args.timeout, console)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     with console.status("counting parameters on the meta device (cached)"):
         counts = param_counts([n for f in chosen for n in all_families[f]], RESULTS / "timm_param_counts.json")
@@ -487,10 +665,14 @@ def main(argv: list[str] | None = None) -> int:
                 progress.console.print(f"{family:28s} {row['model']:40s} {mark} {row['seconds']:.0f} s")
                 progress.advance(bar)
     ordered = [rows[f] for f in chosen]
+    meta = {"timm": timm.__version__, "torch": torch.__version__}
     if args.merge and (RESULTS / "timm_zoo.json").exists():
-        old = {r["family"]: r for r in json.loads((RESULTS / "timm_zoo.json").read_text())["families"]}
+        previous = json.loads((RESULTS / "timm_zoo.json").read_text())
+        old = {r["family"]: r for r in previous["families"]}
         old.update(rows)
         ordered = [old[f] for f in sorted(old)]
+        if previous.get("known_run"):  # the rows kept from before still hold its known columns
+            meta["known_run"] = previous["known_run"]
     timing = None
     if not args.no_timing:
         torch.set_num_threads(os.cpu_count() or 1)
@@ -504,7 +686,31 @@ def main(argv: list[str] | None = None) -> int:
     if timing:
         console.print(f"resnet50 at 224: conversion {timing['median_s']:.3f} s, validation "
                       f"{timing['validation_median_s']:.3f} s (medians of 3)")
-    write_results(ordered, timing, {"timm": timm.__version__, "torch": torch.__version__})
+    write_results(ordered, timing, meta)
+    return 0
+
+
+def main_known(chosen: list[str], timeout: float, console) -> int:
+    """`--known-only`: the known columns of `chosen` families, merged into timm_zoo.json and timm_zoo.md."""
+    path = RESULTS / "timm_zoo.json"
+    if not path.exists():
+        console.print("[red]--known-only merges into timm_zoo.json: run the full zoo first[/]")
+        return 2
+    payload = json.loads(path.read_text())
+    start = time.perf_counter()
+    values = run_known(__file__, chosen, timeout)
+    run = {**known_run("timm_zoo.py"), "seconds": round(time.perf_counter() - start)}
+    rows = payload["families"]
+    for row in rows:
+        if row["family"] in values:
+            value = values[row["family"]]
+            if value.get("model", row["model"]) != row["model"]:  # no full-run model to merge into
+                value = {"known_error": f"full run has {row['model']}, known-only built {value['model']}"}
+            merge_known(row, {k: v for k, v in value.items() if k != "model"})
+    meta = {k: v for k, v in payload.items() if k not in ("passed", "total", "resnet50_conversion", "reasons",
+                                                          "families")}
+    console.print(render_table(rows))
+    write_results(rows, payload.get("resnet50_conversion"), {**meta, "known_run": run})
     return 0
 
 

@@ -10,10 +10,13 @@ input, put through the checks of `benchmarks/timm_zoo.py` (reused from there):
              eval outputs stay bit-identical (`torch.equal`). Detectors need targets in train mode: they
              are trained on their eval-mode outputs (boxes, scores), which still updates their weights.
 
-Each family runs in its own subprocess with a timeout. Results: benchmarks/results/torchvision_zoo.{json,md}.
+Each family runs in its own subprocess with a timeout. Results: benchmarks/results/torchvision_zoo.{json,md},
+with timm_zoo's known input maps per row (`known_maps`, `known_share`, `unknown_inputs`); `--known-only`
+refreshes just those (`hatify.explain` on the same build and input, no validation or training).
 
     python benchmarks/torchvision_zoo.py                          # every family
     python benchmarks/torchvision_zoo.py --families resnet,raft
+    python benchmarks/torchvision_zoo.py --known-only             # known input maps only, merged into the JSON
 """
 from __future__ import annotations
 
@@ -100,21 +103,28 @@ FAMILIES: dict[str, tuple[str, dict, Callable[[], tuple], bool]] = {
 }
 
 
-def check_family(family: str) -> dict:
-    """Build the family's representative and run the three checks; a result row."""
+def build(family: str) -> tuple[torch.nn.Module, tuple]:
+    """The family's representative in eval mode and its example inputs (run through it once)."""
     from torchvision import models
 
-    name, kwargs, inputs, train_mode = FAMILIES[family]
+    name, kwargs, inputs, _ = FAMILIES[family]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        extra = {} if family.startswith("optical_flow") else {"num_classes": NUM_CLASSES}
+        model = models.get_model(name, weights=None, **{**extra, **kwargs}).eval()
+    example = inputs()
+    with torch.no_grad():
+        model(*example)
+    return model, example
+
+
+def check_family(family: str) -> dict:
+    """Build the family's representative and run the three checks; a result row."""
+    name, kwargs, _, train_mode = FAMILIES[family]
     row: dict = {"family": family, "model": name, "status": "fail", "reason": "", "why": ""}
     try:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                extra = {} if family.startswith("optical_flow") else {"num_classes": NUM_CLASSES}
-                model = models.get_model(name, weights=None, **{**extra, **kwargs}).eval()
-            example = inputs()
-            with torch.no_grad():
-                model(*example)
+            model, example = build(family)
         except Exception as exc:
             raise timm_zoo._Fail("create_error", f"{type(exc).__name__}: {timm_zoo._first_line(exc)}") from exc
         first = example[0][0] if isinstance(example[0], list) else example[0]
@@ -151,19 +161,29 @@ def run_family(family: str, timeout: float) -> dict:
     return row
 
 
-def write_results(rows: list[dict]) -> None:
+def known_of_family(family: str) -> dict:
+    """timm_zoo's `known_only` on the family's representative (the build and input of the full run)."""
+    return timm_zoo.known_only(*build(family))
+
+
+def write_results(rows: list[dict], known_run: dict | None = None) -> None:
     import torchvision
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     passed = sum(r["status"] == "pass" for r in rows)
     meta = {"torchvision": torchvision.__version__, "torch": torch.__version__}
+    if known_run:
+        meta["known_run"] = known_run
     payload = {**meta, "passed": passed, "total": len(rows), "reasons": timm_zoo.REASONS, "families": rows}
     (RESULTS / "torchvision_zoo.json").write_text(json.dumps(payload, indent=1))
     columns = [c for c in timm_zoo.COLUMNS if c != "why"] + ["why"]
     lines = ["# hatify x torchvision zoo", "",
              f"torchvision {meta['torchvision']}, torch {meta['torch']}; {passed} / {len(rows)} families pass all "
              "three checks (convert, validate, task 0 bit-identical after task 1 with one AdamW(weight_decay=0.01)). "
-             "`hat_share` is the report's `hat_parameter_share`. Input: batch x (frames x) height x width.", "",
+             "`hat_share` is the report's `hat_parameter_share`; `known`: masked layers whose input map is known, of "
+             "those with input units (a layer fed by the model input counts as unknown). Input: batch x (frames x) "
+             "height x width.", "", timm_zoo.share_line(rows, "hat_share", lambda r: r["family"]), "",
+             *timm_zoo.provenance(meta, "torchvision_zoo.py"),
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = [timm_zoo._cell(row, c).replace("|", "/") for c in columns]
@@ -179,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", help="comma-separated families (default: all)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per family")
     parser.add_argument("--merge", action="store_true", help="update the rows of an existing torchvision_zoo.json")
+    parser.add_argument("--known-only", action="store_true",
+                        help="only the known input maps (hatify.explain), merged into torchvision_zoo.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--known-worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -187,23 +210,42 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         Path(args.out).write_text(json.dumps(check_family(args.worker)))
         return 0
+    if args.known_worker:
+        timm_zoo.known_worker(args.known_worker.split(","), args.out, known_of_family)
+        return 0
     chosen = args.families.split(",") if args.families else list(FAMILIES)
     unknown = [f for f in chosen if f not in FAMILIES]
     if unknown:
         print(f"unknown families: {', '.join(unknown)}")
         return 2
+    path = RESULTS / "torchvision_zoo.json"
+    if args.known_only:
+        if not path.exists():
+            print("--known-only merges into torchvision_zoo.json: run the full zoo first")
+            return 2
+        start = time.perf_counter()
+        values = timm_zoo.run_known(__file__, chosen, args.timeout)
+        run = {**timm_zoo.known_run("torchvision_zoo.py"), "seconds": round(time.perf_counter() - start)}
+        rows = json.loads(path.read_text())["families"]
+        for row in rows:
+            if row["family"] in values:
+                timm_zoo.merge_known(row, values[row["family"]])
+        write_results(rows, run)
+        return 0
     rows = {}
     for family in chosen:
         row = rows[family] = run_family(family, args.timeout)
         share = f"{100 * row['hat_share']:.1f}%" if row.get("hat_share") is not None else "-"
         print(f"{family:28s} {row['model']:40s} {row['status']:5s} {row['reason']:16s} share {share:>6s} "
               f"{row['seconds']:6.1f} s  {row['why'][:90]}", flush=True)
-    ordered = [rows[f] for f in chosen]
-    if args.merge and (RESULTS / "torchvision_zoo.json").exists():
-        old = {r["family"]: r for r in json.loads((RESULTS / "torchvision_zoo.json").read_text())["families"]}
+    ordered, known_run = [rows[f] for f in chosen], None
+    if args.merge and path.exists():
+        previous = json.loads(path.read_text())
+        old = {r["family"]: r for r in previous["families"]}
         old.update(rows)
         ordered = [old[f] for f in FAMILIES if f in old]
-    write_results(ordered)
+        known_run = previous.get("known_run")  # the rows kept from before still hold its known columns
+    write_results(ordered, known_run)
     passed = sum(r["status"] == "pass" for r in ordered)
     print(f"{passed} / {len(ordered)} families pass all three checks")
     return 0

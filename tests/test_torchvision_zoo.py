@@ -28,24 +28,29 @@ def _image(size: int) -> tuple:
 
 SMALL = {
     "convnext": (lambda: models.ConvNeXt([CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 2)],
-                                         stochastic_depth_prob=0.3, num_classes=4), partial(_image, 32), 0.9),
+                                         stochastic_depth_prob=0.3, num_classes=4), partial(_image, 32), 0.9, 13),
     "efficientnet_v2": (lambda: models.EfficientNet(
         [FusedMBConvConfig(1, 3, 1, 16, 16, 2), MBConvConfig(4, 3, 2, 16, 32, 2)], dropout=0.2,
-        stochastic_depth_prob=0.3, last_channel=64, num_classes=4), partial(_image, 32), 0.9),
+        stochastic_depth_prob=0.3, last_channel=64, num_classes=4), partial(_image, 32), 0.9, 13),
     "vision_transformer": (lambda: models.VisionTransformer(32, 8, 2, 2, 32, 64, dropout=0.1, attention_dropout=0.1,
-                                                            num_classes=4), partial(_image, 32), 0.9),
+                                                            num_classes=4), partial(_image, 32), 0.9, 4),
 }
 
 
 @pytest.mark.parametrize("family", list(SMALL))
 def test_small_build_converts_validates_and_keeps_task0(family):
-    build, inputs, share = SMALL[family]
+    build, inputs, share, known = SMALL[family]
     torch.manual_seed(0)
     model = build().eval()
     row = timm_zoo.check_converted(model, inputs(), {"model": family})
     assert row["status"] == "pass"
     assert row["hat_share"] > share, f"{family}: only {row['hat_share']:.0%} of parameters under HAT control"
     assert not row["opaque"] and not row["unknown_ops"], (row["opaque"], row["unknown_ops"])
+    # The zoo records the known input maps; `--known-only` (explain alone) measures the same figures.
+    assert int(row["known_maps"].split("/")[0]) >= known, (row["known_maps"], row["unknown_inputs"])
+    fast = timm_zoo.known_only(model, inputs())
+    assert {k: fast[k] for k in ("known_maps", "known_share", "unknown_inputs")} == \
+        {k: row[k] for k in ("known_maps", "known_share", "unknown_inputs")}
 
 
 @pytest.mark.parametrize("family", ["detection.faster_rcnn", "detection.fcos", "optical_flow.raft"])
