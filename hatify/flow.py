@@ -13,6 +13,7 @@ from .errors import node_location, source_line
 from .inplace import aliased_writes, writes_input
 from . import maps
 from .maps import UnitMap
+from .outputs import task_output_nodes
 from .ownership import inline_shared_layers, keeps_rows, live_nodes, outside_reads
 from .rules import PER_CHANNEL_MODULES, RuleContext, _canon, fallback_rule, rule_for
 from .shapes import TensorSpec
@@ -213,14 +214,15 @@ def _chain_end(node: fx.Node, gm: fx.GraphModule, params: set[str]) -> fx.Node:
     return node
 
 
-def _reaches_output(start: fx.Node, producer_nodes: set[fx.Node]) -> bool:
-    stack, seen = [start], set()
+def _reaches_output(start: fx.Node, producer_nodes: set[fx.Node], task_outputs: set[fx.Node]) -> bool:
+    """Whether `start` flows into a task output without passing another HAT layer."""
+    stack, seen = [start], {start}
     while stack:
         n = stack.pop()
+        if n in task_outputs:
+            return True
         for user in n.users:
-            if user.op == "output":
-                return True
-            if user not in producer_nodes and user not in seen:
+            if user not in producer_nodes and user not in seen and user.op != "output":
                 seen.add(user)
                 stack.append(user)
     return False
@@ -283,12 +285,13 @@ def find_producers(gm: fx.GraphModule, config: HATConfig) -> list[Producer]:
             producer.weight_shared = True
         node_of[node] = producer
     gm.meta["hat_disowned"] = _disown(gm, by_name, node_of)
+    targets = task_output_nodes(gm, config) if config.heads == "auto" else set()
     for node, producer in node_of.items():
         end = _chain_end(node, gm, params)
         data = producer_input(node)
         producer.sites.append(CallSite(node.name, end.name, data.name if isinstance(data, fx.Node) else None,
                                        source_line(node)))
-        if config.heads == "auto" and _reaches_output(end, set(node_of)):
+        if config.heads == "auto" and _reaches_output(end, set(node_of), targets):
             producer.head = True
     if isinstance(config.heads, (tuple, list)):
         for producer in by_name.values():

@@ -177,7 +177,7 @@ def make_plan(capture: Capture, flow: Flow, num_tasks: int, config: HATConfig) -
                           rule=f"{p.kind}{'/module' if p.module else '/functional'}",
                           frozen=[q for q in (p.weight, p.bias) if q and not gm.get_parameter(q).requires_grad])
         if p.head:
-            layer.status, layer.reason = "head", "reaches the model output: one copy per task"
+            layer.status, layer.reason = "head", "reaches a task output: one copy per task"
         elif layer.input_units is not None:
             rows = []
             for site in p.sites:
