@@ -22,6 +22,7 @@ from .config import HATConfig
 from .copying import detached_deepcopy
 from .errors import _OWN_DIR, HatifyError
 from .inputs import CONSTANTS, KEYWORD, Inputs, StructuredOutput, is_constant, needs_spec
+from .parametrized import flatten_parametrization_paths, traced_through
 
 
 @dataclass
@@ -133,7 +134,7 @@ class HatTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if type(m) in self.leaf_types or qualname in self.leaf_names or qualname in self.opaque:
             return True
-        if type(m) in TRACED_TORCH_MODULES:
+        if type(m) in TRACED_TORCH_MODULES or traced_through(m, qualname):
             return False
         if not type(m).__module__.startswith("torch.nn") and _reads_training_flag(m):
             if qualname not in self.mode_leaves:
@@ -363,6 +364,7 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set,
     for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
         graph.erase_node(node)  # a read only Python looked at (`isinstance(self.wo.weight, Tensor)`): no data use
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    flatten_parametrization_paths(gm)
     gm.meta[CONSTANTS] = dict(call[1]) if call else {}
     return Capture(gm, {**tracer.opaque, **reasons}, list(tracer.mode_leaves), list(tracer.specialized))
 

@@ -14,6 +14,7 @@ from .inplace import aliased_writes, writes_input
 from . import maps
 from .maps import UnitMap
 from .outputs import task_output_nodes
+from .parametrized import layer_name
 from .ownership import inline_shared_layers, keeps_rows, live_nodes, outside_reads
 from .rules import PER_CHANNEL_MODULES, RuleContext, _canon, fallback_rule, rule_for
 from .shapes import TensorSpec
@@ -26,6 +27,7 @@ _MODULE_PRODUCERS: dict[type, tuple[str, int, int | None]] = {
     nn.ConvTranspose3d: ("conv_transpose", 1, 1),
     nn.Embedding: ("embedding", -1, None),
 }
+PRODUCER_MODULES = frozenset(_MODULE_PRODUCERS)
 # Functional producers: kind, axes, and the argument positions of weight, bias and groups. "linear_t" is a
 # linear layer whose weight is stored (in, out): `torch.addmm(bias, x, weight)` (GPT-2's Conv1D).
 _FUNCTION_PRODUCERS: dict[str, tuple[str, int, int | None, int, int | None, int | None]] = {
@@ -149,8 +151,7 @@ def _producer_of(node: fx.Node, gm: fx.GraphModule) -> Producer | None:
     bias_node = arg(b_pos, "bias")
     bias = bias_node.target if isinstance(bias_node, fx.Node) and bias_node.op == "get_attr" else None
     groups = arg(g_pos, "groups") or 1
-    name = weight[: -len(".weight")] if weight.endswith(".weight") else weight
-    return Producer(name, f"F.{_canon(node.target)}", kind, spec.shape[out_axis], out_axis, in_axis, weight, bias,
+    return Producer(layer_name(weight), f"F.{_canon(node.target)}", kind, spec.shape[out_axis], out_axis, in_axis, weight, bias,
                     groups if isinstance(groups, int) else 1, module=False, weight_transformed=transformed)
 
 
