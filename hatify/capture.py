@@ -22,6 +22,7 @@ from .config import HATConfig
 from .copying import detached_deepcopy
 from .errors import _OWN_DIR, HatifyError
 from .inputs import CONSTANTS, KEYWORD, Inputs, StructuredOutput, is_constant, needs_spec
+from .einsum import linear_einsums
 from .parametrized import flatten_parametrization_paths, traced_through
 
 
@@ -365,6 +366,7 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set,
         graph.erase_node(node)  # a read only Python looked at (`isinstance(self.wo.weight, Tensor)`): no data use
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     flatten_parametrization_paths(gm)
+    linear_einsums(gm)
     gm.meta[CONSTANTS] = dict(call[1]) if call else {}
     return Capture(gm, {**tracer.opaque, **reasons}, list(tracer.mode_leaves), list(tracer.specialized))
 

@@ -32,6 +32,7 @@ REPRESENTATIVE = [
     ("llama", "eager", False, 0.9),
     ("t5", "eager", True, 0.9),
     ("mbart", "sdpa", True, 0.9),
+    ("xlnet", "eager", True, 0.95),
     ("vit", "sdpa", False, 0.95),
 ]
 
