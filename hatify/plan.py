@@ -151,10 +151,10 @@ def _describe(index: torch.Tensor, producers: list[Producer]) -> tuple[list[str]
 
 
 def _input_units(producer: Producer, weight: torch.Tensor) -> int | None:
-    if producer.kind == "linear":
-        return weight.shape[1]
+    if producer.kind == "linear":  # (out, in), or stacked over experts (experts, out, in)
+        return weight.shape[-1]
     if producer.kind == "linear_t":
-        return weight.shape[0]
+        return weight.shape[-2]
     if producer.kind == "conv":
         return weight.shape[1] * producer.groups
     if producer.kind == "conv_transpose":

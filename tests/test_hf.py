@@ -33,6 +33,7 @@ REPRESENTATIVE = [
     ("t5", "eager", True, 0.9),
     ("mbart", "sdpa", True, 0.9),
     ("xlnet", "eager", True, 0.95),
+    ("mixtral", "sdpa", True, 0.95),
     ("vit", "sdpa", False, 0.95),
 ]
 
