@@ -22,6 +22,7 @@ from .config import HATConfig
 from .copying import detached_deepcopy
 from .errors import _OWN_DIR, HatifyError
 from .inputs import CONSTANTS, KEYWORD, Inputs, StructuredOutput, is_constant, needs_spec
+from .checks import called_value, traced_checks
 from .einsum import linear_einsums
 from .parametrized import flatten_parametrization_paths, traced_through
 
@@ -90,6 +91,8 @@ class HatTracer(fx.Tracer):
         return proxy_class(value_of(node))(node, self)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        if self.inputs is not None and (value := called_value(kind, target, args)) is not None:
+            return value
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         if self.inputs is not None and kind in ("call_function", "call_method") and value_of(proxy) is None \
                 and not getattr(target, "__name__", "").startswith(("_assert", "_check")):
@@ -221,7 +224,7 @@ class HatTracer(fx.Tracer):
             return False, None
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
-        with traced_sizes(self), wrapped_calls(), traced_attention():
+        with traced_sizes(self), wrapped_calls(), traced_attention(), traced_checks():
             return super().trace(root, concrete_args)
 
     def _rollback(self, last: fx.Node) -> None:

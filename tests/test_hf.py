@@ -34,6 +34,7 @@ REPRESENTATIVE = [
     ("mbart", "sdpa", True, 0.9),
     ("xlnet", "eager", True, 0.95),
     ("mixtral", "sdpa", True, 0.95),
+    ("bart-cls", "eager", False, 0.95),
     ("vit", "sdpa", False, 0.95),
 ]
 
@@ -159,3 +160,21 @@ def test_task_outputs_name_the_outputs_heads_reach():
     assert "model.encoder.layers.0.fc2" in heads and "lm_head" not in heads
     with pytest.raises(hatify.HatifyError, match="task_outputs names hidden.*its outputs: logits, encoder_last"):
         hatify.explain(model, 2, batch, hatify.HATConfig(task_outputs=("hidden",)))
+
+
+def test_bart_classifier_converts_as_it_is_and_keeps_its_own_checks():
+    """BartForSequenceClassification checks its eos tokens with `torch_compilable_check` on traced values and
+    selects the eos rows with a boolean mask: it converts as it is, and the checks stay run-time checks."""
+    _, model_type, auto_class, kwargs, kind = next(e for e in hf_zoo.ZOO if e[0] == "bart-cls")
+    model = hf_zoo.build(model_type, auto_class, kwargs, "eager")
+    batch = hf_zoo.inputs_for(model, kind, padded=False)
+    hat = hatify.hatify(model, 2, example_inputs=batch)
+    assert not hat.plan.opaque and hat.report.summary["hat_parameter_share"] > 0.95
+    uneven = dict(batch, input_ids=batch["input_ids"].clone())
+    uneven["input_ids"][0, 3] = model.config.eos_token_id   # row 0 has two eos tokens, row 1 one
+    with pytest.raises(Exception, match="same number of <eos> tokens"):
+        model(**uneven)
+    with pytest.raises(RuntimeError, match="same number of <eos> tokens"):
+        hat(**uneven, task_id=0)
+    with pytest.raises(hatify.HatifyError, match="example inputs fail the model's own check: All examples"):
+        hatify.hatify(model, 2, example_inputs=uneven)
