@@ -178,3 +178,18 @@ def test_bart_classifier_converts_as_it_is_and_keeps_its_own_checks():
         hat(**uneven, task_id=0)
     with pytest.raises(hatify.HatifyError, match="example inputs fail the model's own check: All examples"):
         hatify.hatify(model, 2, example_inputs=uneven)
+
+
+def test_task_outputs_survive_save_load_and_the_command_line_setting(tmp_path):
+    from hatify.sources import config_with
+
+    assert config_with(["task_outputs=logits,loss"]).task_outputs == ("logits", "loss")
+    assert config_with(["task_outputs=all"]).task_outputs == "all"
+    model, batch = _seq2seq("mbart")
+    hat = hatify.hatify(model, 2, example_inputs=batch, config=hatify.HATConfig(task_outputs=("logits",)))
+    hatify.save(hat, tmp_path / "mbart.hat")
+    again = hatify.load(tmp_path / "mbart.hat", model=_seq2seq("mbart")[0])
+    assert again.plan.config.task_outputs == ("logits",)
+    assert [layer.role for layer in again.plan.layers] == [layer.role for layer in hat.plan.layers]
+    with torch.no_grad():
+        assert torch.equal(again(**batch, task_id=1).logits, hat.eval()(**batch, task_id=1).logits)
