@@ -16,14 +16,14 @@ from torch.utils import _pytree as pytree
 
 from . import methods as opaque_methods
 from .attention import DECOMPOSED_MODULES, add_attention_dropout, traced_attention
+from .checks import called_value, traced_checks
 from .concrete import (DATA, MISSING, VALUE, evaluate, is_python_value, proxy_class, reads_data, specialization,
                        traced_sizes, value_of, wrapped_calls)
 from .config import HATConfig
 from .copying import detached_deepcopy
+from .einsum import linear_einsums
 from .errors import _OWN_DIR, HatifyError
 from .inputs import CONSTANTS, KEYWORD, Inputs, StructuredOutput, is_constant, needs_spec
-from .checks import called_value, traced_checks
-from .einsum import linear_einsums
 from .parametrized import flatten_parametrization_paths, traced_through
 
 

@@ -151,8 +151,9 @@ def _producer_of(node: fx.Node, gm: fx.GraphModule) -> Producer | None:
     bias_node = arg(b_pos, "bias")
     bias = bias_node.target if isinstance(bias_node, fx.Node) and bias_node.op == "get_attr" else None
     groups = arg(g_pos, "groups") or 1
-    return Producer(layer_name(weight), f"F.{_canon(node.target)}", kind, spec.shape[out_axis], out_axis, in_axis, weight, bias,
-                    groups if isinstance(groups, int) else 1, module=False, weight_transformed=transformed)
+    return Producer(layer_name(weight), f"F.{_canon(node.target)}", kind, spec.shape[out_axis], out_axis, in_axis,
+                    weight, bias, groups if isinstance(groups, int) else 1, module=False,
+                    weight_transformed=transformed)
 
 
 # `x @ W`, `torch.bmm(x, W)`, and a grouped matmul over experts (`torch._grouped_mm(x, W.mT, offs=...)`, Mixtral's
@@ -194,7 +195,8 @@ def _matmul_producer(node: fx.Node, gm: fx.GraphModule, spec: TensorSpec) -> Pro
                     candidate = None
                 if candidate is not None and tuple(candidate.shape) == (spec.shape[-1],):
                     bias = other[0].target
-    return Producer(layer_name(name), getattr(node.target, "__name__", str(node.target)), kind, spec.shape[-1], -1, -1, name, bias, module=False)
+    op = getattr(node.target, "__name__", str(node.target))
+    return Producer(layer_name(name), op, kind, spec.shape[-1], -1, -1, name, bias, module=False)
 
 
 def producer_input(node: fx.Node) -> Any:
