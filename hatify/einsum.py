@@ -16,16 +16,21 @@ from torch import fx, nn
 
 def linear_einsums(gm: fx.GraphModule) -> list[str]:
     """Rewrite every einsum that is a linear layer on a parameter; returns the parameters re-laid out."""
-    uses: dict[str, list[tuple[fx.Node, tuple]]] = {}
+    uses: dict[str, list[tuple[fx.Node, fx.Node, tuple | None]]] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr" and _parameter(gm, node.target) is not None:
             for user in node.users:
                 if not _reads_type(user):
-                    uses.setdefault(node.target, []).append((user, _linear_form(user, node, gm)))
+                    uses.setdefault(node.target, []).append((user, node, _linear_form(user, node, gm)))
+    names: dict[int, int] = {}
+    for _, value in gm.named_parameters(remove_duplicate=False):
+        names[id(value)] = names.get(id(value), 0) + 1
     changed = []
     for name, calls in uses.items():
-        forms = {form[1:] if form else None for _, form in calls}
+        forms = {form[1:] if form else None for _, _, form in calls}
         if len(forms) != 1 or None in forms:  # read otherwise, or as two different layers
+            continue
+        if names[id(_parameter(gm, name))] > 1:  # tied under another name: a new layout would untie it
             continue
         out_axes, in_axes = next(iter(forms))
         old = _parameter(gm, name)
@@ -35,8 +40,8 @@ def linear_einsums(gm: fx.GraphModule) -> list[str]:
         with torch.no_grad():
             laid_out = old.detach().permute(*out_axes, *in_axes).reshape(math.prod(units), math.prod(inputs))
         owner.register_parameter(attr, nn.Parameter(laid_out.clone(), requires_grad=old.requires_grad))
-        for call, form in calls:
-            _rewrite(gm, call, form[0], units)
+        for call, weight, form in calls:
+            _rewrite(gm, call, weight, form[0], units)
         changed.append(name)
     if changed:
         gm.graph.lint()
@@ -72,7 +77,9 @@ def _linear_form(call: fx.Node, weight: fx.Node, gm: fx.GraphModule) -> tuple | 
     subscripts = lhs.split(",")
     w_at = operands.index(weight)
     data, w = subscripts[1 - w_at], subscripts[w_at]
-    if not isinstance(operands[1 - w_at], fx.Node) or len(w) != gm.get_parameter(weight.target).ndim or \
+    data_node = operands[1 - w_at]
+    if not isinstance(data_node, fx.Node) or (data_node.op == "get_attr" and _parameter(gm, data_node.target)
+                                              is not None) or len(w) != gm.get_parameter(weight.target).ndim or \
             any(len(set(s)) != len(s) for s in (data, w, out)):
         return None
     contracted = [c for c in w if c in data and c not in out]
@@ -87,12 +94,10 @@ def _linear_form(call: fx.Node, weight: fx.Node, gm: fx.GraphModule) -> tuple | 
         tuple(w.index(c) for c in contracted)
 
 
-def _rewrite(gm: fx.GraphModule, call: fx.Node, data_form: tuple, units: list[int]) -> None:
+def _rewrite(gm: fx.GraphModule, call: fx.Node, weight: fx.Node, data_form: tuple, units: list[int]) -> None:
     """einsum(...) -> linear(data permuted and flattened, weight) unflattened and permuted to the einsum's order."""
     permutation, kept, result_order = data_form
-    operands = list(call.args[1:])
-    weight = next(a for a in operands if isinstance(a, fx.Node) and a.op == "get_attr")
-    data = next(a for a in operands if a is not weight)
+    data = next(a for a in call.args[1:] if a is not weight)
     graph = gm.graph
     with graph.inserting_before(call):
         x = data

@@ -21,10 +21,16 @@ class Einsums(nn.Module):
         self.w = nn.Parameter(torch.randn(5, 8) / 3)        # (e, h)
         self.mix = nn.Parameter(torch.randn(3, 8, 8) / 3)    # (k, h, g): output units k * g
         self.experts = nn.Parameter(torch.randn(3, 8, 8) / 3)  # (k, h, g) with k shared with the data
+        self.t = nn.Parameter(torch.randn(8, 8) / 3)        # also a Linear's weight: tied, so left as it is
+        self.tied = nn.Linear(8, 8, bias=False)
+        self.tied.weight = self.t
+        self.p1, self.p2 = nn.Parameter(torch.randn(8) / 3), nn.Parameter(torch.randn(8, 8) / 3)  # no data operand
         self.head = nn.Linear(5, 3)
 
     def forward(self, x):
         h = F.relu(self.inp(x))                                          # (b, s, h)
+        h = h + torch.einsum("bsh,gh->bsg", h, self.t) + self.tied(h)
+        h = h + torch.einsum("h,hj->j", self.p1, self.p2)
         heads = F.relu(torch.einsum("bsh,hnd->bnsd", h, self.q))         # (b, n, s, d)
         h = h + torch.einsum("bnsd,ndh->bsh", heads, self.o)
         mixed = torch.einsum("bsh,khg->bskg", h, self.mix).mean(2)
@@ -85,6 +91,7 @@ def test_einsum_linear_layers_are_hat_layers_and_old_tasks_stay_bit_identical():
     assert roles["q"] == ("masked", 8, 8) and roles["o"] == ("masked", 8, 8) and roles["w"] == ("masked", 5, 8)
     assert roles["mix"] == ("masked", 24, 8)
     assert "experts" not in roles and {p.name: p.policy for p in hat.plan.params}["experts"] == "per_task"
+    assert not {"t", "p1", "p2"} & set(roles)  # the einsum on the tied weight is left as it is
     with torch.no_grad(), hatify.masks_open(hat):
         assert torch.allclose(hat(x, task_id=1), model(x), atol=1e-5)
     _train_two_tasks(hat, x, y)
