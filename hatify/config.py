@@ -35,7 +35,7 @@ class HATConfig:
     # another HAT layer a per-task head; "none" masks every layer; a tuple names the head modules explicitly.
     heads: Any = "auto"
     # Which outputs a task is trained on (heads="auto" makes heads only of the layers reaching these): "auto" is
-    # `logits` and `loss` for an output that has `logits` (a transformers model with a task head), else "all";
+    # `logits` and `loss` for a transformers `ModelOutput` that has `logits` (a task head), else "all";
     # a tuple names outputs by key or position (`("logits",)`, `("last_hidden_state",)`, `(0,)`). The other
     # outputs (`encoder_last_hidden_state`) are gated like any hidden state, bit-identical for finished tasks too.
     task_outputs: Any = "auto"

@@ -35,6 +35,15 @@ def output_leaves(gm: fx.GraphModule) -> list[tuple[str, str, Any]]:
     return [(_key_name(path[0]) if path else "", pytree.keystr(path), leaf) for path, leaf in pairs]
 
 
+def _returns_model_output(gm: fx.GraphModule) -> bool:
+    """Whether the model returns a transformers `ModelOutput` (whose `logits` are what its task head computes; a
+    plain dict's `logits` may sit next to another head's output)."""
+    codegen = gm.graph._codegen
+    kind = codegen.spec.type if isinstance(codegen, StructuredOutput) else None
+    return isinstance(kind, type) and any(c.__name__ == "ModelOutput" and c.__module__.startswith("transformers")
+                                          for c in kind.__mro__)
+
+
 def _key_name(key: Any) -> str:
     for attr in ("key", "idx", "name"):
         if hasattr(key, attr):
@@ -44,12 +53,13 @@ def _key_name(key: Any) -> str:
 
 def task_output_nodes(gm: fx.GraphModule, config: HATConfig) -> set[fx.Node]:
     """The graph nodes returned as task outputs (`HATConfig.task_outputs`): "all"; names of outputs (first keys
-    or full paths); "auto", the default: `logits` and `loss` where the output has `logits`, else all."""
+    or full paths); "auto", the default: `logits` and `loss` where the output is a transformers `ModelOutput` with
+    `logits`, else all."""
     leaves = output_leaves(gm)
     wanted = config.task_outputs
     names = {name for name, _, _ in leaves}
     if wanted == "auto":
-        wanted = _DEFAULT_WITH_LOGITS if "logits" in names else "all"
+        wanted = _DEFAULT_WITH_LOGITS if "logits" in names and _returns_model_output(gm) else "all"
     if wanted == "all":
         return {leaf for _, _, leaf in leaves if isinstance(leaf, fx.Node)}
     wanted = {str(w) for w in wanted}
