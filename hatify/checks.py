@@ -1,6 +1,6 @@
 """Assertions on traced values (`torch._check_with(TypeError, cond, msg)`, transformers' `torch_compilable_check`):
 checked on the example inputs while tracing (a failing one is the user's input error, said so), and kept in the
-graph as a run-time check, so the converted model refuses the same inputs the original refuses."""
+graph as a run-time check (`torch._assert`), so the converted model refuses the inputs the original refuses."""
 from __future__ import annotations
 
 import contextlib
@@ -14,12 +14,6 @@ from .concrete import MISSING, value_of
 from .errors import HatifyError
 
 
-def runtime_check(cond: Any, message: str) -> None:
-    """The graph's run-time form of a traced assertion."""
-    if not bool(cond.all() if isinstance(cond, torch.Tensor) else cond):
-        raise RuntimeError(message)
-
-
 def _message(msg: Any) -> str:
     text = msg() if callable(msg) else msg
     return str(text) if text is not None else "Expected cond to be True"
@@ -28,7 +22,7 @@ def _message(msg: Any) -> str:
 @contextlib.contextmanager
 def traced_checks() -> Iterator[None]:
     """While tracing: `torch._check_with` and `torch._check_tensor_all_with` on a traced condition record a
-    `runtime_check` node instead of failing on a proxy."""
+    `torch._assert` node instead of failing on a proxy."""
     originals = {name: getattr(torch, name) for name in ("_check_with", "_check_tensor_all_with")}
 
     def wrap(fn: Callable) -> Callable:
@@ -40,7 +34,10 @@ def traced_checks() -> Iterator[None]:
             value = value_of(cond)
             if value is not MISSING and not bool(value.all() if isinstance(value, torch.Tensor) else value):
                 raise HatifyError(f"the example inputs fail the model's own check: {text}")
-            cond.tracer.create_proxy("call_function", runtime_check, (cond, text), {})
+            if isinstance(value, torch.Tensor):
+                cond = cond.tracer.create_proxy("call_method", "all", (cond,), {})
+            # torch._assert: the run-time check needs nothing but torch (an extracted task keeps it)
+            cond.tracer.create_proxy("call_function", torch._assert, (cond, text), {})
         return check
 
     try:

@@ -174,8 +174,12 @@ def test_bart_classifier_converts_as_it_is_and_keeps_its_own_checks():
     uneven["input_ids"][0, 3] = model.config.eos_token_id   # row 0 has two eos tokens, row 1 one
     with pytest.raises(Exception, match="same number of <eos> tokens"):
         model(**uneven)
-    with pytest.raises(RuntimeError, match="same number of <eos> tokens"):
+    with pytest.raises(AssertionError, match="same number of <eos> tokens"):
         hat(**uneven, task_id=0)
+    with pytest.raises(AssertionError, match="same number of <eos> tokens"):
+        hat.extract(0)(**uneven)
+    with torch.no_grad():
+        assert torch.equal(hat.extract(0)(**batch).logits, hat.eval()(**batch, task_id=0).logits)
     with pytest.raises(hatify.HatifyError, match="example inputs fail the model's own check: All examples"):
         hatify.hatify(model, 2, example_inputs=uneven)
 
