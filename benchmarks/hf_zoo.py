@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import os
 import subprocess
 import sys
@@ -33,7 +32,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timm_zoo import NUM_CLASSES, REASONS, RESULTS, _Fail, _first_line, _summary, train_and_check  # noqa: E402
+from timm_zoo import (NUM_CLASSES, REASONS, RESULTS, _Fail, _first_line, _summary, share_line,  # noqa: E402
+                      train_and_check)
 
 SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
          "vocab_size": 96, "max_position_embeddings": 64}
@@ -295,25 +295,12 @@ def write_results(rows: list[dict]) -> None:
     lines = ["# hatify x HuggingFace transformers zoo", "",
              f"transformers {meta['transformers']}, torch {meta['torch']}; {passed} / {len(rows)} settings pass all "
              f"three checks (convert, validate, task 0 bit-identical after task 1 with one AdamW(weight_decay=0.01)); "
-             f"{len(clean)} / {len(architectures)} architectures pass in every setting. {_share_line(rows)}", "",
+             f"{len(clean)} / {len(architectures)} architectures pass in every setting. "
+             f"{share_line(rows, 'hat_parameter_share')}", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(r, c).replace("|", "/") for c in COLUMNS) + " |" for r in rows]
     lines += ["", "## Reason codes", ""] + [f"- `{code}`: {why}" for code, why in REASONS.items()]
     (RESULTS / "hf_zoo.md").write_text("\n".join(lines) + "\n")
-
-
-def _share_line(rows: list[dict]) -> str:
-    """The median and the lowest share of parameters under HAT over the architectures (each at its lowest)."""
-    lowest: dict[str, float] = {}
-    for r in rows:
-        if r.get("hat_parameter_share") is not None:
-            lowest[r["model"]] = min(lowest.get(r["model"], 1.0), r["hat_parameter_share"])
-    if not lowest:
-        return ""
-    shares = sorted(lowest.values())
-    low = min(lowest, key=lowest.get)
-    return (f"Share of parameters under HAT over {len(shares)} architectures: median "
-            f"{statistics.median(shares):.1%}, lowest {lowest[low]:.1%} ({low}).")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -410,6 +410,19 @@ def render_table(rows: list[dict]):
     return table
 
 
+def share_line(rows: list[dict], key: str = "hat_share", name: str = "model") -> str:
+    """The median and the lowest share of parameters under HAT over the zoo's models (each at its lowest setting)."""
+    lowest: dict[str, float] = {}
+    for r in rows:
+        if r.get(key) is not None:
+            lowest[r[name]] = min(lowest.get(r[name], 1.0), r[key])
+    if not lowest:
+        return ""
+    low = min(lowest, key=lowest.get)
+    return (f"Share of parameters under HAT over {len(lowest)} models: median "
+            f"{statistics.median(lowest.values()):.1%}, lowest {lowest[low]:.1%} ({low}).")
+
+
 def write_results(rows: list[dict], timing: dict | None, meta: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     passed = sum(r["status"] == "pass" for r in rows)
@@ -418,7 +431,8 @@ def write_results(rows: list[dict], timing: dict | None, meta: dict) -> None:
     (RESULTS / "timm_zoo.json").write_text(json.dumps(payload, indent=1))
     lines = [f"# hatify x timm zoo", "",
              f"timm {meta['timm']}, torch {meta['torch']}; {passed} / {len(rows)} families pass all three checks "
-             f"(convert, validate, task 0 bit-identical after task 1 with one AdamW(weight_decay=0.01)).", ""]
+             f"(convert, validate, task 0 bit-identical after task 1 with one AdamW(weight_decay=0.01)). "
+             f"{share_line(rows)}", ""]
     if timing:
         lines += [f"resnet50 at 224: conversion {timing['median_s']:.3f} s, plus {timing['validation_median_s']:.3f} s "
                   f"for the default validation (medians of {len(timing['times_s'])}, {timing['threads']} threads).", ""]

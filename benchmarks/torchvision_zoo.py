@@ -163,7 +163,8 @@ def write_results(rows: list[dict]) -> None:
     lines = ["# hatify x torchvision zoo", "",
              f"torchvision {meta['torchvision']}, torch {meta['torch']}; {passed} / {len(rows)} families pass all "
              "three checks (convert, validate, task 0 bit-identical after task 1 with one AdamW(weight_decay=0.01)). "
-             "`hat_share` is the report's `hat_parameter_share`. Input: batch x (frames x) height x width.", "",
+             "`hat_share` is the report's `hat_parameter_share`. Input: batch x (frames x) height x width. "
+             f"{timm_zoo.share_line(rows, name='family')}", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = [timm_zoo._cell(row, c).replace("|", "/") for c in columns]
