@@ -36,7 +36,7 @@ def _train_two_tasks(hat, x, y):
         return after, hat(x, task_id=0), hat(x, task_id=1)
 
 
-def test_weight_norm_layers_are_hat_layers_and_old_tasks_stay_bit_identical():
+def test_weight_norm_layers_are_hat_layers_and_old_tasks_stay_bit_identical(tmp_path):
     x, y = torch.randn(6, 4, 10), torch.tensor([0, 1, 2, 0, 1, 2])
     hat = hatify.hatify(_net(weight_norm), 2, example_inputs=(x[:2],))
     layers = {layer.name: layer for layer in hat.plan.layers}
@@ -47,6 +47,10 @@ def test_weight_norm_layers_are_hat_layers_and_old_tasks_stay_bit_identical():
     assert not hat.plan.opaque and hat.report.validation["passed"]
     after, again, other = _train_two_tasks(hat, x, y)
     assert torch.equal(after, again) and not torch.equal(after, other)
+    hatify.save(hat, tmp_path / "wn.hat")
+    loaded = hatify.load(tmp_path / "wn.hat", model=_net(weight_norm))
+    with torch.no_grad():
+        assert torch.equal(loaded(x, task_id=0), again) and torch.equal(loaded(x, task_id=1), other)
 
 
 @pytest.mark.parametrize("wrap", [lambda m: weight_norm(m, dim=1), spectral_norm], ids=["weight_norm_dim1", "spectral"])

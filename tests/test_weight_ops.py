@@ -81,9 +81,18 @@ def _train_two_tasks(hat, x, y):
                 after = hat(x, task_id=0)
     with torch.no_grad():
         assert torch.equal(hat(x, task_id=0), after) and not torch.equal(hat(x, task_id=1), after)
+    return hat
 
 
-def test_einsum_linear_layers_are_hat_layers_and_old_tasks_stay_bit_identical():
+def _reloaded_equal(hat, fresh, x, tmp_path):
+    """Saved and loaded into a fresh instance (converted again: the same layouts), every task's outputs equal."""
+    hatify.save(hat, tmp_path / "model.hat")
+    again = hatify.load(tmp_path / "model.hat", model=fresh)
+    with torch.no_grad():
+        assert all(torch.equal(again(x, task_id=t), hat(x, task_id=t)) for t in range(2))
+
+
+def test_einsum_linear_layers_are_hat_layers_and_old_tasks_stay_bit_identical(tmp_path):
     torch.manual_seed(0)
     model, x, y = Einsums(), torch.randn(6, 5, 6), torch.tensor([0, 1, 2, 0, 1, 2])
     hat = hatify.hatify(model, 2, example_inputs=(x[:2],))
@@ -94,10 +103,10 @@ def test_einsum_linear_layers_are_hat_layers_and_old_tasks_stay_bit_identical():
     assert not {"t", "p1", "p2"} & set(roles)  # the einsum on the tied weight is left as it is
     with torch.no_grad(), hatify.masks_open(hat):
         assert torch.allclose(hat(x, task_id=1), model(x), atol=1e-5)
-    _train_two_tasks(hat, x, y)
+    _reloaded_equal(_train_two_tasks(hat, x, y), Einsums(), x, tmp_path)
 
 
-def test_stacked_expert_weights_are_hat_layers_sharing_units_across_experts():
+def test_stacked_expert_weights_are_hat_layers_sharing_units_across_experts(tmp_path):
     torch.manual_seed(0)
     model, x, y = Stacked(), torch.randn(6, 6), torch.tensor([0, 1, 2, 0, 1, 2])
     hat = hatify.hatify(model, 2, example_inputs=(x,))
@@ -107,7 +116,7 @@ def test_stacked_expert_weights_are_hat_layers_sharing_units_across_experts():
     assert (layers["grouped"].kind, layers["grouped"].units) == ("linear", 8)
     assert "swapped" not in layers and {p.name: p.policy for p in hat.plan.params}["swapped"] == "per_task"
     assert hat.report.validation["passed"]
-    _train_two_tasks(hat, x, y)
+    _reloaded_equal(_train_two_tasks(hat, x, y), Stacked(), x, tmp_path)
     protect = hat.net.parametrizations.up[0].protect if hasattr(hat.net, "parametrizations") else \
         hat.net.hat_root_params.parametrizations.up[0].protect
     assert protect.shape == (1, 12, 8) and protect.any() and not protect.all()
