@@ -57,6 +57,8 @@ def flatten_parametrization_paths(gm: fx.GraphModule) -> None:
         owner_path, inner = node.target[: max(cut - 1, 0)], node.target[cut:]
         new = inner.replace(".", "_")
         owner = gm.get_submodule(owner_path)
+        if type(owner._modules.get("parametrizations")) is not nn.Module:  # not a path fx copied: a real module
+            continue
         if not hasattr(owner, new):
             path, _, attr = inner.rpartition(".")
             holder = owner.get_submodule(path)
