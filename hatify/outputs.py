@@ -66,7 +66,7 @@ def task_output_nodes(gm: fx.GraphModule, config: HATConfig) -> set[fx.Node]:
     found = {leaf for name, path, leaf in leaves if (name in wanted or path in wanted) and isinstance(leaf, fx.Node)}
     unknown = wanted - names - {path for _, path, _ in leaves} - {"loss"}  # a loss is returned only with labels
     if unknown or not found:
-        known = ", ".join(dict.fromkeys(name for name, _, _ in leaves))
+        known = ", ".join(dict.fromkeys(name for name, _, _ in leaves if name)) or "one unnamed tensor"
         raise HatifyError(f"HATConfig.task_outputs names {', '.join(sorted(unknown or wanted))}, which the model "
                           f"does not return as a tensor; its outputs: {known}")
     return found
