@@ -116,7 +116,12 @@ def test_stacked_expert_weights_are_hat_layers_sharing_units_across_experts(tmp_
     assert (layers["grouped"].kind, layers["grouped"].units) == ("linear", 8)
     assert "swapped" not in layers and {p.name: p.policy for p in hat.plan.params}["swapped"] == "per_task"
     assert hat.report.validation["passed"]
-    _reloaded_equal(_train_two_tasks(hat, x, y), Stacked(), x, tmp_path)
+    hat = _train_two_tasks(hat, x, y)
+    _reloaded_equal(hat, Stacked(), x, tmp_path)
     protect = hat.net.parametrizations.up[0].protect if hasattr(hat.net, "parametrizations") else \
         hat.net.hat_root_params.parametrizations.up[0].protect
     assert protect.shape == (1, 12, 8) and protect.any() and not protect.all()
+    with torch.no_grad():
+        before = hat(x, task_id=0)
+        hat.forget_task(1)  # releases task 1's entries in every expert; task 0 untouched
+        assert torch.equal(hat(x, task_id=0), before)
