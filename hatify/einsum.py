@@ -15,7 +15,19 @@ from torch import fx, nn
 
 
 def linear_einsums(gm: fx.GraphModule) -> list[str]:
-    """Rewrite every einsum that is a linear layer on a parameter; returns the parameters re-laid out."""
+    """Rewrite every einsum that is a linear layer on a parameter; returns the parameters re-laid out.
+
+    Example:
+        >>> class Heads(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.q = nn.Parameter(torch.randn(8, 2, 4))
+        ...     def forward(self, x):
+        ...         return torch.einsum("bsh,hnd->bsnd", x, self.q)
+        >>> gm = fx.symbolic_trace(Heads())
+        >>> linear_einsums(gm), tuple(gm.q.shape)
+        (['q'], (8, 8))
+    """
     uses: dict[str, list[tuple[fx.Node, fx.Node, tuple | None]]] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr" and _parameter(gm, node.target) is not None:

@@ -54,7 +54,13 @@ def _key_name(key: Any) -> str:
 def task_output_nodes(gm: fx.GraphModule, config: HATConfig) -> set[fx.Node]:
     """The graph nodes returned as task outputs (`HATConfig.task_outputs`): "all"; names of outputs (first keys
     or full paths); "auto", the default: `logits` and `loss` where the output is a transformers `ModelOutput` with
-    `logits`, else all."""
+    `logits`, else all.
+
+    Example:
+        >>> gm = fx.symbolic_trace(lambda x: {"logits": x * 2, "features": x + 1})
+        >>> [n.name for n in task_output_nodes(gm, HATConfig(task_outputs=("logits",)))]
+        ['mul']
+    """
     leaves = output_leaves(gm)
     wanted = config.task_outputs
     names = {name for name, _, _ in leaves}

@@ -38,7 +38,12 @@ def _reads_training_flag(module: nn.Module) -> bool:
 
 def layer_name(parameter: str) -> str:
     """The layer a weight parameter belongs to: `conv` for `conv.weight` and for a parametrized conv's
-    `conv.parametrizations_weight_original1` (see `flatten_parametrization_paths`)."""
+    `conv.parametrizations_weight_original1` (see `flatten_parametrization_paths`).
+
+    Example:
+        >>> layer_name("encoder.conv.parametrizations_weight_original1"), layer_name("fc.weight")
+        ('encoder.conv', 'fc')
+    """
     path, _, attr = parameter.rpartition(".")
     if attr.startswith(_FLAT) and path:
         return path
