@@ -52,8 +52,8 @@ VISION = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "
 SEQ, BATCH = 12, 2
 
 # (name, model type, AutoModel class, config keyword arguments, inputs). Inputs: "text" (input_ids,
-# attention_mask), "seq2seq" (and decoder_input_ids), "image" (pixel_values), "audio" (input_values),
-# "features" (input_features, decoder_input_ids: Whisper).
+# attention_mask), "eos" (text ending in one end-of-sequence token), "seq2seq" (and decoder_input_ids), "image"
+# (pixel_values), "audio" (input_values), "features" (input_features, decoder_input_ids: Whisper).
 ZOO: list[tuple[str, str, str, dict, str]] = [
     ("bert", "bert", "AutoModelForSequenceClassification", {**SMALL, "num_labels": NUM_CLASSES}, "text"),
     ("bert-mlm", "bert", "AutoModelForMaskedLM", SMALL, "text"),
@@ -104,12 +104,23 @@ ZOO: list[tuple[str, str, str, dict, str]] = [
     ("olmo", "olmo", "AutoModelForCausalLM", {**SMALL, "use_cache": False}, "text"),
     ("stablelm", "stablelm", "AutoModelForCausalLM", {**SMALL, "num_key_value_heads": 2, "use_cache": False},
      "text"),
+    ("mixtral", "mixtral", "AutoModelForCausalLM", {**SMALL, "num_key_value_heads": 1, "num_local_experts": 4,
+                                                    "num_experts_per_tok": 2, "use_cache": False}, "text"),
+    ("olmoe", "olmoe", "AutoModelForCausalLM", {**SMALL, "num_key_value_heads": 1, "num_experts": 4,
+                                                "num_experts_per_tok": 2, "use_cache": False}, "text"),
+    ("gpt-oss", "gpt_oss", "AutoModelForCausalLM", {**SMALL, "num_key_value_heads": 1, "num_local_experts": 4,
+                                                    "num_experts_per_tok": 2, "head_dim": 32, "use_cache": False},
+     "text"),
+    ("xlnet", "xlnet", "AutoModelForSequenceClassification",
+     {"d_model": 64, "n_layer": 2, "n_head": 2, "d_inner": 128, "vocab_size": 96, "num_labels": NUM_CLASSES}, "text"),
     ("falcon", "falcon", "AutoModelForCausalLM", {"hidden_size": 64, "num_hidden_layers": 2,
                                                   "num_attention_heads": 2, "vocab_size": 96, "use_cache": False},
      "text"),
     ("t5", "t5", "AutoModelForSeq2SeqLM", {**T5, "use_cache": False}, "seq2seq"),
     ("t5-encoder", "t5", "T5EncoderModel", T5, "text"),
     ("bart", "bart", "AutoModelForSeq2SeqLM", {**SEQ2SEQ, "use_cache": False}, "seq2seq"),
+    ("bart-cls", "bart", "AutoModelForSequenceClassification",
+     {**SEQ2SEQ, **TOKENS, "num_labels": NUM_CLASSES, "use_cache": False}, "eos"),
     ("mbart", "mbart", "AutoModelForSeq2SeqLM", {**SEQ2SEQ, "use_cache": False}, "seq2seq"),
     ("pegasus", "pegasus", "AutoModelForSeq2SeqLM", {**SEQ2SEQ, "use_cache": False}, "seq2seq"),
     ("marian", "marian", "AutoModelForSeq2SeqLM", {**SEQ2SEQ, "use_cache": False, "pad_token_id": 0,
@@ -169,6 +180,11 @@ def inputs_for(model: torch.nn.Module, kind: str, padded: bool) -> dict:
         frames = 2 * cfg.max_source_positions
         return {"input_features": torch.randn(BATCH, cfg.num_mel_bins, frames, generator=gen),
                 "decoder_input_ids": ids(6)}
+    if kind == "eos":  # one end-of-sequence token per row, last (BART's classifier reads its hidden state)
+        batch = {"input_ids": torch.randint(3, vocab, (BATCH, SEQ), generator=gen),
+                 "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long)}
+        batch["input_ids"][:, -1] = cfg.eos_token_id
+        return batch
     mask = torch.ones(BATCH, SEQ, dtype=torch.long)
     if padded:
         mask[1, SEQ - 4:] = 0

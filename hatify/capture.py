@@ -16,13 +16,16 @@ from torch.utils import _pytree as pytree
 
 from . import methods as opaque_methods
 from .attention import DECOMPOSED_MODULES, add_attention_dropout, traced_attention
+from .checks import called_value, traced_checks
 from .concrete import (DATA, MISSING, VALUE, evaluate, is_python_value, proxy_class, reads_data, specialization,
                        traced_sizes, value_of, wrapped_calls)
 from .config import HATConfig
 from .copying import detached_deepcopy
+from .einsum import linear_einsums
 from .errors import _OWN_DIR, HatifyError
 from .inputs import CONSTANTS, KEYWORD, Inputs, StructuredOutput, is_constant, needs_spec
 from .naming import aliases
+from .parametrized import flatten_parametrization_paths, traced_through
 
 
 @dataclass
@@ -90,6 +93,8 @@ class HatTracer(fx.Tracer):
         return proxy_class(value_of(node))(node, self)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        if self.inputs is not None and (value := called_value(kind, target, args)) is not None:
+            return value
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         if self.inputs is not None and kind in ("call_function", "call_method") and value_of(proxy) is None \
                 and not getattr(target, "__name__", "").startswith(("_assert", "_check")):
@@ -135,7 +140,7 @@ class HatTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if type(m) in self.leaf_types or qualname in self.leaf_names or qualname in self.opaque:
             return True
-        if type(m) in TRACED_TORCH_MODULES:
+        if type(m) in TRACED_TORCH_MODULES or traced_through(m, qualname):
             return False
         if not type(m).__module__.startswith("torch.nn") and _reads_training_flag(m):
             if qualname not in self.mode_leaves:
@@ -221,7 +226,7 @@ class HatTracer(fx.Tracer):
             return False, None
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
-        with traced_sizes(self), wrapped_calls(), traced_attention():
+        with traced_sizes(self), wrapped_calls(), traced_attention(), traced_checks():
             return super().trace(root, concrete_args)
 
     def _rollback(self, last: fx.Node) -> None:
@@ -366,6 +371,8 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set,
         graph.erase_node(node)  # a read only Python looked at (`isinstance(self.wo.weight, Tensor)`): no data use
     _use_aliases(root, graph, renamed)
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    flatten_parametrization_paths(gm)
+    linear_einsums(gm)
     gm.meta[CONSTANTS] = dict(call[1]) if call else {}
     to_alias = lambda name: _aliased(name, {u: a for a, u in renamed.items()})
     return Capture(gm, {to_alias(k): v for k, v in {**tracer.opaque, **reasons}.items()},

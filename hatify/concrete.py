@@ -268,6 +268,9 @@ def traced_sizes(tracer: fx.Tracer) -> Iterator[None]:
             return fn(self, *args, **kwargs)
         return call
 
+    # torch._dynamo records torch.finfo and torch.iinfo as constant types when first imported: not the wrappers.
+    import torch._dynamo  # noqa: F401
+
     factories = {name: getattr(torch, name) for name in _FACTORIES}
     own = {name: torch.Tensor.__dict__.get(name) for name in _SIZE_METHODS}
     try:

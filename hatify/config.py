@@ -31,9 +31,14 @@ class HATConfig:
     regularizer: Literal["network", "layer"] = "network"
     # Embeddings are clamped to [-clamp, clamp] after every optimizer step.
     clamp: float = 6.0
-    # Heads: "auto" makes every layer whose output reaches the model output without passing another
-    # HAT layer a per-task head; "none" masks every layer; a tuple names the head modules explicitly.
+    # Heads: "auto" makes every layer whose output reaches a task output (`task_outputs`) without passing
+    # another HAT layer a per-task head; "none" masks every layer; a tuple names the head modules explicitly.
     heads: Any = "auto"
+    # Which outputs a task is trained on (heads="auto" makes heads only of the layers reaching these): "auto" is
+    # `logits` and `loss` for a transformers `ModelOutput` that has `logits` (a task head), else "all";
+    # a tuple names outputs by key or position (`("logits",)`, `("last_hidden_state",)`, `(0,)`). The other
+    # outputs (`encoder_last_hidden_state`) are gated like any hidden state, bit-identical for finished tasks too.
+    task_outputs: Any = "auto"
     # Parameters outside HAT layers (position embeddings, class tokens, layer scale, loose biases, the
     # parameters of opaque leaves): "per_task" keeps one copy per task; "freeze" freezes them after the
     # first trained task.
@@ -69,6 +74,9 @@ class HATConfig:
                 raise HatifyError(f"HATConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not (self.heads in ("auto", "none") or isinstance(self.heads, (tuple, list))):
             raise HatifyError(f"HATConfig.heads must be 'auto', 'none' or a tuple of module names, got {self.heads!r}")
+        if not (self.task_outputs in ("auto", "all") or isinstance(self.task_outputs, (tuple, list))):
+            raise HatifyError(f"HATConfig.task_outputs must be 'auto', 'all' or a tuple of output names, got "
+                              f"{self.task_outputs!r}")
         for name in ("include", "exclude"):
             patterns = getattr(self, name)
             if not isinstance(patterns, (tuple, list)) or not all(isinstance(p, str) for p in patterns):
@@ -102,5 +110,6 @@ class HATConfig:
         out["leaf_modules"] = [m if isinstance(m, str) else f"{m.__module__}.{m.__qualname__}"
                                for m in self.leaf_modules]
         out["heads"] = self.heads if isinstance(self.heads, str) else list(self.heads)
+        out["task_outputs"] = self.task_outputs if isinstance(self.task_outputs, str) else list(self.task_outputs)
         out["include"], out["exclude"] = list(self.include), list(self.exclude)
         return out

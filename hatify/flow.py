@@ -13,6 +13,8 @@ from .errors import node_location, source_line
 from .inplace import aliased_writes, writes_input
 from . import maps
 from .maps import UnitMap
+from .outputs import task_output_nodes
+from .parametrized import layer_name
 from .ownership import inline_shared_layers, keeps_rows, live_nodes, outside_reads
 from .rules import PER_CHANNEL_MODULES, RuleContext, _canon, fallback_rule, rule_for
 from .shapes import TensorSpec
@@ -25,6 +27,7 @@ _MODULE_PRODUCERS: dict[type, tuple[str, int, int | None]] = {
     nn.ConvTranspose3d: ("conv_transpose", 1, 1),
     nn.Embedding: ("embedding", -1, None),
 }
+PRODUCER_MODULES = frozenset(_MODULE_PRODUCERS)
 # Functional producers: kind, axes, and the argument positions of weight, bias and groups. "linear_t" is a
 # linear layer whose weight is stored (in, out): `torch.addmm(bias, x, weight)` (GPT-2's Conv1D).
 _FUNCTION_PRODUCERS: dict[str, tuple[str, int, int | None, int, int | None, int | None]] = {
@@ -133,7 +136,7 @@ def _producer_of(node: fx.Node, gm: fx.GraphModule) -> Producer | None:
                         else None, getattr(module, "groups", 1))
     if node.op not in ("call_function", "call_method"):
         return None
-    if _canon(node.target) == "matmul":
+    if _canon(node.target) in _MATMULS:
         return _matmul_producer(node, gm, spec)
     if node.op != "call_function":
         return None
@@ -148,29 +151,37 @@ def _producer_of(node: fx.Node, gm: fx.GraphModule) -> Producer | None:
     bias_node = arg(b_pos, "bias")
     bias = bias_node.target if isinstance(bias_node, fx.Node) and bias_node.op == "get_attr" else None
     groups = arg(g_pos, "groups") or 1
-    name = weight[: -len(".weight")] if weight.endswith(".weight") else weight
-    return Producer(name, f"F.{_canon(node.target)}", kind, spec.shape[out_axis], out_axis, in_axis, weight, bias,
-                    groups if isinstance(groups, int) else 1, module=False, weight_transformed=transformed)
+    return Producer(layer_name(weight), f"F.{_canon(node.target)}", kind, spec.shape[out_axis], out_axis, in_axis,
+                    weight, bias, groups if isinstance(groups, int) else 1, module=False,
+                    weight_transformed=transformed)
 
 
+# `x @ W`, `torch.bmm(x, W)`, and a grouped matmul over experts (`torch._grouped_mm(x, W.mT, offs=...)`, Mixtral's
+# stacked expert weights (E, out, in)): the weight's leading axes index experts, which share the layer's units.
+_MATMULS = ("matmul", "bmm", *([torch._grouped_mm] if hasattr(torch, "_grouped_mm") else []))
+# Transposes of a stacked weight's last two axes only.
+_LAST_TWO = {("getattr", "mT"), ("transpose", -1, -2), ("transpose", -2, -1)}
 _TRANSPOSES = {("getattr", "T"), ("getattr", "mT"), ("t",), ("transpose", 0, 1), ("transpose", -1, -2),
                ("transpose", 1, 0), ("transpose", -2, -1), ("permute", 1, 0)}
 
 
 def _matmul_producer(node: fx.Node, gm: fx.GraphModule, spec: TensorSpec) -> Producer | None:
     """`x @ W.T` (a linear layer written out, Falcon's FalconLinear) or `x @ W` (weight stored (in, out)) on a
-    2-D parameter W; a following `+ b` on a parameter of the output's size is its bias."""
-    if len(node.args) != 2 or not isinstance(node.args[1], fx.Node):
+    parameter W, 2-D or stacked (experts, ..., out, in); a following `+ b` on a parameter of the output's size is
+    its bias."""
+    if len(node.args) != 2 or not isinstance(node.args[1], fx.Node) or node.kwargs.get("bias") is not None:
         return None
-    weight, kind = node.args[1], "linear_t"
-    if weight.op in ("call_function", "call_method") and isinstance(weight.args[0], fx.Node) and             ("getattr" if weight.target is getattr else _canon(weight.target), *weight.args[1:]) in _TRANSPOSES:
+    weight, kind, transpose = node.args[1], "linear_t", None
+    if weight.op in ("call_function", "call_method") and isinstance(weight.args[0], fx.Node) and \
+            ("getattr" if weight.target is getattr else _canon(weight.target), *weight.args[1:]) in _TRANSPOSES:
+        transpose = ("getattr" if weight.target is getattr else _canon(weight.target), *weight.args[1:])
         weight, kind = weight.args[0], "linear"
     name = weight.target if weight.op == "get_attr" else None
     try:
         param = gm.get_parameter(name) if name else None
     except AttributeError:
         param = None
-    if param is None or param.ndim != 2 or not spec.ndim:
+    if param is None or param.ndim < 2 or not spec.ndim or (param.ndim > 2 and transpose not in (None, *_LAST_TWO)):
         return None
     bias = None
     if len(node.users) == 1:
@@ -184,8 +195,8 @@ def _matmul_producer(node: fx.Node, gm: fx.GraphModule, spec: TensorSpec) -> Pro
                     candidate = None
                 if candidate is not None and tuple(candidate.shape) == (spec.shape[-1],):
                     bias = other[0].target
-    layer = name[: -len(".weight")] if name.endswith(".weight") else name
-    return Producer(layer, "matmul", kind, spec.shape[-1], -1, -1, name, bias, module=False)
+    op = getattr(node.target, "__name__", str(node.target))
+    return Producer(layer_name(name), op, kind, spec.shape[-1], -1, -1, name, bias, module=False)
 
 
 def producer_input(node: fx.Node) -> Any:
@@ -213,14 +224,15 @@ def _chain_end(node: fx.Node, gm: fx.GraphModule, params: set[str]) -> fx.Node:
     return node
 
 
-def _reaches_output(start: fx.Node, producer_nodes: set[fx.Node]) -> bool:
-    stack, seen = [start], set()
+def _reaches_output(start: fx.Node, producer_nodes: set[fx.Node], task_outputs: set[fx.Node]) -> bool:
+    """Whether `start` flows into a task output without passing another HAT layer."""
+    stack, seen = [start], {start}
     while stack:
         n = stack.pop()
+        if n in task_outputs:
+            return True
         for user in n.users:
-            if user.op == "output":
-                return True
-            if user not in producer_nodes and user not in seen:
+            if user not in producer_nodes and user not in seen and user.op != "output":
                 seen.add(user)
                 stack.append(user)
     return False
@@ -230,7 +242,7 @@ def _weight_args(node: fx.Node, producer: Producer) -> list[fx.Node]:
     """The graph nodes a functional producer call takes its weight and bias from."""
     if producer.module:
         return []
-    if _canon(node.target) == "matmul":  # `x @ W` or `x @ W.T`, then `+ b` (see `_matmul_producer`)
+    if _canon(node.target) in _MATMULS:  # `x @ W` or `x @ W.T`, then `+ b` (see `_matmul_producer`)
         bias = [a for u in node.users for a in u.args
                 if isinstance(a, fx.Node) and a.op == "get_attr" and a.target == producer.bias]
         return [node.args[1], *bias[:1]]
@@ -252,7 +264,7 @@ def _disown(gm: fx.GraphModule, by_name: dict[str, Producer], node_of: dict[fx.N
                 keeps_rows(_weight_args(site, producer)[0], producer.weight, gm) for site in sites):
             reason = "weight transformed across rows before use (not provably row-local)"
         # `x @ W + b`: the add applies the layer's bias, so it is the layer's own read of it
-        calls = sites + [u for site in sites if producer.bias and _canon(site.target) == "matmul" for u in site.users]
+        calls = sites + [u for site in sites if producer.bias and _canon(site.target) in _MATMULS for u in site.users]
         bad = outside_reads(gm, [p for p in (producer.weight, producer.bias) if p], calls, args, live)
         if bad:
             reason = f"weight also read outside the layer at {node_location(bad[0])}"
@@ -283,12 +295,13 @@ def find_producers(gm: fx.GraphModule, config: HATConfig) -> list[Producer]:
             producer.weight_shared = True
         node_of[node] = producer
     gm.meta["hat_disowned"] = _disown(gm, by_name, node_of)
+    targets = task_output_nodes(gm, config) if config.heads == "auto" else set()
     for node, producer in node_of.items():
         end = _chain_end(node, gm, params)
         data = producer_input(node)
         producer.sites.append(CallSite(node.name, end.name, data.name if isinstance(data, fx.Node) else None,
                                        source_line(node)))
-        if config.heads == "auto" and _reaches_output(end, set(node_of)):
+        if config.heads == "auto" and _reaches_output(end, set(node_of), targets):
             producer.head = True
     if isinstance(config.heads, (tuple, list)):
         for producer in by_name.values():

@@ -182,7 +182,7 @@ def config_from(meta: dict) -> HATConfig:
     kinds = meta.get("leaf_module_types") or [False] * len(recorded.get("leaf_modules", ()))
     recorded["leaf_modules"] = tuple(_import_type(m) if is_type else m
                                      for m, is_type in zip(recorded.get("leaf_modules", ()), kinds))
-    for key in ("heads", "include", "exclude"):
+    for key in ("heads", "task_outputs", "include", "exclude"):
         if isinstance(recorded.get(key), list):
             recorded[key] = tuple(recorded[key])
     return HATConfig(**recorded)

@@ -105,7 +105,7 @@ class MaskBank(nn.Module):
         self.num_tasks, self.units, self.s_max, self.clamp = num_tasks, units, s_max, clamp
         self.open = False            # masks_open(): every mask exactly 1
         self.override: torch.Tensor | None = None   # validate()'s probes
-        self.last: torch.Tensor | None = None       # soft masks of the last training forward
+        self.last: torch.Tensor | None = None       # soft masks of the last training forward (mask_scale + grad)
 
     def embedding(self, t: int) -> torch.Tensor:
         return getattr(self, f"task{t}")
@@ -151,7 +151,7 @@ class MaskBank(nn.Module):
             return out
         else:
             m = compensated_sigmoid(e, float(mask_scale), self.s_max)
-            if self.training:
+            if self.training or torch.is_grad_enabled():  # eval mode with gradients: frozen batch statistics
                 self.last = m
         return torch.cat([m, m.new_ones(1)])
 

@@ -286,8 +286,8 @@ class HATModel(nn.Module):
         """HAT's attention regulariser for the current task, weighted by c, from the last training forward."""
         last = self.masks.last
         if last is None:
-            raise HatifyError("regularization() needs a training forward with a mask_scale first "
-                              "(hat.train(); hat(x, task_id=t, mask_scale=s))")
+            raise HatifyError("regularization() needs a training forward first: a forward with a mask_scale and "
+                              "gradients enabled, in train or eval mode (hat(x, task_id=t, mask_scale=s))")
         return torch.dot(last, self._regularizer_weights(last))
 
     def _regularizer_weights(self, like: torch.Tensor) -> torch.Tensor:

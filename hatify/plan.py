@@ -223,10 +223,10 @@ def _has_spec(node: fx.Node) -> bool:
 
 
 def _input_units(producer: Producer, weight: torch.Tensor) -> int | None:
-    if producer.kind == "linear":
-        return weight.shape[1]
+    if producer.kind == "linear":  # (out, in), or stacked over experts (experts, out, in)
+        return weight.shape[-1]
     if producer.kind == "linear_t":
-        return weight.shape[0]
+        return weight.shape[-2]
     if producer.kind == "conv":
         return weight.shape[1] * producer.groups
     if producer.kind == "conv_transpose":
@@ -249,7 +249,7 @@ def make_plan(capture: Capture, flow: Flow, num_tasks: int, config: HATConfig) -
                           rule=f"{p.kind}{'/module' if p.module else '/functional'}",
                           frozen=[q for q in (p.weight, p.bias) if q and not gm.get_parameter(q).requires_grad])
         if p.head:
-            layer.status, layer.reason = "head", "reaches the model output: one copy per task"
+            layer.status, layer.reason = "head", "reaches a task output: one copy per task"
         elif layer.input_units is not None:
             rows = []
             for site in p.sites:

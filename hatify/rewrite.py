@@ -41,6 +41,8 @@ def _protect_shape(layer: LayerPlan, weight_shape: tuple[int, ...]) -> tuple[int
     """The shape of a layer's protection mask; it broadcasts over kernel positions."""
     if layer.kind == "embedding":
         return (1, weight_shape[1])
+    if layer.kind in ("linear", "linear_t"):  # a stacked weight's experts share the protection of their units
+        return (1,) * (len(weight_shape) - 2) + tuple(weight_shape[-2:])
     return tuple(weight_shape[:2]) + (1,) * (len(weight_shape) - 2)
 
 

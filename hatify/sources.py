@@ -185,8 +185,8 @@ def config_with(overrides: list[str]) -> HATConfig:
 
 
 def _coerce(key: str, raw: str, default: Any) -> Any:
-    if key == "heads":   # "auto", "none" or module names separated by commas
-        return raw if raw in ("auto", "none") else tuple(n.strip() for n in raw.split(",") if n.strip())
+    if key in ("heads", "task_outputs"):   # "auto", "none"/"all" or names separated by commas
+        return raw if raw in ("auto", "none", "all") else tuple(n.strip() for n in raw.split(",") if n.strip())
     if isinstance(default, tuple):
         return tuple(n.strip() for n in raw.split(",") if n.strip())
     if isinstance(default, str):

@@ -21,8 +21,8 @@ sys.modules["hf_zoo"] = hf_zoo
 _spec.loader.exec_module(hf_zoo)
 
 # (zoo name, attention, padded mask, least share of parameters under HAT). The causal LMs' and T5's shares
-# are bounded by their output layers: the LM head is a per-task head, and T5's output includes the encoder's
-# last hidden state, so the encoder's residual writers are heads too.
+# are bounded by their output layers: the LM head is a per-task head (T5's output also includes the encoder's
+# last hidden state, which is no task output: the encoder's residual writers stay HAT layers).
 REPRESENTATIVE = [
     ("bert", "sdpa", True, 0.95),
     ("bert", "eager", False, 0.95),
@@ -30,7 +30,11 @@ REPRESENTATIVE = [
     ("gpt2", "eager", True, 0.9),
     ("llama", "sdpa", True, 0.9),
     ("llama", "eager", False, 0.9),
-    ("t5", "eager", True, 0.7),
+    ("t5", "eager", True, 0.9),
+    ("mbart", "sdpa", True, 0.9),
+    ("xlnet", "eager", True, 0.95),
+    ("mixtral", "sdpa", True, 0.95),
+    ("bart-cls", "eager", False, 0.95),
     ("vit", "sdpa", False, 0.95),
 ]
 
@@ -130,3 +134,90 @@ def test_hf_unknown_model_types_and_hub_names_get_one_short_line():
         message = str(caught.value)
         assert hint in message and "hub names are not downloaded" in message and "save_pretrained" in message
         assert len(message) < 300 and "\n" not in message, message
+def _seq2seq(name):
+    _, model_type, auto_class, kwargs, kind = next(e for e in hf_zoo.ZOO if e[0] == name)
+    model = hf_zoo.build(model_type, auto_class, kwargs, "eager")
+    return model, hf_zoo.inputs_for(model, kind, padded=True)
+
+
+def test_an_auxiliary_output_makes_no_heads_and_stays_bit_identical():
+    """mBART returns `encoder_last_hidden_state` next to `logits`: only the LM head is a head, the encoder's
+    residual writers are HAT layers, and after task 1 trains on both outputs, task 0's logits AND its encoder
+    state are bit-identical (the auxiliary output is gated, not unprotected)."""
+    model, batch = _seq2seq("mbart")
+    hat = hatify.hatify(model, 2, example_inputs=batch)
+    roles = {layer.name: layer.role for layer in hat.plan.layers}
+    assert [name for name, role in roles.items() if role == "head"] == ["lm_head"]
+    assert roles["model.encoder.layers.0.fc2"] == roles["model.encoder.layers.0.self_attn.out_proj"] == "masked"
+    assert hat.report.validation["passed"] and hat.report.summary["hat_parameter_share"] > 0.9
+    opt = torch.optim.AdamW(hat.parameters(), lr=1e-2, weight_decay=0.01)
+    for t in range(2):
+        hat.train()
+        hat.begin_task(t)
+        for b in range(4):
+            out = hat(**batch, task_id=t, mask_scale=hat.mask_scale(b, 4))
+            loss = out.logits.square().mean() + out.encoder_last_hidden_state.square().mean() + hat.regularization()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        hat.end_task()
+        hat.eval()
+        if t == 0:
+            with torch.no_grad():
+                after = hat(**batch, task_id=0)
+    with torch.no_grad():
+        again, other = hat(**batch, task_id=0), hat(**batch, task_id=1)
+    assert torch.equal(again.logits, after.logits)
+    assert torch.equal(again.encoder_last_hidden_state, after.encoder_last_hidden_state)
+    assert not torch.equal(other.encoder_last_hidden_state, after.encoder_last_hidden_state)
+
+
+def test_task_outputs_name_the_outputs_heads_reach():
+    """`task_outputs="all"` gives every returned tensor heads (the encoder's residual writers); a name the model
+    does not return is refused with the outputs it has."""
+    model, batch = _seq2seq("mbart")
+    plan = hatify.explain(model, 2, batch, hatify.HATConfig(task_outputs="all"))
+    heads = {layer.name for layer in plan.layers if layer.role == "head"}
+    assert {"lm_head", "model.encoder.layers.0.fc2"} <= heads
+    plan = hatify.explain(model, 2, batch, hatify.HATConfig(task_outputs=("encoder_last_hidden_state",)))
+    heads = {layer.name for layer in plan.layers if layer.role == "head"}
+    assert "model.encoder.layers.0.fc2" in heads and "lm_head" not in heads
+    with pytest.raises(hatify.HatifyError, match="task_outputs names hidden.*its outputs: logits, encoder_last"):
+        hatify.explain(model, 2, batch, hatify.HATConfig(task_outputs=("hidden",)))
+
+
+def test_bart_classifier_converts_as_it_is_and_keeps_its_own_checks():
+    """BartForSequenceClassification checks its eos tokens with `torch_compilable_check` on traced values and
+    selects the eos rows with a boolean mask: it converts as it is, and the checks stay run-time checks."""
+    _, model_type, auto_class, kwargs, kind = next(e for e in hf_zoo.ZOO if e[0] == "bart-cls")
+    model = hf_zoo.build(model_type, auto_class, kwargs, "eager")
+    batch = hf_zoo.inputs_for(model, kind, padded=False)
+    hat = hatify.hatify(model, 2, example_inputs=batch)
+    assert not hat.plan.opaque and hat.report.summary["hat_parameter_share"] > 0.95
+    uneven = dict(batch, input_ids=batch["input_ids"].clone())
+    uneven["input_ids"][0, 3] = model.config.eos_token_id   # row 0 has two eos tokens, row 1 one
+    with pytest.raises(Exception, match="same number of <eos> tokens"):
+        model(**uneven)
+    with pytest.raises(AssertionError, match="same number of <eos> tokens"):
+        hat(**uneven, task_id=0)
+    with pytest.raises(AssertionError, match="same number of <eos> tokens"):
+        hat.extract(0)(**uneven)
+    with torch.no_grad():
+        assert torch.equal(hat.extract(0)(**batch).logits, hat.eval()(**batch, task_id=0).logits)
+    with pytest.raises(hatify.HatifyError, match="example inputs fail the model's own check: All examples"):
+        hatify.hatify(model, 2, example_inputs=uneven)
+
+
+def test_task_outputs_survive_save_load_and_the_command_line_setting(tmp_path):
+    from hatify.sources import config_with
+
+    assert config_with(["task_outputs=logits,loss"]).task_outputs == ("logits", "loss")
+    assert config_with(["task_outputs=all"]).task_outputs == "all"
+    model, batch = _seq2seq("mbart")
+    hat = hatify.hatify(model, 2, example_inputs=batch, config=hatify.HATConfig(task_outputs=("logits",)))
+    hatify.save(hat, tmp_path / "mbart.hat")
+    again = hatify.load(tmp_path / "mbart.hat", model=_seq2seq("mbart")[0])
+    assert again.plan.config.task_outputs == ("logits",)
+    assert [layer.role for layer in again.plan.layers] == [layer.role for layer in hat.plan.layers]
+    with torch.no_grad():
+        assert torch.equal(again(**batch, task_id=1).logits, hat.eval()(**batch, task_id=1).logits)

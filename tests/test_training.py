@@ -392,3 +392,46 @@ def test_alexnet_fc1_conditioning_is_conv3_mask_repeated_channel_major():
     cum = hat.cumulative
     want = cum[fc1.offset:fc1.offset + 32][:, None] & cum[c3.offset:c3.offset + 12].repeat_interleave(4)[None, :]
     assert torch.equal(hat.net.fc1.parametrizations.weight[0].protect, want)
+
+
+def test_training_in_eval_mode_with_frozen_batch_statistics():
+    """A forward with a mask scale and gradients is a training forward in eval mode too (fine-tuning with frozen
+    batch statistics): regularization() works, the running statistics stay put, and task 0 stays bit-identical."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=3)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    hat = hatify.hatify(model, num_tasks=2, example_inputs=(x[:2],))
+    opt = torch.optim.SGD(hat.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    stats = {k: v.clone() for k, v in hat.state_dict().items() if "running" in k}
+    hat.eval()
+    hat.begin_task(0)
+    with pytest.raises(hatify.HatifyError, match="mask_scale and gradients"):
+        hat.regularization()
+    with torch.no_grad():  # no gradients: not a training forward
+        hat(x, task_id=0, mask_scale=10.0)
+    with pytest.raises(hatify.HatifyError, match="mask_scale and gradients"):
+        hat.regularization()
+    for b in range(3):
+        loss = F.cross_entropy(hat(x, task_id=0, mask_scale=hat.mask_scale(b, 3)), y)
+        reg = hat.regularization()
+        assert reg.requires_grad and float(reg.detach()) > 0
+        opt.zero_grad()
+        (loss + reg).backward()
+        assert hat.masks.embedding(0).grad.abs().sum() > 0
+        opt.step()
+    hat.end_task()
+    assert all(torch.equal(v, hat.state_dict()[k]) for k, v in stats.items())
+    with torch.no_grad():
+        before = hat(x, task_id=0)
+    hat.begin_task(1)
+    for b in range(3):
+        loss = F.cross_entropy(hat(x, task_id=1, mask_scale=hat.mask_scale(b, 3)), y) + hat.regularization()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    hat.end_task()
+    with torch.no_grad():
+        assert torch.equal(hat(x, task_id=0), before)
+        assert not torch.equal(hat(x, task_id=1), before)
