@@ -174,7 +174,8 @@ def unmasked_input_reason(gm: fx.GraphModule, flow: Flow, starts: list[str | Non
             continue
         seen[node] = None  # (a dict: the first in-place writer found is the nearest)
         if node.name in unknown:
-            return f"{_where(node, unknown[node.name].op)}: {unknown[node.name].reason}"
+            why = unknown[node.name].reason.removesuffix(": output treated as all ones")
+            return f"{_where(node, unknown[node.name].op)}: {why}"
         if node.name in sites:
             line = f" ({source_line(node)})" if source_line(node) else ""
             return f"{sites[node.name]}'s mask lost at {node.name}{line}{_written(seen, gm)}"
