@@ -16,7 +16,7 @@ from .model import HATModel
 from .plan import Plan, make_plan
 from .rewrite import rewrite
 from .rules import MODULE_LEAVES, register_timm_rules
-from .shapes import infer_example_inputs, propagate
+from .shapes import ensure_specs, infer_example_inputs
 
 
 def _check(model: Any, num_tasks: Any, example_inputs: Any, config: Any) -> tuple:
@@ -46,7 +46,7 @@ def explain(model: nn.Module, num_tasks: int, example_inputs: Any = None, config
 def _plan(model, num_tasks, example_inputs, config):
     register_timm_rules()
     cap = capture(model, config, set(MODULE_LEAVES), example_inputs)
-    propagate(cap.graph_module, example_inputs.flat)
+    ensure_specs(cap.graph_module, example_inputs.flat)
     flow = analyse(cap.graph_module, find_producers(cap.graph_module, config), config)
     return cap, make_plan(cap, flow, num_tasks, config)
 
