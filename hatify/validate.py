@@ -3,6 +3,8 @@ run time, and every original parameter still receives a gradient."""
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -176,25 +178,35 @@ def _zero_units(value: torch.Tensor, layer: LayerPlan) -> torch.Tensor:
     return value.ne(0).any(dim=others).logical_not_().cpu()
 
 
+def _separating_codes(n: int) -> list[tuple[int, ...]]:
+    """n distinct sets of the same size k // 2 over k positions, k as small as that allows: for any two of them
+    each has a position the other lacks (neither contains the other), with about log2(n) + log2(log2(n)) / 2
+    positions where one bit per position and both polarities per bit take 2 log2(n)."""
+    k = 1
+    while math.comb(k, k // 2) < n:
+        k += 1
+    return list(itertools.islice(itertools.combinations(range(k), k // 2), n))
+
+
 def probe_patterns(hat: HATModel, random_draws: int = 2) -> list[tuple[str, torch.Tensor]]:
     """Deterministic mask patterns (1 = unit kept) for the mask-flow probe: every unit zero; `random_draws` seeded
     draws zeroing half the units (a wrong map within a layer, an offset, a permutation, shows where one unit is
-    zero and the unit it really depends on is not); and, for every bit of the layer index, the layers with that
-    bit set zeroed and then the others (every pair of layers is split by one of these: a map that names the
-    wrong layer, or misses an operand, shows)."""
+    zero and the unit it really depends on is not); and layer groups from `_separating_codes`: for every ordered
+    pair of layers (A, B), one group has A zeroed and B not (a map that names the wrong layer, or misses an
+    operand, shows)."""
     units = hat.plan.total_units
     patterns = [("all zero", torch.zeros(units))]
     for seed in range(random_draws):
         gen = torch.Generator().manual_seed(seed)
         patterns.append((f"random half, seed {seed}", (torch.rand(units, generator=gen) >= 0.5).float()))
     layers = [layer for layer in hat.plan.masked_layers if layer.offset is not None]
-    for bit in range(max(1, len(layers) - 1).bit_length()):
-        for polarity in (1, 0):
-            keep = torch.ones(units)
-            for i, layer in enumerate(layers):
-                if (i >> bit) & 1 == polarity:
-                    keep[layer.offset: layer.offset + layer.units] = 0
-            patterns.append((f"layers with index bit {bit} = {polarity} zero", keep))
+    codes = _separating_codes(len(layers)) if len(layers) > 1 else []
+    for group in range(max((max(code) + 1 for code in codes if code), default=0)):
+        keep = torch.ones(units)
+        for layer, code in zip(layers, codes):
+            if group in code:
+                keep[layer.offset: layer.offset + layer.units] = 0
+        patterns.append((f"layer group {group} zero", keep))
     return patterns
 
 

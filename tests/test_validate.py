@@ -87,3 +87,12 @@ def test_open_mask_comparison_finds_a_changed_computation():
     result = hatify.validate(model, hat, (X,))
     assert not result.passed and result.largest_difference > result.tolerance
     assert result.missing_gradients == [] and result.probe_violations == 0
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 20, 53, 300])
+def test_layer_groups_separate_every_ordered_pair(n):
+    codes = validate_module._separating_codes(n)
+    assert len(set(codes)) == n
+    assert all(set(a) - set(b) for a in codes for b in codes if a != b)  # A zeroed while B is not, both ways
+    positions = max(max(code) for code in codes) + 1
+    assert positions <= 2 * max(1, n - 1).bit_length()  # never more probes than one bit each way
