@@ -26,6 +26,7 @@ from .errors import _OWN_DIR, HatifyError
 from .inputs import CONSTANTS, KEYWORD, Inputs, StructuredOutput, is_constant, needs_spec
 from .naming import aliases
 from .parametrized import flatten_parametrization_paths, traced_through
+from .shapes import SPEC, spec_of
 
 
 @dataclass
@@ -358,7 +359,9 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set,
         finally:
             _restore_traced_attributes(before)
             for node in tracer.graph.nodes if getattr(tracer, "graph", None) is not None else ():
-                node.meta.pop(VALUE, None)  # example activations and parameters must not ride along
+                value = node.meta.pop(VALUE, MISSING)  # example activations and parameters must not ride along
+                if value is not MISSING:  # their specs do: the shape stage need not run the model again
+                    node.meta[SPEC] = spec_of(value)
                 node.meta.pop(DATA, None)
     if call:
         for node in graph.nodes:
@@ -421,3 +424,4 @@ def _anchor_metadata_reads(root: nn.Module, graph: fx.Graph) -> None:
             param = params[node.target]
             root.register_buffer(anchor, torch.empty(0, dtype=param.dtype, device=param.device), persistent=False)
         node.target = anchor
+        node.meta[SPEC] = spec_of(getattr(root, anchor))

@@ -18,7 +18,7 @@ from .naming import graph_names
 from .plan import Plan, make_plan
 from .rewrite import rewrite
 from .rules import MODULE_LEAVES, register_timm_rules
-from .shapes import infer_example_inputs, propagate
+from .shapes import ensure_specs, infer_example_inputs
 
 
 def _check(model: Any, num_tasks: Any, example_inputs: Any, config: Any) -> tuple:
@@ -48,7 +48,7 @@ def explain(model: nn.Module, num_tasks: int, example_inputs: Any = None, config
 def _plan(model, num_tasks, example_inputs, config):
     register_timm_rules()
     cap = capture(model, config, set(MODULE_LEAVES), example_inputs)
-    propagate(cap.graph_module, example_inputs.flat)
+    ensure_specs(cap.graph_module, example_inputs.flat)
     named = config  # the module names the config gives, as the graph holds them (hatify.naming)
     if cap.renamed and (config.include or config.exclude or isinstance(config.heads, (tuple, list))):
         named = dataclasses.replace(config, **graph_names({"heads": config.heads, "include": config.include,

@@ -341,11 +341,12 @@ def analyse(gm: fx.GraphModule, producers: list[Producer], config: HATConfig) ->
     other node gets its map from the rule of its op.
     """
     mask_at: dict[str, UnitMap] = {}
+    spec_by_name = {node.name: node.meta.get("hat_spec") for node in gm.graph.nodes}
     for p in producers:
         if p.head or p.kept:
             continue
         for site in p.sites:
-            spec = _spec_by_name(gm, site.apply_after)
+            spec = spec_by_name[site.apply_after]
             mask_at[site.apply_after] = UnitMap.units(p.offset, p.units, spec.ndim, p.out_axis % spec.ndim)
     producer_nodes = {site.node for p in producers for site in p.sites}
     # A view taken before an in-place write into its storage and read after it: unknown. A written tensor and its
@@ -426,9 +427,3 @@ def _has_tensor(spec: Any) -> bool:
         return any(_has_tensor(s) for s in spec.values())
     return False
 
-
-def _spec_by_name(gm: fx.GraphModule, name: str) -> TensorSpec:
-    for node in gm.graph.nodes:
-        if node.name == name:
-            return node.meta["hat_spec"]
-    raise KeyError(name)

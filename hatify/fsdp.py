@@ -17,6 +17,7 @@ write-back and the gradient masking work as in eager mode. What this module adds
 """
 from __future__ import annotations
 
+import sys
 import weakref
 
 import torch
@@ -26,15 +27,12 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .errors import HatifyError
 from .layers import _BITS, _CLAMPED, Protect
 
-try:
-    from torch.distributed.tensor import DTensor, distribute_tensor
-except ImportError:  # torch built without distributed support
-    DTensor = distribute_tensor = None
 
-try:
-    from torch.distributed.fsdp import FSDPModule
-except ImportError:
-    FSDPModule = None
+def _loaded(module: str, name: str):
+    """`module.name` if that module was imported, else None. A DTensor or an FSDP2 module exists only once the
+    user imported torch.distributed's modules, so hatify never pays for importing them (0.5 s) itself."""
+    loaded = sys.modules.get(module)
+    return getattr(loaded, name, None)
 
 # Sharded raw parameters of protected weights, by id; the parameter carries `_hat_protect` (a weakref to its
 # Protect) and `_hat_shard_selectors` (the local pieces of Protect's selectors).
@@ -42,7 +40,8 @@ _SHARDED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDi
 
 
 def is_dtensor(tensor) -> bool:
-    return DTensor is not None and isinstance(tensor, DTensor)
+    dtensor = _loaded("torch.distributed.tensor", "DTensor")
+    return dtensor is not None and isinstance(tensor, dtensor)
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
@@ -65,10 +64,11 @@ def refuse_fsdp1(module: nn.Module, what: str) -> None:
 def reshard(module: nn.Module) -> None:
     """Put every FSDP2 module in its sharded state (its parameters are DTensors again). A root module may keep
     its unsharded parameters registered after a forward without gradients."""
-    if FSDPModule is None:
+    fsdp_module = _loaded("torch.distributed.fsdp", "FSDPModule")
+    if fsdp_module is None:
         return
     for m in module.modules():
-        if isinstance(m, FSDPModule):
+        if isinstance(m, fsdp_module):
             m.reshard()
 
 
@@ -84,13 +84,15 @@ def refuse_sharded(module: nn.Module, what: str) -> None:
 def local_piece(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """This rank's shard of `value` (a full tensor, the same on every rank), laid out as the DTensor `like`.
     No communication: every rank cuts its own piece."""
+    from torch.distributed.tensor import distribute_tensor
+
     value = value.expand(like.shape).contiguous()
     return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 
 def adopt(hat: nn.Module) -> None:
     """Register every sharded raw weight that a Protect guards, and write the frozen bits into its shard."""
-    if DTensor is None:
+    if _loaded("torch.distributed.tensor", "DTensor") is None:
         return
     for module in hat.modules():
         chains = getattr(module, "parametrizations", None)

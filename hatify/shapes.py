@@ -12,6 +12,9 @@ from .concrete import thaw
 from .errors import HatifyError, node_location
 
 
+SPEC = "hat_spec"  # node.meta key of the node's value spec
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     shape: tuple[int, ...]
@@ -57,7 +60,7 @@ class _Recorder(Interpreter):
             result = super().run_node(n)
         except Exception as exc:
             raise HatifyError(self.failure(n, exc)) from exc
-        n.meta["hat_spec"] = spec_of(result)
+        n.meta[SPEC] = spec_of(result)
         return result
 
     def failure(self, n: fx.Node, exc: Exception) -> str:
@@ -90,3 +93,16 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple) -> Any:
         raise HatifyError(f"example_inputs has {len(example_inputs)} items but forward takes {len(placeholders)}")
     with torch.no_grad():
         return _Recorder(gm).run(*example_inputs)
+
+
+def ensure_specs(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """Every node's spec. The concrete trace records them as it evaluates each node on the example inputs
+    (`hatify.capture`); the model runs again (`propagate`) only for a graph with a node the trace could not
+    evaluate."""
+    nodes = list(gm.graph.nodes)
+    if not all(SPEC in n.meta for n in nodes if n.op != "output"):
+        propagate(gm, example_inputs)
+        return
+    for n in nodes:
+        if n.op == "output":
+            n.meta[SPEC] = spec_of(thaw(fx.node.map_arg(n.args[0], lambda a: a.meta[SPEC])))

@@ -3,6 +3,8 @@ run time, and every original parameter still receives a gradient."""
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -83,79 +85,164 @@ def _seeded(fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
 
-def compare_open(model: nn.Module, hat: HATModel, inputs: Inputs) -> tuple[dict[str, float], float]:
-    """Largest absolute difference per output between the original (eval) and the open-mask HAT model."""
-    was_model, was_hat = model.training, hat.training
-    model.eval(), hat.eval()
+def _open_outputs(model: nn.Module, hat: HATModel, inputs: Inputs, grad: bool = False
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The original's (eval) and the open-mask HAT model's (task 0, eval) outputs, with the same random draws.
+    `grad`: the HAT model's forward records its autograd graph, so the same forward serves `check_gradients`."""
+    was = model.training
+    model.eval()
     try:
-        with torch.no_grad(), masks_open(hat):
-            # the same random draws for both: random ops that run in eval mode (`F.dropout(x, 0.1)`,
-            # `scaled_dot_product_attention(..., dropout_p=0.1)`) then match when the graphs match
+        # the same random draws for both: random ops that run in eval mode (`F.dropout(x, 0.1)`,
+        # `scaled_dot_product_attention(..., dropout_p=0.1)`) then match when the graphs match
+        with torch.no_grad():
             ref = _leaves(_seeded(inputs.call, model))
-            got = _leaves(_seeded(inputs.call, hat, task_id=0))
     finally:
-        model.train(was_model), hat.train(was_hat)
+        model.train(was)
+    got = _hat_outputs(hat, inputs, grad)
     if ref.keys() != got.keys():
         raise HatifyError(f"output structure differs: original {sorted(ref)} vs converted {sorted(got)}")
-    diffs = {k: float((ref[k].double() - got[k].double()).abs().max()) if ref[k].numel() else 0.0 for k in ref}
-    scale = max((float(v.double().abs().max()) for v in ref.values() if v.numel() and v.is_floating_point()),
-                default=1.0)
+    return ref, got
+
+
+def _hat_outputs(hat: HATModel, inputs: Inputs, grad: bool) -> dict[str, torch.Tensor]:
+    """Task 0's outputs in eval mode with every mask open (seeded as the original's run)."""
+    was = hat.training
+    hat.eval()
+    try:
+        with masks_open(hat), torch.set_grad_enabled(grad):
+            return _leaves(_seeded(inputs.call, hat, task_id=0))
+    finally:
+        hat.train(was)
+
+
+def _differences(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> tuple[dict[str, float], float]:
+    with torch.no_grad():
+        diffs = {k: float((ref[k].double() - got[k].double()).abs().max()) if ref[k].numel() else 0.0 for k in ref}
+        scale = max((float(v.double().abs().max()) for v in ref.values() if v.numel() and v.is_floating_point()),
+                    default=1.0)
     return diffs, 1e-5 * max(1.0, scale)
 
 
-class _InputRecorder(Interpreter):
-    def __init__(self, gm: fx.GraphModule, watch: set[str]) -> None:
+def compare_open(model: nn.Module, hat: HATModel, inputs: Inputs) -> tuple[dict[str, float], float]:
+    """Largest absolute difference per output between the original (eval) and the open-mask HAT model."""
+    return _differences(*_open_outputs(model, hat, inputs))
+
+
+class _LastWatched(Exception):
+    """Raised by `_ZeroRecorder` once the last watched node has run: nothing after it is observed."""
+
+
+class _ZeroRecorder(Interpreter):
+    """Runs the graph and records, at each watched layer call, which of its input units are exactly zero; the
+    input itself is not kept (the interpreter frees every value after its last use), and the run stops after the
+    last watched call."""
+
+    def __init__(self, gm: fx.GraphModule, watch: dict[str, LayerPlan]) -> None:
         super().__init__(gm)
-        self.watch, self.seen = watch, {}
+        self.watch, self.zeros = watch, {}
+        self.reduced: dict[tuple, torch.Tensor] = {}  # layers reading the same tensor (same version) the same way
+        self.last = [n for n in gm.graph.nodes if n.name in watch][-1:]
 
     def run_node(self, n: fx.Node) -> Any:
-        if n.name in self.watch:
+        layer = self.watch.get(n.name)
+        if layer is not None:
             data = producer_input(n)
             value = self.env.get(data) if isinstance(data, fx.Node) else None
             if isinstance(value, torch.Tensor):
-                self.seen.setdefault(n.name, []).append(value.detach())
+                key = (data, layer.kind in ("linear", "linear_t"), value._version)
+                if key not in self.reduced:
+                    self.reduced[key] = _zero_units(value, layer)
+                self.zeros.setdefault(n.name, []).append(self.reduced[key])
+        if self.last and n is self.last[0]:
+            raise _LastWatched
         return super().run_node(n)
 
 
 def _positional(hat: HATModel, inputs: Inputs, task: int, scale: float | None) -> list:
     args = list(inputs.flat)
-    for node in hat.net.graph.nodes:
-        if node.op != "placeholder":
-            continue
+    placeholders = [n for n in hat.net.graph.nodes if n.op == "placeholder"]
+    for i, node in enumerate(placeholders):
         if node.target == TASK_ARG:
             args.append(task)
         elif node.target == SCALE_ARG:
             args.append(scale)
-        elif len(args) <= [n for n in hat.net.graph.nodes if n.op == "placeholder"].index(node):
+        elif len(args) <= i:
             args.append(node.args[0] if node.args else None)
     return args
 
 
-def _zero_units(value: torch.Tensor, layer: LayerPlan, axis: int) -> torch.Tensor:
-    moved = value.movedim(axis, -1).reshape(-1, value.shape[axis])
-    return (moved == 0).all(0)
+def _zero_units(value: torch.Tensor, layer: LayerPlan) -> torch.Tensor:
+    """Per input unit of `layer` (the last axis of a linear layer's input, else axis 1): exactly zero everywhere.
+    One reduction over the other axes (moving the unit axis last would copy the activation); NaN is nonzero."""
+    axis = (-1 if layer.kind in ("linear", "linear_t") else 1) % value.ndim
+    others = tuple(d for d in range(value.ndim) if d != axis)
+    if not others:
+        return (value == 0).cpu()
+    if value.is_floating_point() and value.numel():
+        return (torch.linalg.vector_norm(value, float("inf"), dim=others) == 0).cpu()
+    return value.ne(0).any(dim=others).logical_not_().cpu()
+
+
+def _separating_codes(n: int) -> list[tuple[int, ...]]:
+    """n distinct sets of the same size k // 2 over k positions, k as small as that allows: for any two of them
+    each has a position the other lacks (neither contains the other), with about log2(n) + log2(log2(n)) / 2
+    positions where one bit per position and both polarities per bit take 2 log2(n)."""
+    k = 1
+    while math.comb(k, k // 2) < n:
+        k += 1
+    return list(itertools.islice(itertools.combinations(range(k), k // 2), n))
 
 
 def probe_patterns(hat: HATModel, random_draws: int = 2) -> list[tuple[str, torch.Tensor]]:
     """Deterministic mask patterns (1 = unit kept) for the mask-flow probe: every unit zero; `random_draws` seeded
     draws zeroing half the units (a wrong map within a layer, an offset, a permutation, shows where one unit is
-    zero and the unit it really depends on is not); and, for every bit of the layer index, the layers with that
-    bit set zeroed and then the others (every pair of layers is split by one of these: a map that names the
-    wrong layer, or misses an operand, shows)."""
+    zero and the unit it really depends on is not); and layer groups from `_separating_codes`: for every ordered
+    pair of layers (A, B), one group has A zeroed and B not (a map that names the wrong layer, or misses an
+    operand, shows)."""
     units = hat.plan.total_units
     patterns = [("all zero", torch.zeros(units))]
     for seed in range(random_draws):
         gen = torch.Generator().manual_seed(seed)
         patterns.append((f"random half, seed {seed}", (torch.rand(units, generator=gen) >= 0.5).float()))
     layers = [layer for layer in hat.plan.masked_layers if layer.offset is not None]
-    for bit in range(max(1, len(layers) - 1).bit_length()):
-        for polarity in (1, 0):
-            keep = torch.ones(units)
-            for i, layer in enumerate(layers):
-                if (i >> bit) & 1 == polarity:
-                    keep[layer.offset: layer.offset + layer.units] = 0
-            patterns.append((f"layers with index bit {bit} = {polarity} zero", keep))
+    codes = _separating_codes(len(layers)) if len(layers) > 1 else []
+    for group in range(max((max(code) + 1 for code in codes if code), default=0)):
+        keep = torch.ones(units)
+        for layer, code in zip(layers, codes):
+            if group in code:
+                keep[layer.offset: layer.offset + layer.units] = 0
+        patterns.append((f"layer group {group} zero", keep))
     return patterns
+
+
+def watched_sites(hat: HATModel) -> dict[str, LayerPlan]:
+    """Graph node of every call of a masked layer whose input the plan maps -> that layer."""
+    return {site.node: layer for layer in hat.plan.masked_layers if layer.input_index is not None
+            for site in layer.sites}
+
+
+def observe_zeros(hat: HATModel, inputs: Inputs, keep: torch.Tensor, watch: dict[str, LayerPlan] | None = None
+                  ) -> dict[str, list[torch.Tensor]]:
+    """Run the converted model (eval, task 0) with the mask vector `keep` (1 = unit kept) and return, per watched
+    call (`watched_sites`), one bool vector per time it ran: which input units of its layer were exactly zero."""
+    watch = watched_sites(hat) if watch is None else watch
+    if not watch:
+        return {}
+    was = hat.training
+    if was:  # probe_flow puts the model in eval once for all patterns
+        hat.eval()
+    hat.masks.override = keep
+    recorder = _ZeroRecorder(hat.net, watch)
+    try:
+        with torch.no_grad():
+            recorder.run(*_positional(hat, inputs, 0, None))
+    except _LastWatched:
+        pass
+    finally:
+        hat.masks.override = None
+        if was:
+            hat.train(was)
+    return recorder.zeros
 
 
 def probe_flow(hat: HATModel, inputs: Inputs, patterns: list[tuple[str, torch.Tensor]] | None = None
@@ -163,41 +250,35 @@ def probe_flow(hat: HATModel, inputs: Inputs, patterns: list[tuple[str, torch.Te
     """Zero mask units (`probe_patterns`), run the model, and check that every consumer input unit the plan
     predicts to be zero is exactly zero (soundness). Also counts zeros the plan did not predict (conservatism),
     and per layer the unknown input units that the masks do zero (imprecision, see `ValidationResult`)."""
-    layers = [layer for layer in hat.plan.masked_layers if layer.input_index is not None]
-    watch = {site.node: layer for layer in layers for site in layer.sites}
+    watch = watched_sites(hat)
     results, violations = [], 0
     zero_when_closed: dict[str, torch.Tensor] = {}   # layer -> input units zero with every mask zero
     ever_nonzero: dict[str, torch.Tensor] = {}       # layer -> input units nonzero under some pattern
     was = hat.training
     hat.eval()
     try:
-        for name, keep in patterns if patterns is not None else probe_patterns(hat):
-            hat.masks.override = keep
-            recorder = _InputRecorder(hat.net, set(watch))
-            with torch.no_grad():
-                recorder.run(*_positional(hat, inputs, 0, None))
-            predicted = actual = bad = 0
-            keep_ext = torch.cat([keep, torch.ones(1)])
-            for node, values in recorder.seen.items():
-                layer = watch[node]
-                pred = (keep_ext[layer.input_index] == 0).all(0)
-                for value in values:
-                    axis = (-1 if layer.kind in ("linear", "linear_t") else 1) % value.ndim
-                    zero = _zero_units(value, layer, axis).cpu()
-                    predicted += int(pred.sum())
-                    actual += int(zero.sum())
-                    bad += int((pred & ~zero).sum())
-                    if not bool(keep.any()):
-                        zero_when_closed[layer.name] = zero_when_closed.get(layer.name, zero) & zero
-                    ever_nonzero[layer.name] = ever_nonzero.get(layer.name, ~zero) | ~zero
-            violations += bad
-            results.append({"pattern": name, "layers": len(recorder.seen), "predicted_zero": predicted,
-                            "actual_zero": actual, "violations": bad})
+        observed = [(name, keep, observe_zeros(hat, inputs, keep, watch))
+                    for name, keep in (patterns if patterns is not None else probe_patterns(hat))]
     finally:
-        hat.masks.override = None
         hat.train(was)
+    for name, keep, zeros in observed:
+        predicted = actual = bad = 0
+        keep_ext = torch.cat([keep, torch.ones(1)])
+        for node, per_call in zeros.items():
+            layer = watch[node]
+            pred = (keep_ext[layer.input_index] == 0).all(0)
+            for zero in per_call:
+                predicted += int(pred.sum())
+                actual += int(zero.sum())
+                bad += int((pred & ~zero).sum())
+                if not bool(keep.any()):
+                    zero_when_closed[layer.name] = zero_when_closed.get(layer.name, zero) & zero
+                ever_nonzero[layer.name] = ever_nonzero.get(layer.name, ~zero) | ~zero
+        violations += bad
+        results.append({"pattern": name, "layers": len(zeros), "predicted_zero": predicted,
+                        "actual_zero": actual, "violations": bad})
     imprecise = {}
-    for layer in layers:
+    for layer in {layer.name: layer for layer in watch.values()}.values():
         if layer.name in zero_when_closed and layer.name in ever_nonzero:
             unknown = (layer.input_index == ONES).any(0)
             count = int((unknown & zero_when_closed[layer.name] & ever_nonzero[layer.name]).sum())
@@ -227,24 +308,57 @@ def original_parameter_map(hat: HATModel) -> dict[str, str]:
     return mapping
 
 
+def _loss(outputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    terms = [v.float().square().mean() for v in outputs.values() if v.is_floating_point() and v.requires_grad]
+    return sum(terms) if terms else None
+
+
 def _ungraded(model: nn.Module, params: dict[str, torch.Tensor], run) -> set[str]:
     """Names in `params` that get no gradient from a loss on `run(model)`'s outputs."""
-    out = _leaves(run(model))
-    loss = sum(v.float().square().mean() for v in out.values() if v.is_floating_point() and v.requires_grad)
-    if not isinstance(loss, torch.Tensor):
+    return _ungraded_from(_leaves(run(model)), params)
+
+
+def _ungraded_from(outputs: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> set[str]:
+    loss = _loss(outputs)
+    if loss is None:
         return set(params)
-    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True, retain_graph=True)
     return {name for name, g in zip(params, grads) if g is None}
 
 
-def check_gradients(hat: HATModel, inputs: Inputs, model: nn.Module | None = None) -> list[str]:
-    """Names of original parameters that receive no gradient through the converted model (task 0), leaving out
-    those that get none through `model` (the original) either: an unused pooler, an untaken branch."""
-    trial = detached_deepcopy(hat).eval()  # eval: norms use running statistics, so a batch of one works too
-    params = dict(trial.net.named_parameters())
-    mapping = {orig: params[name] for orig, name in original_parameter_map(trial).items()
+def _reached_leaves(outputs: dict[str, torch.Tensor]) -> set[int]:
+    """Ids of the leaf tensors the autograd graph of `outputs` reaches: those a backward would give a gradient,
+    found by walking the graph instead of computing the backward."""
+    reached = {id(v) for v in outputs.values() if v.requires_grad and v.grad_fn is None}
+    stack = [v.grad_fn for v in outputs.values() if v.is_floating_point() and v.grad_fn is not None]
+    seen = {id(fn) for fn in stack}
+    while stack:
+        for fn, _ in stack.pop().next_functions:
+            if fn is None or id(fn) in seen:
+                continue
+            seen.add(id(fn))
+            variable = getattr(fn, "variable", None)  # AccumulateGrad: the leaf it accumulates into
+            if variable is not None:
+                reached.add(id(variable))
+            stack.append(fn)
+    return reached
+
+
+def check_gradients(hat: HATModel, inputs: Inputs, model: nn.Module | None = None,
+                    outputs: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """Names of original parameters that receive no gradient through the converted model (task 0, eval, masks
+    open), leaving out those that get none through `model` (the original) either: an unused pooler, an untaken
+    branch. `outputs`: that forward's outputs with their autograd graph, if already run (`validate` reuses the
+    open-mask comparison's forward)."""
+    if outputs is None:
+        outputs = _hat_outputs(hat, inputs, grad=True)
+    params = dict(hat.net.named_parameters())
+    mapping = {orig: params[name] for orig, name in original_parameter_map(hat).items()
                if name in params and params[name].requires_grad}
-    missing = _ungraded(trial, mapping, lambda m: inputs.call(m, task_id=0, mask_scale=1.0))
+    reached = _reached_leaves(outputs)
+    unreached = {name: p for name, p in mapping.items() if id(p) not in reached}
+    # a real backward decides the unreached ones (a function may reach a leaf outside the recorded graph)
+    missing = _ungraded_from(outputs, unreached) if unreached else set()
     if missing and model is not None:
         reference = detached_deepcopy(model).eval()
         own = {name: p for name, p in reference.named_parameters(remove_duplicate=False)
@@ -264,9 +378,11 @@ def validate(model: nn.Module, hat: nn.Module, example_inputs: Any) -> Validatio
     """
     hat = _unwrap(hat)
     inputs = Inputs.of(example_inputs)
-    diffs, tol = compare_open(model, hat, inputs)
+    ref, got = _open_outputs(model, hat, inputs, grad=True)  # one forward: the comparison and the gradients
+    diffs, tol = _differences(ref, got)
+    missing = check_gradients(hat, inputs, model, got)
+    del ref, got  # free the recorded graph before the probes
     probes, violations, imprecise = probe_flow(hat, inputs)
-    missing = check_gradients(hat, inputs, model)
     messages = [f"output {k}: open-mask difference {v:.3g} > {tol:.3g}" for k, v in diffs.items() if v > tol]
     if violations:
         messages.append(f"mask-flow probe: {violations} input units predicted zero were not")

@@ -1,0 +1,98 @@
+"""The validator keeps its power: a wrong mask-flow plan, a parameter cut off from the loss, and a converted model
+that computes something else each fail validation (the probe, the gradient check, the open-mask comparison)."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import hatify
+from models import ResidualBlock
+
+validate_module = sys.modules["hatify.validate"]  # `hatify.validate` is also the function
+
+X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def _converted():
+    torch.manual_seed(0)
+    model = ResidualBlock()
+    return model, hatify.hatify(model, 2, (X,))
+
+
+def _layer(hat, name):
+    return next(layer for layer in hat.plan.masked_layers if layer.name == name)
+
+
+def _drop_residual_operand(hat):  # conv3 reads stem + conv2 (a residual add): forget conv2
+    _layer(hat, "conv3").input_index = _layer(hat, "conv3").input_index[:1].clone()
+
+
+def _reverse_units(hat):  # conv2 reads conv1's units in order: a permutation of them
+    _layer(hat, "conv2").input_index = _layer(hat, "conv2").input_index.flip(-1).clone()
+
+
+def _wrong_producer(hat):  # conv1 reads the stem's units: name conv3's instead
+    layer = _layer(hat, "conv1")
+    layer.input_index = layer.input_index - _layer(hat, "stem").offset + _layer(hat, "conv3").offset
+
+
+def _unknown_taken_as_masked(hat):  # the stem reads the image (always ones): call it conv2's units
+    layer = _layer(hat, "stem")
+    layer.input_index = torch.arange(3).unsqueeze(0) + _layer(hat, "conv2").offset
+
+
+@pytest.mark.parametrize("corrupt", [_drop_residual_operand, _reverse_units, _wrong_producer,
+                                     _unknown_taken_as_masked])
+def test_probe_finds_a_wrong_plan(corrupt):
+    model, hat = _converted()
+    assert hatify.validate(model, hat, (X,)).passed
+    corrupt(hat)
+    result = hatify.validate(model, hat, (X,))
+    assert not result.passed and result.probe_violations > 0
+    assert any("mask-flow probe" in m for m in result.messages)
+
+
+def test_observe_zeros_reports_the_units_found_zero():
+    _, hat = _converted()
+    watch = validate_module.watched_sites(hat)
+    assert set(watch) == {"stem", "conv1", "conv2", "conv3"}
+    inputs = hatify.inputs.Inputs.of((X,))
+    every = validate_module.observe_zeros(hat, inputs, torch.zeros(hat.plan.total_units), watch)
+    assert not bool(every["stem"][0].any())  # the image carries no mask
+    assert all(bool(every[name][0].all()) for name in ("conv1", "conv2", "conv3"))
+    keep = torch.ones(hat.plan.total_units)
+    keep[_layer(hat, "conv1").offset:][:3] = 0  # conv1's first three units: conv2's first three inputs
+    some = validate_module.observe_zeros(hat, inputs, keep, watch)
+    assert some["conv2"][0].tolist() == [True] * 3 + [False] * 5
+
+
+def test_gradient_check_finds_a_parameter_cut_off():
+    model, hat = _converted()
+    graph = hat.net.graph
+    bn1 = next(n for n in graph.nodes if n.name == "bn1")
+    bn1.replace_all_uses_with(bn1.args[0])  # bn1's output no longer reaches anything
+    graph.erase_node(bn1)
+    hat.net.recompile()
+    result = hatify.validate(model, hat, (X,))
+    assert not result.passed
+    assert set(result.missing_gradients) == {"bn1.weight", "bn1.bias"}
+
+
+def test_open_mask_comparison_finds_a_changed_computation():
+    model, hat = _converted()
+    with torch.no_grad():
+        hat.net.get_submodule("bn2").copies[0].bias.add_(0.5)
+    result = hatify.validate(model, hat, (X,))
+    assert not result.passed and result.largest_difference > result.tolerance
+    assert result.missing_gradients == [] and result.probe_violations == 0
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 20, 53, 300])
+def test_layer_groups_separate_every_ordered_pair(n):
+    codes = validate_module._separating_codes(n)
+    assert len(set(codes)) == n
+    assert all(set(a) - set(b) for a in codes for b in codes if a != b)  # A zeroed while B is not, both ways
+    positions = max(max(code) for code in codes) + 1
+    assert positions <= 2 * max(1, n - 1).bit_length()  # never more probes than one bit each way
