@@ -16,6 +16,28 @@ OPTIMIZERS: dict[str, Callable] = {
 }
 
 
+def train_two_tasks(hat, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tasks 0 and 1, five batches each, one AdamW(weight_decay) across them: task 0's outputs right after it,
+    task 0's and task 1's at the end (eval, binary masks)."""
+    opt = torch.optim.AdamW(hat.parameters(), lr=1e-2, weight_decay=0.1)
+    after = None
+    for t in range(2):
+        hat.train()
+        hat.begin_task(t)
+        for b in range(5):
+            loss = F.cross_entropy(hat(x, task_id=t, mask_scale=hat.mask_scale(b, 5)), y) + hat.regularization()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        hat.end_task()
+        hat.eval()
+        if t == 0:
+            with torch.no_grad():
+                after = hat(x, task_id=0)
+    with torch.no_grad():
+        return after, hat(x, task_id=0), hat(x, task_id=1)
+
+
 def _output(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out[0]
 

@@ -2,38 +2,17 @@
 keeps rows in place, not one (and said why) where it mixes rows; finished tasks stay bit-identical either way."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
 import hatify
+from soundness_models import train_two_tasks
 
 
 def _net(wrap):
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), nn.ReLU(), wrap(nn.Conv1d(8, 8, 3, padding=1)), nn.ReLU(),
                          nn.Flatten(), wrap(nn.Linear(80, 16)), nn.ReLU(), nn.Linear(16, 3))
-
-
-def _train_two_tasks(hat, x, y):
-    """Tasks 0 and 1 with one AdamW(weight_decay); task 0's outputs right after it and at the end."""
-    opt = torch.optim.AdamW(hat.parameters(), lr=1e-2, weight_decay=0.1)
-    after = None
-    for t in range(2):
-        hat.train()
-        hat.begin_task(t)
-        for b in range(5):
-            loss = F.cross_entropy(hat(x, task_id=t, mask_scale=hat.mask_scale(b, 5)), y) + hat.regularization()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        hat.end_task()
-        hat.eval()
-        if t == 0:
-            with torch.no_grad():
-                after = hat(x, task_id=0)
-    with torch.no_grad():
-        return after, hat(x, task_id=0), hat(x, task_id=1)
 
 
 def test_weight_norm_layers_are_hat_layers_and_old_tasks_stay_bit_identical(tmp_path):
@@ -45,7 +24,7 @@ def test_weight_norm_layers_are_hat_layers_and_old_tasks_stay_bit_identical(tmp_
     assert {p.name: p.policy for p in hat.plan.params} == {"2.parametrizations_weight_original0": "per_task",
                                                            "5.parametrizations_weight_original0": "per_task"}
     assert not hat.plan.opaque and hat.report.validation["passed"]
-    after, again, other = _train_two_tasks(hat, x, y)
+    after, again, other = train_two_tasks(hat, x, y)
     assert torch.equal(after, again) and not torch.equal(after, other)
     hatify.save(hat, tmp_path / "wn.hat")
     loaded = hatify.load(tmp_path / "wn.hat", model=_net(weight_norm))
@@ -62,7 +41,7 @@ def test_row_mixing_parametrizations_are_no_hat_layers_and_say_why(wrap):
     assert {layer.name for layer in hat.plan.layers} == {"0", "7"}
     reasons = [u.reason for u in hat.plan.unknown if "not a HAT layer" in u.reason]
     assert len(reasons) == 2 and all("not provably row-local" in r for r in reasons)
-    after, again, other = _train_two_tasks(hat, x, y)
+    after, again, other = train_two_tasks(hat, x, y)
     assert torch.equal(after, again) and not torch.equal(after, other)
 
 
