@@ -179,6 +179,28 @@ def test_the_logits_output_is_named_when_it_is_not_the_tensor_or_a_logits_field(
     assert set(pred.outputs) == {"features", "scores"} and pred.outputs["scores"].shape == (5, 2)
 
 
+def test_torchvision_model_with_batchnorm():
+    """torchvision's mobilenet_v3_small (BatchNorm, in-place hardswish): end_task(data) re-estimates the task's
+    statistics and records the task-inference ones; the inferred outputs are the chosen task's."""
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.mobilenet_v3_small(weights=None, num_classes=2)
+    hat = hatify.hatify(model, 2, example_inputs=(torch.randn(2, 3, 32, 32),))
+    data = [[(torch.randn(6, 3, 32, 32) + 2 * t, torch.tensor([0, 1] * 3))] for t in range(2)]
+    for t in range(2):
+        hat.train()
+        hat.begin_task(t)
+        hat(data[t][0][0], task_id=t, mask_scale=hat.mask_scale(0, 1))
+        hat.end_task(data=data[t])
+    hat.eval()
+    x = torch.cat([data[0][0][0][:3], data[1][0][0][:3]])
+    pred = hat.infer_task(x)
+    assert pred.probs.shape == (6, 2) and torch.allclose(pred.probs.sum(1), torch.ones(6))
+    with torch.no_grad():
+        for i in range(6):
+            torch.testing.assert_close(pred.outputs[i], hat(x[i:i + 1], task_id=int(pred.task[i]))[0],
+                                       rtol=1e-5, atol=1e-5)
+
+
 def test_timm_model():
     timm = pytest.importorskip("timm")
     model = timm.create_model("test_resnet", num_classes=2)
