@@ -413,7 +413,8 @@ def attention(ctx: RuleContext) -> UnitMap:
 
 @mask_rule("mean", "sum", "amax", "amin", "nansum", "nanmean")
 def reduce(ctx: RuleContext) -> UnitMap:
-    """A reduction over axes along which the map is constant keeps the map (minus those axes)."""
+    """A reduction over some axes is exactly zero where every element it reduces is: the union, over the reduced
+    positions, of their maps (the map itself where it is constant along those axes)."""
     src, out = ctx.spec(ctx.arg(0, "input")), ctx.out
     unit_map = ctx.map_of(ctx.arg(0, "input"))
     if unit_map.is_ones or not isinstance(src, TensorSpec) or not isinstance(out, TensorSpec):
@@ -422,15 +423,18 @@ def reduce(ctx: RuleContext) -> UnitMap:
     keepdim = ctx.arg(2, "keepdim", False)
     if dims is None:
         return UnitMap.ones()
-    dims = [d % src.ndim for d in ((dims,) if isinstance(dims, int) else dims)]
+    dims = sorted({d % src.ndim for d in ((dims,) if isinstance(dims, int) else dims)})
+    kept = [d for d in range(src.ndim) if d not in dims]
     terms = []
     for t in unit_map.terms:
         t = t.reshape((1,) * (src.ndim - t.ndim) + tuple(t.shape))
-        if any(t.shape[d] != 1 for d in dims):
-            return UnitMap.ones()
-        if not keepdim:
-            t = t.reshape([s for d, s in enumerate(t.shape) if d not in dims])
-        terms.append(t)
+        # one term per reduced position: (positions, kept axes...), the reduced axes then size 1 or gone
+        slices = t.permute(*dims, *kept).reshape(-1, *(t.shape[d] for d in kept))
+        if keepdim:
+            slices = slices.reshape(slices.shape[0], *(1 if d in dims else t.shape[d] for d in range(src.ndim)))
+        terms += list(slices)
+        if len(terms) > 4 * ctx.max_terms:  # normalise drops duplicates; give up before stacking a huge union
+            return UnitMap(truncated=True)
     return maps.normalise(terms, ctx.max_terms)
 
 

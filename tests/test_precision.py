@@ -21,6 +21,8 @@ CNNS = {
     "torchvision:squeezenet1_1": (24, 25),
     "torchvision:mobilenet_v2": (51, 52),
     "timm:efficientnet_b0": (80, 81),
+    "timm:skresnet18": (43, 44),   # branch sums over a stacked axis: the union over the branches (27/44 before)
+    "timm:resnest14d": (26, 27),   # split attention's radix sums (18/27 before)
 }
 
 
