@@ -12,6 +12,11 @@ from .errors import HatifyError
 LABELS = "labels"
 
 
+def model_device(module: torch.nn.Module) -> torch.device | None:
+    """Where a model's tensors live (its first parameter or buffer): batches of a loader are moved there."""
+    return next((v.device for v in (*module.parameters(), *module.buffers())), None)
+
+
 def iterate_batches(data: Iterable[Any], device: torch.device | None = None, classes: bool = True
                     ) -> Iterator[tuple[tuple, dict, Any]]:
     """(positional inputs, keyword inputs, labels) per batch of `data`: each batch is `(inputs, labels)` with

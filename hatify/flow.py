@@ -379,7 +379,7 @@ def _node_flow(node: fx.Node, module: nn.Module | None, mask_at: dict[str, UnitM
             _node_flow(node, module, mask_at, producers, {}, flows, {}, [], config)
         if isinstance(would_be, UnitMap) and not would_be.is_ones:
             write = written[node]
-            unknown.append(UnknownOp(node.name, _op_name(node, module), f"storage written in place by '{write.name}' "
+            unknown.append(UnknownOp(node.name, op_name(node, module), f"storage written in place by '{write.name}' "
                                      f"({source_line(write) or '?'}) while this view of it is read later: output "
                                      "treated as all ones", source_line(node)))
         return UnitMap.ones()
@@ -394,7 +394,7 @@ def _node_flow(node: fx.Node, module: nn.Module | None, mask_at: dict[str, UnitM
         result = fallback.fn(ctx) if fallback else UnitMap.ones()
         if ctx.tensor_inputs() and not all(ctx.map_of(n).is_ones for n in ctx.tensor_inputs()) \
                 and isinstance(result, UnitMap) and result.is_ones:
-            op = _op_name(node, module)
+            op = op_name(node, module)
             why = "zeros not kept when probed in train and eval mode" if fallback else "no mask rule"
             unknown.append(UnknownOp(node.name, op, f"{why}: output treated as all ones", source_line(node)))
         return result
@@ -406,7 +406,8 @@ def _node_flow(node: fx.Node, module: nn.Module | None, mask_at: dict[str, UnitM
     return result
 
 
-def _op_name(node: fx.Node, module: nn.Module | None) -> str:
+def op_name(node: fx.Node, module: nn.Module | None) -> str:
+    """The op a node runs, for reports: its module's class, else its function's or method's name."""
     return type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target))
 
 

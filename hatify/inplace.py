@@ -68,6 +68,11 @@ def writes_input(node: fx.Node, module: nn.Module | None = None) -> bool:
     return False
 
 
+def writes_in_place(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """`writes_input` for a node of `gm` (its module looked up for a `call_module`)."""
+    return writes_input(node, gm.get_submodule(node.target) if node.op == "call_module" else None)
+
+
 def _alias_kind(node: fx.Node, gm: fx.GraphModule) -> str | None:
     """How `node`'s result may share storage with its first argument: "same" (the very tensor, or one with the
     same layout: its map is the input's), "view" (elements moved), or None (a new tensor)."""
@@ -138,19 +143,17 @@ def aliased_writes(gm: fx.GraphModule) -> tuple[dict[fx.Node, fx.Node], dict[fx.
         source = _first_tensor(node)
         if source is not None and _alias_kind(node, gm) == "same":
             layouts.join(node, source)
-        if node.op in ("call_function", "call_method", "call_module") and source is not None:
-            module = gm.get_submodule(node.target) if node.op == "call_module" else None
-            if writes_input(node, module):
-                writes.append(node)
+        if source is not None and writes_in_place(node, gm):
+            writes.append(node)
     members: dict[fx.Node, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         members.setdefault(groups[node], []).append(node)
+    last_read = {n: max((order[u] for u in n.users), default=-1) for n in gm.graph.nodes}
     stale: dict[fx.Node, fx.Node] = {}
     merge_into: dict[fx.Node, list[fx.Node]] = {}
     for write in writes:
         layout = layouts.find(write)
         merge_into.setdefault(layout, [n for n in members[groups[write]] if layouts.find(n) is layout])
-        last_read = {n: max((order[u] for u in n.users), default=-1) for n in members[groups[write]]}
         for n in members[groups[write]]:
             if layouts.find(n) is not layout and order[n] < order[write] and last_read[n] > order[write]:
                 stale.setdefault(n, write)

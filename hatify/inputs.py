@@ -81,6 +81,11 @@ class Inputs:
         return positional + list(self.traced_kwargs)
 
 
+def inputs_device(inputs: tuple, kwargs: dict) -> torch.device | None:
+    """The device of the first tensor among a call's inputs (None: no tensor)."""
+    return next((v.device for v in pytree.tree_leaves((inputs, kwargs)) if isinstance(v, torch.Tensor)), None)
+
+
 def is_constant(value: Any) -> bool:
     """Plain data a trace fixes (flags, counts, names), not an input that varies from call to call."""
     if isinstance(value, (tuple, list)):

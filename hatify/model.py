@@ -13,7 +13,7 @@ from torch.utils import _pytree as pytree
 
 from . import fsdp, per_sample
 from .errors import HatifyError, HatifyWarning
-from .inputs import CONSTANTS
+from .inputs import CONSTANTS, inputs_device
 from .layers import MaskBank, Protect, TaskIndexed, TaskParameter
 from .naming import keep_user_names, user_names
 from .norm_stats import has_running_statistics, reestimate_norm_statistics
@@ -131,7 +131,7 @@ class HATModel(nn.Module):
         own task's masks (`hatify.per_sample`) where the graph allows it. Else (and on the CPU, where one large
         pass measured 2-3x slower than one cache-sized pass per task) each task's samples run together and the
         outputs are put back in order."""
-        device = next((v.device for v in pytree.tree_leaves((inputs, kwargs)) if isinstance(v, torch.Tensor)), None)
+        device = inputs_device(inputs, kwargs)
         if not self.training and mask_scale is None and device is not None and device.type != "cpu":
             try:
                 return per_sample.run(self.net, inputs, kwargs, ids)

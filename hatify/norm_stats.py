@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batches import iterate_batches
+from .batches import iterate_batches, model_device
 from .errors import HatifyError
 from .layers import TaskIndexed
 
@@ -44,8 +44,7 @@ def reestimate_norm_statistics(hat, t: int, data: Iterable[Any]) -> int:
     norms = task_norms(hat, t)
     if not norms:
         return 0
-    device = next((b.device for b in hat.buffers()), None)
-    batches = iterate_batches(data, device, classes=False)
+    batches = iterate_batches(data, model_device(hat), classes=False)
     first = next(batches, None)
     if first is None:
         raise HatifyError(f"end_task(data=...) for task {t}: the data held no batch; pass the task's training data "

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .inplace import writes_in_place
 from .shapes import TensorSpec
 
 _TRIALS = 3
@@ -46,23 +47,17 @@ def in_place_writers(nodes: set[fx.Node], gm: fx.GraphModule) -> set[fx.Node]:
         for user in node.users:
             if user in nodes or user in found or _first_tensor(user) is not node:
                 continue
-            if _is_write(user, gm) or _alias_kind(user, gm) == "view":
+            if writes_in_place(user, gm) or _alias_kind(user, gm) == "view":
                 found.add(user)
                 frontier.append(user)
     changed = True
     while changed:  # keep the writes, and the views that lead only to kept writes and views
         changed = False
         for node in list(found):
-            if any(u not in found for u in node.users) or not (node.users or _is_write(node, gm)):
+            if any(u not in found for u in node.users) or not (node.users or writes_in_place(node, gm)):
                 found.discard(node)
                 changed = True
     return found
-
-
-def _is_write(node: fx.Node, gm: fx.GraphModule) -> bool:
-    from .inplace import writes_input
-
-    return writes_input(node, gm.get_submodule(node.target) if node.op == "call_module" else None)
 
 
 def keeps_rows(weight_node: fx.Node, param: str, gm: fx.GraphModule) -> bool:
@@ -126,7 +121,7 @@ def _metadata(node: fx.Node) -> bool:
 
 def live_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     """Nodes the output, or an in-place write, depends on."""
-    return _reach([n for n in gm.graph.nodes if n.op == "output" or _is_write(n, gm)])
+    return _reach([n for n in gm.graph.nodes if n.op == "output" or writes_in_place(n, gm)])
 
 
 _INLINE = {nn.Linear: lambda m: (F.linear, ("weight", "bias"), ()),

@@ -12,7 +12,7 @@ from torch import fx, nn
 from .capture import Capture
 from .config import HATConfig
 from .errors import source_line
-from .flow import Flow, Producer, UnknownOp
+from .flow import Flow, Producer, UnknownOp, op_name
 from .maps import ONES, UnitMap, per_unit
 from .shapes import TensorSpec
 
@@ -187,7 +187,8 @@ def unmasked_input_reason(gm: fx.GraphModule, flow: Flow, starts: list[str | Non
             inputs = [n for n in node.all_input_nodes if _has_spec(n)]
             unmasked = [n for n in inputs if not _masked(flow, n)]
             if inputs and not unmasked:  # every input has masks, the output none: lost here
-                return f"masks lost at {_where(node, _op_name(node, gm))}{_written(seen, gm)}"
+                module = gm.get_submodule(node.target) if node.op == "call_module" else None
+                return f"masks lost at {_where(node, op_name(node, module))}{_written(seen, gm)}"
             sources += [] if inputs else ["a tensor made in forward"]
             queue += unmasked  # (a masked operand joined with an unmasked one: the cause is upstream of the latter)
     return f"{MADE_FROM} the {' and '.join(dict.fromkeys(sources)) or 'model input'}"
@@ -195,22 +196,15 @@ def unmasked_input_reason(gm: fx.GraphModule, flow: Flow, starts: list[str | Non
 
 def _written(walked: dict[fx.Node, None], gm: fx.GraphModule) -> str:
     """`, written in place by relu_1`: the nearest node on the walk that writes its input in place."""
-    from .inplace import writes_input
+    from .inplace import writes_in_place
 
-    writer = next((n.name for n in walked if writes_input(
-        n, gm.get_submodule(n.target) if n.op == "call_module" else None)), None)
+    writer = next((n.name for n in walked if writes_in_place(n, gm)), None)
     return f", written in place by {writer}" if writer else ""
 
 
 def _masked(flow: Flow, node: fx.Node) -> bool:
     masks = flow.maps.get(node.name)
     return isinstance(masks, UnitMap) and not masks.is_ones
-
-
-def _op_name(node: fx.Node, gm: fx.GraphModule) -> str:
-    if node.op == "call_module":
-        return type(gm.get_submodule(node.target)).__name__
-    return getattr(node.target, "__name__", str(node.target))
 
 
 def _where(node: fx.Node, op: str) -> str:

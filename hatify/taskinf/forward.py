@@ -13,6 +13,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import HatifyError
+from ..inputs import inputs_device
 
 
 @dataclass
@@ -88,7 +89,7 @@ def run_tasks(hat, inputs: tuple, kwargs: dict, tasks: list[int], logits: str | 
     count = len(tasks)
     repeat = lambda v: v.repeat(count, *([1] * (v.ndim - 1))) if isinstance(v, torch.Tensor) and v.ndim \
         and v.shape[0] == batch else v
-    device = next((v.device for v in pytree.tree_leaves((inputs, kwargs)) if isinstance(v, torch.Tensor)), None)
+    device = inputs_device(inputs, kwargs)
     ids = torch.tensor(tasks, device=device).repeat_interleave(batch)
     context = head_features(hat) if features else contextlib.nullcontext([])
     with context as seen:

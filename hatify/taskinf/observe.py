@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..batches import iterate_batches
+from ..batches import iterate_batches, model_device
 from ..errors import HatifyError
 from .forward import run_tasks
 
@@ -46,8 +46,7 @@ def _summarise(hat, t: int, data: Any, keep: int, logits: str | int | None) -> t
     use_features = True
     kept: dict[str, list] = {}
     kept_labels: list[torch.Tensor] = []
-    device = next((v.device for v in hat.parameters()), None) or next((v.device for v in hat.buffers()), None)
-    for inputs, kwargs, labels in iterate_batches(data, device):  # a loader's batches may be on the CPU
+    for inputs, kwargs, labels in iterate_batches(data, model_device(hat)):  # a loader's batches may be on the CPU
         run = run_tasks(hat, inputs, kwargs, [t], logits, features=use_features)
         scores = run.logits[0].double()
         if labels.shape[0] != scores.shape[0]:
