@@ -17,6 +17,7 @@ from .inputs import CONSTANTS, inputs_device
 from .layers import MaskBank, Protect, TaskIndexed, TaskParameter
 from .naming import keep_user_names, user_names
 from .norm_stats import has_running_statistics, reestimate_norm_statistics
+from .parametrized import hold_norms
 from .plan import LayerPlan, Plan
 from .rewrite import SCALE_ARG, TASK_ARG, _owner
 from .taskinf.statistics import TaskStatistics
@@ -255,6 +256,7 @@ class HATModel(nn.Module):
 
     def _freeze_task(self, t: int) -> None:
         self.masks.freeze(t)
+        hold_norms(self.net, t)
         for module in self.net.modules():
             if isinstance(module, (TaskIndexed, TaskParameter)):
                 module.freeze(t)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .inplace import writes_in_place
+from .parametrized import is_held
 from .shapes import TensorSpec
 
 _TRIALS = 3
@@ -63,32 +64,37 @@ def in_place_writers(nodes: set[fx.Node], gm: fx.GraphModule) -> set[fx.Node]:
 def keeps_rows(weight_node: fx.Node, param: str, gm: fx.GraphModule) -> bool:
     """Whether the ops from parameter `param` to `weight_node` keep rows in place: replacing random rows of the
     parameter changes no other row of the result, on several draws (and the row count is kept). In-place writes
-    into the chain before its first use count as part of it."""
+    into the chain before its first use count as part of it. A value held per task (`parametrized.HeldNorm`) is
+    a constant for every finished task, the only ones protection is for: it keeps its value across the draws."""
     chain = set(_ancestors(weight_node))
     order = {n: i for i, n in enumerate(weight_node.graph.nodes)}
     first_use = min((order[u] for u in weight_node.users), default=None)
     writers = {w for w in in_place_writers(chain, gm) if first_use is None or order[w] < first_use}
     needed = chain | {a for w in writers for a in _ancestors(w)}
     graph = fx.Graph()
+    read = graph.placeholder("hat_param")
     env: dict[fx.Node, fx.Node] = {}
     for n in [n for n in weight_node.graph.nodes if n in needed]:
         if n.op == "placeholder":
             return False
-        env[n] = graph.node_copy(n, lambda a: env[a])
+        env[n] = read if n.op == "get_attr" and n.target == param else graph.node_copy(n, lambda a: env[a])
     graph.output(env[weight_node])
     sub = fx.GraphModule(gm, graph)
+    held = [env[n] for n in needed if is_held(n, gm)]
     value = gm.get_parameter(param).detach()
     gen = torch.Generator().manual_seed(0)
     try:
         with torch.no_grad():
-            base = torch.func.functional_call(sub, {param: value}, ())
+            first = fx.Interpreter(sub, garbage_collect_values=False)
+            base = first.run(value)
+            constants = {n: first.env[n] for n in held}
             if not isinstance(base, torch.Tensor) or base.ndim == 0 or base.shape[0] != value.shape[0]:
                 return False
             for _ in range(_TRIALS):
                 rows = torch.rand(value.shape[0], generator=gen) < 0.5
                 moved = value.clone()
                 moved[rows] = torch.randn(moved[rows].shape, generator=gen).to(value.dtype)
-                out = torch.func.functional_call(sub, {param: moved}, ())
+                out = fx.Interpreter(sub).run(moved, initial_env=dict(constants))
                 if out.shape != base.shape or not torch.equal(out[~rows].nan_to_num(), base[~rows].nan_to_num()):
                     return False
     except Exception:  # cannot be evaluated on its own: not provably row-local

@@ -319,6 +319,10 @@ def _other_parameters(gm: fx.GraphModule, layers: list[LayerPlan], kept: dict[st
             if _buffers(module) and policy == "frozen":
                 policy, reason = "statistics_per_task", f"{reason}; its running statistics get one copy per task"
             modules.append(ModulePlan(node.target, op, policy, reason, count))
+        elif getattr(module, "held_per_task", False):
+            # whatever the selection: a norm shared by tasks would move the rows finished tasks use
+            modules.append(ModulePlan(node.target, op, config.loose_params,
+                                      "weight norm across rows: its value held per task at end_task", 0))
         elif count:
             why = capture.opaque.get(node.target, "leaf module with parameters hatify has no rule for")
             modules.append(ModulePlan(node.target, op, *_policy(node.target, values, config, config.loose_params,
