@@ -221,3 +221,42 @@ def test_task_outputs_survive_save_load_and_the_command_line_setting(tmp_path):
     assert [layer.role for layer in again.plan.layers] == [layer.role for layer in hat.plan.layers]
     with torch.no_grad():
         assert torch.equal(again(**batch, task_id=1).logits, hat.eval()(**batch, task_id=1).logits)
+
+
+@pytest.mark.parametrize("name", ["hubert", "wavlm"])
+def test_positional_conv_under_weight_norm_is_a_hat_layer_and_keeps_task0(name, tmp_path):
+    """HuBERT/WavLM's positional conv is a grouped Conv1d under weight_norm over its kernel axis (dim=2): a HAT layer
+    whose norm each task holds (`parametrized.HeldNorm`); called with a keyword batch, task 0's logits stay
+    bit-identical after task 1, and save/load keeps both tasks."""
+    _, model_type, auto_class, kwargs, kind = next(e for e in hf_zoo.ZOO if e[0] == name)
+    build = lambda: hf_zoo.build(model_type, auto_class, kwargs, "eager")
+    model = build()
+    batch = hf_zoo.inputs_for(model, kind, padded=False)
+    hat = hatify.hatify(model, 2, example_inputs=batch)
+    roles = {layer.name: layer.role for layer in hat.plan.layers}
+    assert roles[f"{name}.encoder.pos_conv_embed.conv"] == "masked"
+    assert hat.report.validation["passed"] and hat.report.summary["hat_parameter_share"] > 0.95
+    labels = torch.tensor([0, 1])
+    opt = torch.optim.AdamW(hat.parameters(), lr=1e-2, weight_decay=0.01)
+    for t in range(2):
+        hat.train()
+        hat.begin_task(t)
+        for b in range(4):
+            out = hat(**batch, task_id=t, mask_scale=hat.mask_scale(b, 4))
+            loss = torch.nn.functional.cross_entropy(out.logits, labels) + hat.regularization()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        hat.end_task()
+        hat.eval()
+        if t == 0:
+            with torch.no_grad():
+                after = hat(**batch, task_id=0).logits
+    with torch.no_grad():
+        again, other = hat(**batch, task_id=0).logits, hat(**batch, task_id=1).logits
+    assert torch.equal(again, after) and not torch.equal(other, after)
+    hatify.save(hat, tmp_path / f"{name}.hat")
+    loaded = hatify.load(tmp_path / f"{name}.hat", model=build())
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch, task_id=0).logits, again)
+        assert torch.equal(loaded(**batch, task_id=1).logits, other)
