@@ -72,34 +72,44 @@ def keeps_rows(weight_node: fx.Node, param: str, gm: fx.GraphModule) -> bool:
     writers = {w for w in in_place_writers(chain, gm) if first_use is None or order[w] < first_use}
     needed = chain | {a for w in writers for a in _ancestors(w)}
     graph = fx.Graph()
-    read = graph.placeholder("hat_param")
     env: dict[fx.Node, fx.Node] = {}
     for n in [n for n in weight_node.graph.nodes if n in needed]:
         if n.op == "placeholder":
             return False
-        env[n] = read if n.op == "get_attr" and n.target == param else graph.node_copy(n, lambda a: env[a])
+        env[n] = graph.node_copy(n, lambda a: env[a])
     graph.output(env[weight_node])
-    sub = fx.GraphModule(gm, graph)
-    held = [env[n] for n in needed if is_held(n, gm)]
+    run = _Evaluate(fx.GraphModule(gm, graph), [env[n] for n in needed if is_held(n, gm)])
     value = gm.get_parameter(param).detach()
     gen = torch.Generator().manual_seed(0)
     try:
         with torch.no_grad():
-            first = fx.Interpreter(sub, garbage_collect_values=False)
-            base = first.run(value)
-            constants = {n: first.env[n] for n in held}
+            base, run.constants = torch.func.functional_call(run, {f"sub.{param}": value}, ())
             if not isinstance(base, torch.Tensor) or base.ndim == 0 or base.shape[0] != value.shape[0]:
                 return False
             for _ in range(_TRIALS):
                 rows = torch.rand(value.shape[0], generator=gen) < 0.5
                 moved = value.clone()
                 moved[rows] = torch.randn(moved[rows].shape, generator=gen).to(value.dtype)
-                out = fx.Interpreter(sub).run(moved, initial_env=dict(constants))
+                out, _ = torch.func.functional_call(run, {f"sub.{param}": moved}, ())
                 if out.shape != base.shape or not torch.equal(out[~rows].nan_to_num(), base[~rows].nan_to_num()):
                     return False
     except Exception:  # cannot be evaluated on its own: not provably row-local
         return False
     return True
+
+
+class _Evaluate(nn.Module):
+    """Runs a chain's graph; the values of its `held` nodes are those of the first run once `constants` holds
+    them (returned by every run)."""
+
+    def __init__(self, sub: fx.GraphModule, held: list[fx.Node]) -> None:
+        super().__init__()
+        self.sub, self.held, self.constants = sub, held, {}
+
+    def forward(self) -> tuple[torch.Tensor, dict]:
+        interpreter = fx.Interpreter(self.sub, garbage_collect_values=False)
+        out = interpreter.run(initial_env=dict(self.constants))
+        return out, {n: interpreter.env[n] for n in self.held}
 
 
 def outside_reads(gm: fx.GraphModule, params: list[str], sites: list[fx.Node], args: list[fx.Node],
