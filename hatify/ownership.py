@@ -149,11 +149,16 @@ _INLINE = {nn.Linear: lambda m: (F.linear, ("weight", "bias"), ()),
 
 
 def inline_shared_layers(gm: fx.GraphModule) -> list[str]:
-    """A Linear, ConvNd or Embedding module whose parameters the graph also reads directly becomes the functional
-    call it stands for, reading the same parameters: then every read of them is a graph read, which the
-    loose-parameter policy replaces consistently (one copy per task shared by all the reads). Returns the
-    inlined module names."""
-    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    """A Linear, ConvNd or Embedding module whose parameters the graph also reads directly, or that holds a
+    parameter tied to another name (GPT-2's `lm_head.weight` is `transformer.wte.weight`), becomes the functional
+    call it stands for, reading the same parameters under their first name: then every read of them is a graph
+    read of one name, which the flow gives one rule (a tied embedding and LM head: `flow.ties`) or the
+    loose-parameter policy replaces consistently (one copy per task shared by all the reads). Returns the inlined
+    module names."""
+    first = {id(value): name for name, value in reversed(list(gm.named_parameters(remove_duplicate=False)))}
+    tied = {name for name, value in gm.named_parameters(remove_duplicate=False) if first[id(value)] != name} | \
+        {first[id(value)] for name, value in gm.named_parameters(remove_duplicate=False) if first[id(value)] != name}
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"} | tied
     inlined = []
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
@@ -168,11 +173,11 @@ def inline_shared_layers(gm: fx.GraphModule) -> list[str]:
         with gm.graph.inserting_before(node):
             attrs = []
             for name in names:
-                if getattr(module, name, None) is None:
+                value = getattr(module, name, None)
+                if value is None:
                     attrs.append(None)
                     continue
-                attr = gm.graph.get_attr(f"{node.target}.{name}")
-                value = getattr(module, name)
+                attr = gm.graph.get_attr(first.get(id(value), f"{node.target}.{name}"))
                 attr.meta["hat_spec"] = TensorSpec(tuple(value.shape), value.dtype)
                 attrs.append(attr)
             call = gm.graph.call_function(fn, (node.args[0], *attrs, *extra))
@@ -181,4 +186,3 @@ def inline_shared_layers(gm: fx.GraphModule) -> list[str]:
         gm.graph.erase_node(node)
         inlined.append(node.target)
     return inlined
-

@@ -141,15 +141,17 @@ def _seq2seq(name):
 
 
 def test_an_auxiliary_output_makes_no_heads_and_stays_bit_identical():
-    """mBART returns `encoder_last_hidden_state` next to `logits`: only the LM head is a head, the encoder's
-    residual writers are HAT layers, and after task 1 trains on both outputs, task 0's logits AND its encoder
-    state are bit-identical (the auxiliary output is gated, not unprotected)."""
+    """mBART returns `encoder_last_hidden_state` next to `logits`: the encoder's residual writers are HAT layers,
+    and so is the LM head, tied to the shared embedding (one layer, `flow.ties`: no head at all), and after task 1
+    trains on both outputs, task 0's logits AND its encoder state are bit-identical (the auxiliary output is gated,
+    not unprotected)."""
     model, batch = _seq2seq("mbart")
     hat = hatify.hatify(model, 2, example_inputs=batch)
     roles = {layer.name: layer.role for layer in hat.plan.layers}
-    assert [name for name, role in roles.items() if role == "head"] == ["lm_head"]
+    assert "lm_head" not in roles and [name for name, role in roles.items() if role == "head"] == []
+    assert any(site.tied for site in hat.plan.layer("model.shared").sites)
     assert roles["model.encoder.layers.0.fc2"] == roles["model.encoder.layers.0.self_attn.out_proj"] == "masked"
-    assert hat.report.validation["passed"] and hat.report.summary["hat_parameter_share"] > 0.9
+    assert hat.report.validation["passed"] and hat.report.summary["hat_parameter_share"] > 0.95
     opt = torch.optim.AdamW(hat.parameters(), lr=1e-2, weight_decay=0.01)
     for t in range(2):
         hat.train()
@@ -173,15 +175,16 @@ def test_an_auxiliary_output_makes_no_heads_and_stays_bit_identical():
 
 
 def test_task_outputs_name_the_outputs_heads_reach():
-    """`task_outputs="all"` gives every returned tensor heads (the encoder's residual writers); a name the model
-    does not return is refused with the outputs it has."""
+    """`task_outputs="all"` gives every returned tensor heads (the encoder's residual writers, and the shared
+    embedding with its tied LM head: one copy per task of the tied weight); a name the model does not return is
+    refused with the outputs it has."""
     model, batch = _seq2seq("mbart")
     plan = hatify.explain(model, 2, batch, hatify.HATConfig(task_outputs="all"))
     heads = {layer.name for layer in plan.layers if layer.role == "head"}
-    assert {"lm_head", "model.encoder.layers.0.fc2"} <= heads
+    assert {"model.shared", "model.encoder.layers.0.fc2"} <= heads
     plan = hatify.explain(model, 2, batch, hatify.HATConfig(task_outputs=("encoder_last_hidden_state",)))
     heads = {layer.name for layer in plan.layers if layer.role == "head"}
-    assert "model.encoder.layers.0.fc2" in heads and "lm_head" not in heads
+    assert "model.encoder.layers.0.fc2" in heads and "model.decoder.layers.0.fc2" not in heads
     with pytest.raises(hatify.HatifyError, match="task_outputs names hidden.*its outputs: logits, encoder_last"):
         hatify.explain(model, 2, batch, hatify.HATConfig(task_outputs=("hidden",)))
 
