@@ -20,18 +20,19 @@ hf_zoo = importlib.util.module_from_spec(_spec)
 sys.modules["hf_zoo"] = hf_zoo
 _spec.loader.exec_module(hf_zoo)
 
-# (zoo name, attention, padded mask, least share of parameters under HAT). The causal LMs' and T5's shares
-# are bounded by their output layers: the LM head is a per-task head (T5's output also includes the encoder's
-# last hidden state, which is no task output: the encoder's residual writers stay HAT layers).
+# (zoo name, attention, padded mask, least share of parameters under HAT). An untied LM head (Llama) is a
+# per-task head, which bounds the share; a tied one (GPT-2, T5, mBART) is one HAT layer with the embedding
+# (`flow.ties`). T5's and mBART's outputs also include the encoder's last hidden state, which is no task output:
+# the encoder's residual writers stay HAT layers.
 REPRESENTATIVE = [
     ("bert", "sdpa", True, 0.95),
     ("bert", "eager", False, 0.95),
-    ("gpt2", "sdpa", True, 0.9),
-    ("gpt2", "eager", True, 0.9),
+    ("gpt2", "sdpa", True, 0.99),
+    ("gpt2", "eager", True, 0.99),
     ("llama", "sdpa", True, 0.9),
     ("llama", "eager", False, 0.9),
-    ("t5", "eager", True, 0.9),
-    ("mbart", "sdpa", True, 0.9),
+    ("t5", "eager", True, 0.99),
+    ("mbart", "sdpa", True, 0.98),
     ("xlnet", "eager", True, 0.95),
     ("mixtral", "sdpa", True, 0.95),
     ("bart-cls", "eager", False, 0.95),
