@@ -15,7 +15,7 @@ from . import maps
 from .maps import UnitMap
 from .outputs import task_output_nodes
 from .parametrized import layer_name
-from .ownership import inline_shared_layers, keeps_rows, live_nodes, outside_reads
+from .ownership import ancestors, inline_shared_layers, keeps_rows, live_nodes, outside_reads
 from .rules import PER_CHANNEL_MODULES, RuleContext, _canon, fallback_rule, rule_for
 from .shapes import TensorSpec
 
@@ -263,9 +263,11 @@ def _disown(gm: fx.GraphModule, by_name: dict[str, Producer], node_of: dict[fx.N
         # the weight's chain, and the bias's where the layer owns its bias (a bias it does not own is per task)
         args = [a for site in sites for a in _weight_args(site, producer)[: 2 if producer.bias else 1]]
         reason = ""
-        if producer.weight_transformed and not all(
-                keeps_rows(_weight_args(site, producer)[0], producer.weight, gm) for site in sites):
-            reason = "weight transformed across rows before use (not provably row-local)"
+        mixing = [site for site in sites if producer.weight_transformed
+                  and not keeps_rows(_weight_args(site, producer)[0], producer.weight, gm)]
+        if mixing:
+            reason = f"weight transformed across rows before use{_modules_on(_weight_args(mixing[0], producer)[0], gm)}" \
+                     " (not provably row-local)"
         # `x @ W + b`: the add applies the layer's bias, so it is the layer's own read of it
         calls = sites + [u for site in sites if producer.bias and _canon(site.target) in _MATMULS for u in site.users]
         bad = outside_reads(gm, [p for p in (producer.weight, producer.bias) if p], calls, args, live)
@@ -280,6 +282,13 @@ def _disown(gm: fx.GraphModule, by_name: dict[str, Producer], node_of: dict[fx.N
             dropped.append(UnknownOp(sites[0].name, producer.op, f"not a HAT layer: {reason}; its parameters "
                                      "follow the loose-parameter policy", source_line(sites[0])))
     return dropped
+
+
+def _modules_on(weight: fx.Node, gm: fx.GraphModule) -> str:
+    """` by _SpectralNorm at conv.parametrizations_weight_0`: the modules the weight's chain calls (a parametrization
+    kept a module), which are what the report can name."""
+    calls = [n for n in ancestors(weight) if n.op == "call_module"]
+    return f" by {', '.join(f'{op_name(n, gm.get_submodule(n.target))} at {n.target}' for n in calls)}" if calls else ""
 
 
 def find_producers(gm: fx.GraphModule, config: HATConfig) -> list[Producer]:

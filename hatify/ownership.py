@@ -29,7 +29,7 @@ def _reach(nodes: list[fx.Node]) -> set[fx.Node]:
     return seen
 
 
-def _ancestors(node: fx.Node) -> list[fx.Node]:
+def ancestors(node: fx.Node) -> list[fx.Node]:
     """`node` and every node it depends on, in graph order."""
     seen = _reach([node])
     return [n for n in node.graph.nodes if n in seen]
@@ -66,11 +66,11 @@ def keeps_rows(weight_node: fx.Node, param: str, gm: fx.GraphModule) -> bool:
     parameter changes no other row of the result, on several draws (and the row count is kept). In-place writes
     into the chain before its first use count as part of it. A value held per task (`parametrized.HeldNorm`) is
     a constant for every finished task, the only ones protection is for: it keeps its value across the draws."""
-    chain = set(_ancestors(weight_node))
+    chain = set(ancestors(weight_node))
     order = {n: i for i, n in enumerate(weight_node.graph.nodes)}
     first_use = min((order[u] for u in weight_node.users), default=None)
     writers = {w for w in in_place_writers(chain, gm) if first_use is None or order[w] < first_use}
-    needed = chain | {a for w in writers for a in _ancestors(w)}
+    needed = chain | {a for w in writers for a in ancestors(w)}
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for n in [n for n in weight_node.graph.nodes if n in needed]:
@@ -117,7 +117,7 @@ def outside_reads(gm: fx.GraphModule, params: list[str], sites: list[fx.Node], a
     """Reads of `params` that are not the layer's own: a get_attr outside the chains from its parameters to its
     call sites' weight and bias arguments `args`, or a chain node whose result also flows elsewhere. `live`:
     `live_nodes(gm)`, computed once by a caller that asks for many layers."""
-    chain = {n for a in args for n in _ancestors(a)}
+    chain = {n for a in args for n in ancestors(a)}
     own = chain | set(sites) | in_place_writers(chain, gm)
     live = live_nodes(gm) if live is None else live  # a read whose result is never used reads nothing
     bad = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target in params and n not in chain and n in live]

@@ -97,7 +97,7 @@ def test_spectral_norm_mixes_rows_and_is_no_hat_layer_and_says_why():
     assert {layer.name for layer in hat.plan.layers} == {"0", "7"}
     assert not any(m.name.endswith("_norm") for m in hat.plan.modules)
     reasons = [u.reason for u in hat.plan.unknown if "not a HAT layer" in u.reason]
-    assert len(reasons) == 2 and all("not provably row-local" in r for r in reasons)
+    assert len(reasons) == 2 and all("by _SpectralNorm at" in r and "not provably row-local" in r for r in reasons)
     after, again, other = train_two_tasks(hat, x, y)
     assert torch.equal(after, again) and not torch.equal(after, other)
 
