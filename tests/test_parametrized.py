@@ -113,3 +113,18 @@ def test_spectral_norm_keeps_its_power_iteration_in_train_mode():
     with hatify.masks_open(hat):
         for _ in range(3):
             assert torch.allclose(hat(x, task_id=0), model(x), atol=1e-5)
+
+
+def test_a_held_norm_keeps_mixed_task_batches_off_the_per_sample_path():
+    """The per-sample path splits a per-task module's input rows by task: the held norm's input is the parameter v,
+    whose rows are no samples (even where their count equals the batch's), so mixed-task batches go per task."""
+    from hatify import per_sample
+
+    x, y = torch.randn(8, 4, 10), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    hat = hatify.hatify(_conv_net(2), 2, example_inputs=(x,), config=hatify.HATConfig(loose_params="freeze"))
+    _, again, other = train_two_tasks(hat, x, y)
+    ids = torch.tensor([0, 1] * 4)
+    with pytest.raises(per_sample.Unsupported, match="is not made from the model.s inputs"):
+        per_sample.run(hat.net, (x,), {}, ids)
+    with torch.no_grad():
+        assert torch.equal(hat(x, task_id=ids), torch.where((ids == 0)[:, None], again, other))
