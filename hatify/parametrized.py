@@ -123,21 +123,26 @@ class HeldNorm(nn.Module):
         self.is_held = bool(self.held)
 
 
-def _couples_rows(node: fx.Node) -> bool:
+def _couples_rows(node: fx.Node, gm: fx.GraphModule) -> bool:
     """`torch._weight_norm(v, g, dim)` whose norm runs over rows (any dim but the first; -1 is the whole tensor)
     on a parameter read directly."""
     if node.op != "call_function" or node.target is not torch._weight_norm or len(node.args) < 2:
         return False
     v, dim = node.args[0], node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     spec = v.meta.get(SPEC) if isinstance(v, fx.Node) else None
-    return v.op == "get_attr" and isinstance(spec, TensorSpec) and spec.ndim > 1 and isinstance(dim, int) \
-        and dim % spec.ndim != 0
+    if not (v.op == "get_attr" and isinstance(spec, TensorSpec) and spec.ndim > 1 and isinstance(dim, int)
+            and dim % spec.ndim != 0):
+        return False
+    try:
+        return isinstance(gm.get_parameter(v.target), nn.Parameter)
+    except AttributeError:  # a buffer
+        return False
 
 
 def hold_row_coupling_norms(gm: fx.GraphModule) -> None:
     """Write each `torch._weight_norm(v, g, dim)` whose norm couples rows as `v * (g / n)`, with n = a `HeldNorm`
     of v registered next to v (`conv.parametrizations_weight_original1_norm`)."""
-    for node in [n for n in gm.graph.nodes if _couples_rows(n)]:
+    for node in [n for n in gm.graph.nodes if _couples_rows(n, gm)]:
         v, g = node.args[:2]
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
         value = gm.get_parameter(v.target)
