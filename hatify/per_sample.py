@@ -50,7 +50,11 @@ def _static_reason(net: fx.GraphModule) -> str:
     """Why this graph can never take the per-sample path ('' if it can)."""
     batch = next((n.meta["hat_spec"].shape[0] for n in net.graph.nodes if n.op == "placeholder"
                   and isinstance(n.meta.get("hat_spec"), TensorSpec) and n.meta["hat_spec"].ndim), None)
+    from_inputs: set[fx.Node] = set()
     for node in net.graph.nodes:
+        if (node.op == "placeholder" and node.target not in (TASK_ARG, SCALE_ARG)) or \
+                any(n in from_inputs for n in node.all_input_nodes):
+            from_inputs.add(node)
         if node.op != "call_module":
             continue
         module = net.get_submodule(node.target)
@@ -60,6 +64,9 @@ def _static_reason(net: fx.GraphModule) -> str:
             spec = node.meta.get("hat_spec")   # the gated activation, as traced
             if not isinstance(spec, TensorSpec) or not spec.ndim or spec.shape[0] != batch:
                 return f"the activation gated at {node.target} does not carry the batch on its first axis"
+        if isinstance(module, TaskIndexed) and node.args and node.args[0] not in from_inputs:
+            # its input's rows are split by task: they must be samples (a held norm reads a parameter's rows)
+            return f"the per-task module {node.target} reads a tensor that is not made from the model's inputs"
     return ""
 
 

@@ -18,7 +18,7 @@ from .flow import producer_input
 from .inputs import Inputs
 from .maps import ONES
 from .model import HATModel
-from .plan import LayerPlan
+from .plan import LayerPlan, input_sites
 from .rewrite import KEPT, ROOT_HOLDER, SCALE_ARG, TASK_ARG
 from .shapes import Interpreter
 
@@ -149,7 +149,7 @@ class _ZeroRecorder(Interpreter):
             data = producer_input(n)
             value = self.env.get(data) if isinstance(data, fx.Node) else None
             if isinstance(value, torch.Tensor):
-                key = (data, layer.kind in ("linear", "linear_t"), value._version)
+                key = (data, layer.kind in ("linear", "linear_t", "embedding"), value._version)
                 if key not in self.reduced:
                     self.reduced[key] = _zero_units(value, layer)
                 self.zeros.setdefault(n.name, []).append(self.reduced[key])
@@ -174,7 +174,7 @@ def _positional(hat: HATModel, inputs: Inputs, task: int, scale: float | None) -
 def _zero_units(value: torch.Tensor, layer: LayerPlan) -> torch.Tensor:
     """Per input unit of `layer` (the last axis of a linear layer's input, else axis 1): exactly zero everywhere.
     One reduction over the other axes (moving the unit axis last would copy the activation); NaN is nonzero."""
-    axis = (-1 if layer.kind in ("linear", "linear_t") else 1) % value.ndim
+    axis = (-1 if layer.kind in ("linear", "linear_t", "embedding") else 1) % value.ndim  # (a tied LM head's input)
     others = tuple(d for d in range(value.ndim) if d != axis)
     if not others:
         return (value == 0).cpu()
@@ -218,7 +218,7 @@ def probe_patterns(hat: HATModel, random_draws: int = 2) -> list[tuple[str, torc
 def watched_sites(hat: HATModel) -> dict[str, LayerPlan]:
     """Graph node of every call of a masked layer whose input the plan maps -> that layer."""
     return {site.node: layer for layer in hat.plan.masked_layers if layer.input_index is not None
-            for site in layer.sites}
+            for site in input_sites(layer)}
 
 
 def observe_zeros(hat: HATModel, inputs: Inputs, keep: torch.Tensor, watch: dict[str, LayerPlan] | None = None
