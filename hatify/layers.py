@@ -11,6 +11,7 @@ The guarantee lives in the forward computation and in module state, so it surviv
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils import _pytree as pytree
 
 from .copying import detached_deepcopy
 
@@ -352,35 +354,28 @@ class TaskParameter(nn.Module):
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _leading_broadcast(shape: torch.Size, full: torch.Size) -> bool:
-    """`shape` broadcasts to `full` over leading dimensions only (then each inner block is contiguous)."""
-    sizes = list(shape)
-    while sizes and sizes[-1] == full[len(sizes) - 1]:
-        sizes.pop()
-    return all(size == 1 for size in sizes)
+def _arranged(t: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    """A view of `t` with the protection mask's varying dimensions first (`Protect._order`)."""
+    return (t.view(1) if t.ndim == 0 else t).permute(order)
 
 
-def _masked_gradient(grad: torch.Tensor, free: torch.Tensor, protect: torch.Tensor) -> torch.Tensor:
-    """The gradient with protected entries exactly +0; differentiable under `create_graph=True`."""
-    if torch.is_grad_enabled():
-        return torch.where(protect, grad.new_zeros(()), grad)
-    return (grad.view(free.dtype) * free).view(grad.dtype)
-
-
-class SelectFrozen(torch.autograd.Function):
-    """`torch.where(protect, frozen, weight)` as integer arithmetic on the bits: `frozen_bits + bits * free`
-    (`free` is 1 or 0, and `frozen_bits` is 0 where free), the same bits for every value (NaN, inf and -0.0
-    included), and several times faster than `where` on CPU. The gradient of a protected entry is exactly +0."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, free: torch.Tensor, frozen_bits: torch.Tensor,
-                protect: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(free, protect)
-        return torch.addcmul(frozen_bits, weight.view(frozen_bits.dtype), free).view(weight.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _masked_gradient(grad, *ctx.saved_tensors), None, None, None
+def protected_blocks(mask: torch.Tensor, order: tuple[int, ...], varying: int) -> list[tuple[torch.Tensor, ...]]:
+    """Advanced-index tuples that cover the protected entries of `mask` (arranged by `order`, its `varying`
+    dimensions first): one rectangle, the protected rows by the columns they protect, per distinct column
+    pattern. HAT protects the outer product of the cumulative output and input masks, one rectangle (a grouped
+    convolution: one per group), so the frozen values pack densely into blocks and the indices are per unit."""
+    arranged = _arranged(mask, order)
+    sizes = arranged.shape[:varying]
+    grid = arranged.reshape(sizes[0], -1)  # (rows, columns): the dimensions it broadcasts over have size 1
+    rows = grid.any(1).nonzero().flatten()
+    if varying == 1:
+        return [(rows,)] if len(rows) else []
+    patterns, which = torch.unique(grid[rows], dim=0, return_inverse=True)
+    blocks = []
+    for j, pattern in enumerate(patterns):
+        columns = torch.unravel_index(pattern.nonzero().flatten(), tuple(sizes[1:]))
+        blocks.append((rows[which == j][:, None], *(c[None, :] for c in columns)))
+    return blocks
 
 
 def read_through_protect(module: nn.Module, name: str) -> None:
@@ -407,25 +402,27 @@ def _mask_accumulated_gradient(protect_ref: "weakref.ref[Protect]", param: torch
     if grad.requires_grad or grad.layout != torch.strided:  # create_graph=True, sparse gradients
         param.grad = torch.where(protect.protect, grad.new_zeros(()), grad.to_dense())
         return
-    bits = _BITS.get(grad.element_size())
-    if bits is None or grad.is_complex():
-        grad.masked_fill_(protect.protect, 0)
-        return
-    grad.view(bits).mul_(protect._selectors(param.dtype, bits)[0])
+    arranged, zero = _arranged(grad, protect._order), grad.new_zeros(())
+    for index, _ in protect._frozen_blocks(grad.dtype):
+        arranged.index_put_(index, zero)
 
 
 class Protect(nn.Module):
     """Weight parametrization: entries used by earlier tasks hold their frozen values and get a gradient of
     exactly zero, whatever the optimizer does (momentum, weight decay, `.data` writes).
 
-    In eager mode the frozen entries are written back into the parameter itself whenever it is read (one
-    in-place pass of integer arithmetic on the bits, no new tensor; through `.data`, so a graph that saved the
-    weight sees no version change, and it sees the same bits), and the layer uses the parameter as it is: an
-    optimizer step may move protected entries, the next forward puts them back bit for bit. The gradient is
-    masked in place once it is accumulated into `.grad`, by a hook that every training forward attaches to the
-    parameter it reads (so copies and reassigned parameters get it too). Under `torch.compile`, or for a weight
-    that is not a leaf parameter (`torch.func.functional_call`), the effective weight is computed out of place
-    instead."""
+    In eager mode the frozen entries are written back into the parameter itself whenever it is read (in place,
+    copies of the frozen bits through the parameter's integer view, no new tensor; through `.data`, so a graph
+    that saved the weight sees no version change, and it sees the same bits), and the layer uses the parameter
+    as it is: an optimizer step may move protected entries, the next forward puts them back bit for bit. The
+    gradient is masked in place once it is accumulated into `.grad`, by a hook that every training forward
+    attaches to the parameter it reads (so copies and reassigned parameters get it too). Under
+    `torch.compile`, or for a weight that is not a leaf parameter (`torch.func.functional_call`), the effective
+    weight is computed out of place instead (`index_put`, whose gradient is exactly +0 at the frozen entries).
+
+    State: `protect`, the protection mask (it broadcasts over kernel positions), and `frozen`, the frozen values
+    of the protected entries only, packed block by block (`protected_blocks`): a finished task costs the
+    entries it protects, not a copy of the weight. Files saved with a weight-shaped `frozen` load as well."""
 
     def __init__(self, weight: torch.Tensor, protect_shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -433,28 +430,40 @@ class Protect(nn.Module):
         self.register_buffer("frozen", weight.new_empty(0))
         self.register_buffer("protect", torch.zeros(0, dtype=torch.bool, device=weight.device))
         self.protect_shape = tuple(protect_shape)
+        self.weight_shape = tuple(weight.shape)
+        varying = [d for d, size in enumerate(self.protect_shape) if size != 1] or [0]
+        self._order = tuple(varying + [d for d in range(max(1, weight.ndim)) if d not in varying])
+        self._varying = len(varying)
         self.active = False
 
-    def _allocate(self, effective: torch.Tensor) -> None:
-        if self.frozen.shape != effective.shape:
-            self.frozen = torch.empty_like(effective)
-            self.protect = torch.zeros(self.protect_shape, dtype=torch.bool, device=effective.device)
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        mask, frozen = state_dict.get(prefix + "protect"), state_dict.get(prefix + "frozen")
+        if mask is not None and frozen is not None and mask.numel() and frozen.numel() and (
+                frozen.ndim != 1 or frozen.numel() != self._packed_size(mask)):  # saved weight-shaped: pack it
+            state_dict[prefix + "frozen"] = self._pack(frozen, mask)
         for name in ("frozen", "protect"):  # a saved model may hold them allocated
             incoming = state_dict.get(prefix + name)
             if incoming is not None and incoming.shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(incoming, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.active = bool(self.protect.numel() and self.protect.any())
+        self._prepare()
+
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__.pop("_derived_cache", None)  # `.to()`, `.half()`: the blocks follow the buffers
+        result = super()._apply(fn, recurse)
+        self._prepare()
+        return result
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return weight
         bits = _BITS.get(weight.element_size())
-        if torch.compiler.is_compiling() or bits is None or weight.is_complex():
-            # Compiled: one fused kernel. Either way the gradient of protected entries is exactly +0.
-            return torch.where(self.protect, self.frozen.to(weight.dtype), weight)
+        if torch.compiler.is_compiling():  # the blocks end_task() or the last eager read left: no graph break
+            ready = self.__dict__.get("_derived_cache", {}).get(("blocks", weight.dtype, None))
+            return self._with_frozen(weight, ready if ready is not None else self._frozen_blocks(weight.dtype))
+        if bits is None or weight.is_complex():
+            return self._with_frozen(weight, self._frozen_blocks(weight.dtype))
         training = self.training or torch.is_grad_enabled()
         # Eval-mode inference skips the write-back while nothing was written since the last one: in-place writes
         # bump the version, optimizer steps the step count (fused kernels may not bump the version); `.data` writes
@@ -463,10 +472,10 @@ class Protect(nn.Module):
         if not training and self.__dict__.get("_restored") == key:
             return weight
         if not (isinstance(weight, nn.Parameter) and weight.is_leaf):
-            return SelectFrozen.apply(weight, *self._selectors(weight.dtype, bits), self.protect)
-        free, frozen_bits = self._selectors(weight.dtype, bits)
-        data = weight.data.view(bits)
-        torch.addcmul(frozen_bits, data, free, out=data)  # one pass: frozen bits where protected, else unchanged
+            return self._with_frozen(weight, self._frozen_blocks(weight.dtype))
+        data = _arranged(weight.data.view(bits), self._order)
+        for index, values in self._frozen_blocks(weight.dtype, bits):
+            data.index_put_(index, values)  # copies of the frozen bits: NaN payloads, -0.0 and all
         self.__dict__["_restored"] = key
         if training and weight.requires_grad:
             hooked = self.__dict__.get("_hooked")
@@ -475,6 +484,13 @@ class Protect(nn.Module):
                     functools.partial(_mask_accumulated_gradient, weakref.ref(self)))
                 self.__dict__["_hooked"] = weakref.ref(weight)
         return weight
+
+    def _with_frozen(self, weight: torch.Tensor, blocks: list) -> torch.Tensor:
+        """The effective weight out of place; differentiable, with a gradient of exactly +0 at frozen entries."""
+        arranged = _arranged(weight, self._order)
+        for index, values in blocks:
+            arranged = arranged.index_put(index, values)
+        return arranged.permute(sorted(range(len(self._order)), key=self._order.__getitem__)).reshape(weight.shape)
 
     def train(self, mode: bool = True) -> "Protect":
         self.forget_write_back()
@@ -495,45 +511,75 @@ class Protect(nn.Module):
             self.forget_write_back()
         return derived
 
-    def _selectors(self, dtype: torch.dtype, bits: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(free, frozen_bits), integers of the weight's width: `free` is 1 where the weight is free and 0 where
-        it is protected; `frozen_bits` holds the frozen values' bits where protected, 0 elsewhere.
-        Then `frozen_bits + bits * free` selects exactly (integer arithmetic: one of the terms is 0), in one pass.
-        The frozen buffer itself, its free entries zeroed in place, serves as `frozen_bits`. `free` broadcasts
-        where that is fast: one value per row when whole rows are protected or free (a layer whose input carries
-        no mask), the protection mask's own shape when it broadcasts over leading dimensions (embeddings); it is
-        materialised at the weight's shape where the broadcast would run over a short inner block (a conv's
-        (out, in, 1, 1) mask over its kernel makes the pass about 4x slower on CPU)."""
+    def _blocks(self, mask: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        return protected_blocks(mask.reshape(self.protect_shape), self._order, self._varying)
+
+    def _block_shapes(self, blocks: list) -> list[tuple[int, ...]]:
+        """The shape of each block of values: its rows (by columns), by the dimensions the mask broadcasts over."""
+        inner = [self.weight_shape[d] for d in self._order[self._varying:]] if self.weight_shape else []
+        return [(*torch.broadcast_shapes(*(i.shape for i in index)), *inner) for index in blocks]
+
+    def _packed_size(self, mask: torch.Tensor) -> int:
+        return sum(math.prod(shape) for shape in self._block_shapes(self._blocks(mask)))
+
+    def _pack(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The entries of `values` (weight-shaped) that `mask` protects, block by block."""
+        arranged = _arranged(values.reshape(self.weight_shape), self._order)
+        return torch.cat([arranged[index].reshape(-1) for index in self._blocks(mask)] or [values.new_empty(0)])
+
+    def _frozen_blocks(self, dtype: torch.dtype, bits: torch.dtype | None = None) -> list:
+        """(index, frozen values) per block, in `dtype` (viewed as the integers `bits` when given): views into
+        `frozen` when the dtype is its own; the indices are per unit (rows, columns), derived from `protect`."""
         derived = self._derived()
-        if ("bits", dtype) not in derived:
-            frozen, protect = self._buffers["frozen"], self._buffers["protect"]
-            protected = protect.to(bits)
-            per_row = protected.reshape(len(protected), -1) if protected.ndim > 1 else None
-            if per_row is not None and bool((per_row == per_row[:, :1]).all()):
-                protected = per_row[:, :1].reshape(-1, *[1] * (protected.ndim - 1)).clone()
-            elif not _leading_broadcast(protected.shape, frozen.shape):
-                protected = protected.expand(frozen.shape).contiguous()
-            with torch.no_grad():
-                if frozen.dtype == dtype:
-                    frozen_bits = frozen.view(bits).mul_(protected)  # protected entries keep their bits
-                    derived["of"] = (frozen, protect, frozen._version, protect._version)
-                else:
-                    frozen_bits = frozen.to(dtype).view(bits) * protected
-            derived[("bits", dtype)] = (protected.neg_().add_(1), frozen_bits)
-        return derived[("bits", dtype)]
+        key = ("blocks", dtype, bits)
+        if key not in derived:
+            if "index" not in derived:
+                derived["index"] = self._blocks(self._buffers["protect"])
+            frozen = self._buffers["frozen"]
+            values = frozen if frozen.dtype == dtype else frozen.to(dtype)
+            values = values if bits is None else values.view(bits)
+            shapes = self._block_shapes(derived["index"])
+            sizes = [math.prod(shape) for shape in shapes]
+            if sum(sizes) != values.numel():
+                from .errors import HatifyError
+
+                raise HatifyError(f"Protect: {values.numel()} frozen values for a protection mask that covers "
+                                  f"{sum(sizes)} entries of the weight {self.weight_shape}; the state is corrupt")
+            derived[key] = [(index, part.view(shape)) for index, part, shape in
+                            zip(derived["index"], values.split(sizes), shapes)]
+        return derived[key]
+
+    def cached_tensors(self) -> list[torch.Tensor]:
+        """The run-time tensors derived from the buffers (indices, converted values), for memory accounting."""
+        derived = self.__dict__.get("_derived_cache") or {}
+        leaves = pytree.tree_leaves([value for key, value in derived.items() if key != "of"])
+        return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+    def dense_frozen(self, dtype: torch.dtype) -> torch.Tensor:
+        """A weight-shaped tensor holding the frozen values where protected and 0 elsewhere (FSDP's shards)."""
+        full = torch.zeros(self.weight_shape, dtype=dtype, device=self.frozen.device)
+        arranged = _arranged(full, self._order)
+        for index, values in self._frozen_blocks(dtype):
+            arranged.index_put_(index, values)
+        return full
 
     @torch.no_grad()
+    def _store(self, effective: torch.Tensor, mask: torch.Tensor) -> None:
+        self.protect = mask.to(device=effective.device, dtype=torch.bool).reshape(self.protect_shape).clone()
+        self.frozen = self._pack(effective, self.protect)
+        self.active = bool(self.protect.any())
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Derive the blocks now, so that a compiled forward finds them (deriving them there breaks the graph)."""
+        if self.active:
+            self._frozen_blocks(self.frozen.dtype)
+
     def update(self, effective: torch.Tensor, protect: torch.Tensor) -> None:
         """Freeze the entries `protect` marks at their current effective value (monotone: never unfreezes)."""
-        self._allocate(effective)
-        self.frozen.copy_(effective)
-        self.protect |= protect.reshape(self.protect.shape)
-        self.active = bool(self.protect.any())
+        protect = protect.reshape(self.protect_shape)
+        self._store(effective, self.protect | protect if self.protect.shape == protect.shape else protect)
 
-    @torch.no_grad()
     def reset(self, effective: torch.Tensor, protect: torch.Tensor) -> None:
         """Set the frozen entries to exactly `protect` (may release entries, for forget_task)."""
-        self._allocate(effective)
-        self.frozen.copy_(effective)
-        self.protect.copy_(protect.reshape(self.protect.shape))
-        self.active = bool(self.protect.any())
+        self._store(effective, protect)
