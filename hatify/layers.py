@@ -359,23 +359,17 @@ def _arranged(t: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
     return (t.view(1) if t.ndim == 0 else t).permute(order)
 
 
-def protected_blocks(mask: torch.Tensor, order: tuple[int, ...], varying: int) -> list[tuple[torch.Tensor, ...]]:
-    """Advanced-index tuples that cover the protected entries of `mask` (arranged by `order`, its `varying`
-    dimensions first): one rectangle, the protected rows by the columns they protect, per distinct column
-    pattern. HAT protects the outer product of the cumulative output and input masks, one rectangle (a grouped
-    convolution: one per group), so the frozen values pack densely into blocks and the indices are per unit."""
+def protected_rows(mask: torch.Tensor, order: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The protected entries of `mask` (arranged by `order`) as blocks of rows: (rows, columns) per distinct
+    pattern of protected columns, `columns` a mask over the rest of a row (None: whole rows). HAT protects the
+    outer product of the cumulative output and input masks: one block (a grouped convolution: one per group),
+    so per-unit indices and one column pattern per block describe a weight's protection."""
     arranged = _arranged(mask, order)
-    sizes = arranged.shape[:varying]
-    grid = arranged.reshape(sizes[0], -1)  # (rows, columns): the dimensions it broadcasts over have size 1
+    grid = arranged.reshape(arranged.shape[0], -1)
     rows = grid.any(1).nonzero().flatten()
-    if varying == 1:
-        return [(rows,)] if len(rows) else []
     patterns, which = torch.unique(grid[rows], dim=0, return_inverse=True)
-    blocks = []
-    for j, pattern in enumerate(patterns):
-        columns = torch.unravel_index(pattern.nonzero().flatten(), tuple(sizes[1:]))
-        blocks.append((rows[which == j][:, None], *(c[None, :] for c in columns)))
-    return blocks
+    return [(rows[which == j], None if bool(pattern.all()) else pattern.view(1, *arranged.shape[1:]))
+            for j, pattern in enumerate(patterns)]
 
 
 def read_through_protect(module: nn.Module, name: str) -> None:
@@ -399,12 +393,16 @@ def _mask_accumulated_gradient(protect_ref: "weakref.ref[Protect]", param: torch
     protect, grad = protect_ref(), param.grad
     if protect is None or grad is None or not protect.active or grad.shape != param.shape:
         return
-    if grad.requires_grad or grad.layout != torch.strided:  # create_graph=True, sparse gradients
-        param.grad = torch.where(protect.protect, grad.new_zeros(()), grad.to_dense())
+    bits = _BITS.get(grad.element_size())
+    if grad.requires_grad or grad.layout != torch.strided or bits is None or grad.is_complex():
+        param.grad = torch.where(protect.protect, grad.new_zeros(()), grad.to_dense())  # create_graph, sparse
         return
-    arranged, zero = _arranged(grad, protect._order), grad.new_zeros(())
-    for index, _ in protect._frozen_blocks(grad.dtype):
-        arranged.index_put_(index, zero)
+    arranged = _arranged(grad.view(bits), protect._order)  # integer products: exactly +0, whatever the value
+    row_free, blocks = protect._gradient_selectors(grad.dtype, bits)
+    if row_free is not None:
+        arranged.mul_(row_free)
+    for rows, free, _ in blocks:
+        arranged.index_copy_(0, rows, arranged.index_select(0, rows).mul_(free))
 
 
 class Protect(nn.Module):
@@ -412,17 +410,19 @@ class Protect(nn.Module):
     exactly zero, whatever the optimizer does (momentum, weight decay, `.data` writes).
 
     In eager mode the frozen entries are written back into the parameter itself whenever it is read (in place,
-    copies of the frozen bits through the parameter's integer view, no new tensor; through `.data`, so a graph
-    that saved the weight sees no version change, and it sees the same bits), and the layer uses the parameter
-    as it is: an optimizer step may move protected entries, the next forward puts them back bit for bit. The
-    gradient is masked in place once it is accumulated into `.grad`, by a hook that every training forward
-    attaches to the parameter it reads (so copies and reassigned parameters get it too). Under
-    `torch.compile`, or for a weight that is not a leaf parameter (`torch.func.functional_call`), the effective
-    weight is computed out of place instead (`index_put`, whose gradient is exactly +0 at the frozen entries).
+    integer arithmetic on the bits of the protected rows: the same bits for every value, NaN, inf and -0.0
+    included; through `.data`, so a graph that saved the weight sees no version change, and it sees the same bits),
+    and the layer uses the parameter as it is: an optimizer step may move protected entries, the next forward puts
+    them back bit for bit. The gradient is masked in place once it is accumulated into `.grad`, by a hook that
+    every training forward attaches to the parameter it reads (so copies and reassigned parameters get it too).
+    Under `torch.compile`, or for a weight that is not a leaf parameter (`torch.func.functional_call`), the
+    effective weight is computed out of place instead (`index_copy`, whose gradient is exactly +0 at the frozen
+    entries).
 
-    State: `protect`, the protection mask (it broadcasts over kernel positions), and `frozen`, the frozen values
-    of the protected entries only, packed block by block (`protected_blocks`): a finished task costs the
-    entries it protects, not a copy of the weight. Files saved with a weight-shaped `frozen` load as well."""
+    State: `protect`, the protection mask (it broadcasts over kernel positions), and `frozen`, the frozen values of
+    the rows that hold protected entries only (0 at their free entries), block by block (`protected_rows`): a
+    finished task costs about the rows it protects, not a copy of the weight, and the run-time selectors are per
+    unit, not per weight entry. Files saved with a weight-shaped `frozen` load as well."""
 
     def __init__(self, weight: torch.Tensor, protect_shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -433,7 +433,6 @@ class Protect(nn.Module):
         self.weight_shape = tuple(weight.shape)
         varying = [d for d, size in enumerate(self.protect_shape) if size != 1] or [0]
         self._order = tuple(varying + [d for d in range(max(1, weight.ndim)) if d not in varying])
-        self._varying = len(varying)
         self.active = False
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -474,8 +473,12 @@ class Protect(nn.Module):
         if not (isinstance(weight, nn.Parameter) and weight.is_leaf):
             return self._with_frozen(weight, self._frozen_blocks(weight.dtype))
         data = _arranged(weight.data.view(bits), self._order)
-        for index, values in self._frozen_blocks(weight.dtype, bits):
-            data.index_put_(index, values)  # copies of the frozen bits: NaN payloads, -0.0 and all
+        for rows, free, frozen_bits in self._frozen_blocks(weight.dtype, bits):
+            if free is None:  # whole rows
+                data.index_copy_(0, rows, frozen_bits)
+            else:  # the rows, then `frozen_bits + bits * free` (integers: one term is 0): the same bits, NaN and all
+                part = data.index_select(0, rows)
+                data.index_copy_(0, rows, torch.addcmul(frozen_bits, part, free, out=part))
         self.__dict__["_restored"] = key
         if training and weight.requires_grad:
             hooked = self.__dict__.get("_hooked")
@@ -486,10 +489,13 @@ class Protect(nn.Module):
         return weight
 
     def _with_frozen(self, weight: torch.Tensor, blocks: list) -> torch.Tensor:
-        """The effective weight out of place; differentiable, with a gradient of exactly +0 at frozen entries."""
+        """The effective weight out of place; differentiable, with a gradient of exactly +0 at frozen entries
+        (`index_copy` passes none to the rows it replaces; the free entries of those rows come back through the
+        `where`)."""
         arranged = _arranged(weight, self._order)
-        for index, values in blocks:
-            arranged = arranged.index_put(index, values)
+        for rows, free, frozen in blocks:
+            replaced = frozen if free is None else torch.where(free, arranged.index_select(0, rows), frozen)
+            arranged = arranged.index_copy(0, rows, replaced)
         return arranged.permute(sorted(range(len(self._order)), key=self._order.__getitem__)).reshape(weight.shape)
 
     def train(self, mode: bool = True) -> "Protect":
@@ -511,42 +517,61 @@ class Protect(nn.Module):
             self.forget_write_back()
         return derived
 
-    def _blocks(self, mask: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-        return protected_blocks(mask.reshape(self.protect_shape), self._order, self._varying)
+    def _rows(self, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        return protected_rows(mask.reshape(self.protect_shape), self._order)
 
-    def _block_shapes(self, blocks: list) -> list[tuple[int, ...]]:
-        """The shape of each block of values: its rows (by columns), by the dimensions the mask broadcasts over."""
-        inner = [self.weight_shape[d] for d in self._order[self._varying:]] if self.weight_shape else []
-        return [(*torch.broadcast_shapes(*(i.shape for i in index)), *inner) for index in blocks]
+    def _arranged_shape(self) -> list[int]:
+        return [self.weight_shape[d] for d in self._order] if self.weight_shape else [1]
 
     def _packed_size(self, mask: torch.Tensor) -> int:
-        return sum(math.prod(shape) for shape in self._block_shapes(self._blocks(mask)))
+        return sum(len(rows) for rows, _ in self._rows(mask)) * math.prod(self._arranged_shape()[1:])
 
     def _pack(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The entries of `values` (weight-shaped) that `mask` protects, block by block."""
+        """The rows of `values` (weight-shaped) that `mask` protects, block by block, 0 at their free entries."""
         arranged = _arranged(values.reshape(self.weight_shape), self._order)
-        return torch.cat([arranged[index].reshape(-1) for index in self._blocks(mask)] or [values.new_empty(0)])
+        parts = [arranged[rows] if columns is None else arranged[rows].masked_fill(~columns, 0)
+                 for rows, columns in self._rows(mask)]
+        return torch.cat([part.reshape(-1) for part in parts] or [values.new_empty(0)])
 
     def _frozen_blocks(self, dtype: torch.dtype, bits: torch.dtype | None = None) -> list:
-        """(index, frozen values) per block, in `dtype` (viewed as the integers `bits` when given): views into
-        `frozen` when the dtype is its own; the indices are per unit (rows, columns), derived from `protect`."""
+        """(rows, free, frozen values) per block, in `dtype` (as the integers `bits` when given; views into
+        `frozen` when the dtype is its own): `free` is None for whole rows, else the block's free columns, 1 / 0
+        integers (`bits`) or a bool mask, at a row's shape."""
         derived = self._derived()
         key = ("blocks", dtype, bits)
         if key not in derived:
-            if "index" not in derived:
-                derived["index"] = self._blocks(self._buffers["protect"])
+            if "rows" not in derived:
+                derived["rows"] = self._rows(self._buffers["protect"])
             frozen = self._buffers["frozen"]
             values = frozen if frozen.dtype == dtype else frozen.to(dtype)
             values = values if bits is None else values.view(bits)
-            shapes = self._block_shapes(derived["index"])
-            sizes = [math.prod(shape) for shape in shapes]
+            row = self._arranged_shape()[1:]
+            sizes = [len(rows) * math.prod(row) for rows, _ in derived["rows"]]
             if sum(sizes) != values.numel():
                 from .errors import HatifyError
 
                 raise HatifyError(f"Protect: {values.numel()} frozen values for a protection mask that covers "
                                   f"{sum(sizes)} entries of the weight {self.weight_shape}; the state is corrupt")
-            derived[key] = [(index, part.view(shape)) for index, part, shape in
-                            zip(derived["index"], values.split(sizes), shapes)]
+            derived[key] = [(rows, None if columns is None else
+                             (~columns).expand(1, *row).to(bits) if bits is not None else ~columns,
+                             part.view(len(rows), *row))
+                            for (rows, columns), part in zip(derived["rows"], values.split(sizes))]
+        return derived[key]
+
+    def _gradient_selectors(self, dtype: torch.dtype, bits: torch.dtype) -> tuple[torch.Tensor | None, list]:
+        """(one free value per row for the blocks of whole rows, or None; the other blocks): integer selectors that
+        zero the protected gradient by products, per unit, not per weight entry."""
+        derived = self._derived()
+        key = ("gradient", dtype, bits)
+        if key not in derived:
+            blocks = self._frozen_blocks(dtype, bits)
+            whole = [rows for rows, free, _ in blocks if free is None]
+            row_free = None
+            if whole:
+                arranged = self._arranged_shape()
+                row_free = torch.ones(arranged[0], *[1] * (len(arranged) - 1), dtype=bits, device=whole[0].device)
+                row_free[torch.cat(whole)] = 0
+            derived[key] = (row_free, [block for block in blocks if block[1] is not None])
         return derived[key]
 
     def cached_tensors(self) -> list[torch.Tensor]:
@@ -559,8 +584,8 @@ class Protect(nn.Module):
         """A weight-shaped tensor holding the frozen values where protected and 0 elsewhere (FSDP's shards)."""
         full = torch.zeros(self.weight_shape, dtype=dtype, device=self.frozen.device)
         arranged = _arranged(full, self._order)
-        for index, values in self._frozen_blocks(dtype):
-            arranged.index_put_(index, values)
+        for rows, _, values in self._frozen_blocks(dtype):
+            arranged.index_copy_(0, rows, values)  # free entries of the rows hold 0 in the packed values
         return full
 
     @torch.no_grad()
