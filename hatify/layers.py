@@ -578,7 +578,7 @@ class Protect(nn.Module):
         """The run-time tensors derived from the buffers (indices, converted values), for memory accounting."""
         derived = self.__dict__.get("_derived_cache") or {}
         leaves = pytree.tree_leaves([value for key, value in derived.items() if key != "of"])
-        return [t for t in leaves if isinstance(t, torch.Tensor)]
+        return list({id(t): t for t in leaves if isinstance(t, torch.Tensor)}.values())  # blocks share tensors
 
     def dense_frozen(self, dtype: torch.dtype) -> torch.Tensor:
         """A weight-shaped tensor holding the frozen values where protected and 0 elsewhere (FSDP's shards)."""
