@@ -359,6 +359,32 @@ def _arranged(t: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
     return (t.view(1) if t.ndim == 0 else t).permute(order)
 
 
+def _as_units(t: torch.Tensor) -> torch.Tensor | None:
+    """`t` (rows first) as rows of 16-byte units when its rows are contiguous and a multiple of 16 bytes, else
+    None: CPU index kernels cost per element, so whole rows move several times faster as wide units (copies:
+    the same bits)."""
+    count = t.shape[0] if t.ndim else 0
+    if not count or (t.numel() // count * t.element_size()) % 16 or t.data_ptr() % 16 or not t.is_contiguous():
+        return None
+    return t.view(count, -1).view(torch.complex128)
+
+
+def _take_rows(t: torch.Tensor, units: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """t[rows] (rows first), a new tensor; through `units` (`_as_units(t)`) when there are."""
+    if units is None:
+        return t.index_select(0, rows)
+    return units.index_select(0, rows).view(t.dtype).view(len(rows), *t.shape[1:])
+
+
+def _put_rows(t: torch.Tensor, units: torch.Tensor | None, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """t[rows] = values, in place; through 16-byte units when both have them."""
+    value_units = None if units is None else _as_units(values)
+    if value_units is None:
+        t.index_copy_(0, rows, values)
+    else:
+        units.index_copy_(0, rows, value_units)
+
+
 def protected_rows(mask: torch.Tensor, order: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """The protected entries of `mask` (arranged by `order`) as blocks of rows: (rows, columns) per distinct
     pattern of protected columns, `columns` a mask over the rest of a row (None: whole rows). HAT protects the
@@ -401,8 +427,9 @@ def _mask_accumulated_gradient(protect_ref: "weakref.ref[Protect]", param: torch
     row_free, blocks = protect._gradient_selectors(grad.dtype, bits)
     if row_free is not None:
         arranged.mul_(row_free)
+    units = _as_units(arranged) if blocks else None
     for rows, free, _ in blocks:
-        arranged.index_copy_(0, rows, arranged.index_select(0, rows).mul_(free))
+        _put_rows(arranged, units, rows, _take_rows(arranged, units, rows).mul_(free))
 
 
 class Protect(nn.Module):
@@ -473,12 +500,13 @@ class Protect(nn.Module):
         if not (isinstance(weight, nn.Parameter) and weight.is_leaf):
             return self._with_frozen(weight, self._frozen_blocks(weight.dtype))
         data = _arranged(weight.data.view(bits), self._order)
+        units = _as_units(data)
         for rows, free, frozen_bits in self._frozen_blocks(weight.dtype, bits):
             if free is None:  # whole rows
-                data.index_copy_(0, rows, frozen_bits)
+                _put_rows(data, units, rows, frozen_bits)
             else:  # the rows, then `frozen_bits + bits * free` (integers: one term is 0): the same bits, NaN and all
-                part = data.index_select(0, rows)
-                data.index_copy_(0, rows, torch.addcmul(frozen_bits, part, free, out=part))
+                part = _take_rows(data, units, rows)
+                _put_rows(data, units, rows, torch.addcmul(frozen_bits, part, free, out=part))
         self.__dict__["_restored"] = key
         if training and weight.requires_grad:
             hooked = self.__dict__.get("_hooked")
