@@ -139,3 +139,22 @@ def test_weight_shaped_frozen_buffers_of_earlier_files_load_packed(tmp_path, thr
     loaded.eval()
     with torch.no_grad():
         assert torch.equal(loaded(x, task_id=0), want)
+
+
+def test_channels_last_weights_keep_the_old_task_exact():
+    """Convolution weights in channels_last order (rows not contiguous: no wide copies) are restored too."""
+    hat, x = _finished_task(lambda u, n: u % 3 != 1)
+    hat.to(memory_format=torch.channels_last).eval()  # (the layout changes the convolution's rounding)
+    assert not _protects(hat)["c2"][1].is_contiguous()
+    with torch.no_grad():
+        want = hat(x, task_id=0)
+    hat.train()
+    opt = torch.optim.SGD(hat.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
+    for b in range(3):
+        loss = hat(x, task_id=1, mask_scale=hat.mask_scale(b, 3)).square().mean() + hat.regularization()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    hat.eval()
+    with torch.no_grad():
+        assert torch.equal(hat(x, task_id=0), want)
