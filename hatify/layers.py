@@ -356,7 +356,9 @@ _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 def _arranged(t: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
     """A view of `t` with the protection mask's varying dimensions first (`Protect._order`)."""
-    return (t.view(1) if t.ndim == 0 else t).permute(order)
+    if t.ndim == 0:
+        return t.view(1)
+    return t.permute(order) if order else t  # (): the weight's own order
 
 
 def _as_units(t: torch.Tensor) -> torch.Tensor | None:
@@ -459,7 +461,8 @@ class Protect(nn.Module):
         self.protect_shape = tuple(protect_shape)
         self.weight_shape = tuple(weight.shape)
         varying = [d for d, size in enumerate(self.protect_shape) if size != 1] or [0]
-        self._order = tuple(varying + [d for d in range(max(1, weight.ndim)) if d not in varying])
+        order = tuple(varying + [d for d in range(max(1, weight.ndim)) if d not in varying])
+        self._order = () if order == tuple(range(len(order))) else order  # (): no permute on every read
         self.active = False
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -524,7 +527,9 @@ class Protect(nn.Module):
         for rows, free, frozen in blocks:
             replaced = frozen if free is None else torch.where(free, arranged.index_select(0, rows), frozen)
             arranged = arranged.index_copy(0, rows, replaced)
-        return arranged.permute(sorted(range(len(self._order)), key=self._order.__getitem__)).reshape(weight.shape)
+        if self._order:
+            arranged = arranged.permute(sorted(range(len(self._order)), key=self._order.__getitem__))
+        return arranged.reshape(weight.shape)
 
     def train(self, mode: bool = True) -> "Protect":
         self.forget_write_back()
@@ -549,7 +554,7 @@ class Protect(nn.Module):
         return protected_rows(mask.reshape(self.protect_shape), self._order)
 
     def _arranged_shape(self) -> list[int]:
-        return [self.weight_shape[d] for d in self._order] if self.weight_shape else [1]
+        return [self.weight_shape[d] for d in self._order] if self._order else list(self.weight_shape) or [1]
 
     def _packed_size(self, mask: torch.Tensor) -> int:
         return sum(len(rows) for rows, _ in self._rows(mask)) * math.prod(self._arranged_shape()[1:])

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hatify
-from hatify.layers import compensated_sigmoid
+from hatify.layers import _arranged, compensated_sigmoid
 from hatify.model import mask_scale
 
 OPTIMIZERS = {
@@ -206,7 +206,8 @@ def test_write_back_restores_every_bit_and_zeroes_every_gradient_bit(model_name,
     for raw, protect in _protected_parameters(hat):
         where = protect.protect.expand(raw.shape)
         frozen = protect.dense_frozen(dtype).view(bits)[where]
-        rows = where.reshape(-1, 1) if where.ndim < 2 else where.permute(protect._order).flatten(1)
+        rows = _arranged(where, protect._order)
+        rows = rows.reshape(len(rows), -1)
         assert protect.frozen.numel() == int(rows.any(1).sum()) * rows.shape[1]  # the protected rows only
         junk = torch.tensor([float("nan"), float("-inf"), -0.0, torch.finfo(dtype).tiny / 4], dtype=dtype)
         junk = junk.repeat(raw.numel() // 4 + 1)[:raw.numel()].view(raw.shape).view(bits) + 3  # NaN payloads
@@ -220,7 +221,7 @@ def test_write_back_restores_every_bit_and_zeroes_every_gradient_bit(model_name,
         assert torch.equal(raw.grad.view(bits)[where], torch.zeros_like(frozen))
         assert not torch.equal(raw.grad.view(bits)[~where], torch.zeros_like(frozen[:0]).new_zeros((~where).sum()))
         blocks = protect._frozen_blocks(dtype)
-        shapes.add("leading" if protect._order[0] != 0 else "row" if all(free is None for _, free, _ in blocks)
+        shapes.add("leading" if protect._order else "row" if all(free is None for _, free, _ in blocks)
                    else "groups" if len(blocks) > 1 else "rectangle")
     assert shapes == ({"rectangle", "row"} if model_name == "conv" else {"rectangle", "leading", "row"})
 
