@@ -362,11 +362,12 @@ def _arranged(t: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
 
 
 def _as_units(t: torch.Tensor) -> torch.Tensor | None:
-    """`t` (rows first) as rows of 16-byte units when its rows are contiguous and a multiple of 16 bytes, else
-    None: CPU index kernels cost per element, so whole rows move several times faster as wide units (copies:
-    the same bits)."""
+    """`t` (rows first) as rows of 16-byte units on CPU when its rows are contiguous and a multiple of 16 bytes,
+    else None: CPU index kernels cost per element, so whole rows move several times faster as wide units (copies:
+    the same bits). Other devices index at memory speed (and some have no 16-byte type)."""
     count = t.shape[0] if t.ndim else 0
-    if not count or (t.numel() // count * t.element_size()) % 16 or t.data_ptr() % 16 or not t.is_contiguous():
+    if not count or t.device.type != "cpu" or (t.numel() // count * t.element_size()) % 16 or t.data_ptr() % 16 \
+            or not t.is_contiguous():
         return None
     return t.view(count, -1).view(torch.complex128)
 
