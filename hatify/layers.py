@@ -23,6 +23,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils import _pytree as pytree
 
 from .copying import detached_deepcopy
+from .errors import HatifyError
 
 
 def compensated_sigmoid(e: torch.Tensor, s: float, s_max: float) -> torch.Tensor:
@@ -468,9 +469,14 @@ class Protect(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         mask, frozen = state_dict.get(prefix + "protect"), state_dict.get(prefix + "frozen")
-        if mask is not None and frozen is not None and mask.numel() and frozen.numel() and (
-                frozen.ndim != 1 or frozen.numel() != self._packed_size(mask)):  # saved weight-shaped: pack it
-            state_dict[prefix + "frozen"] = self._pack(frozen, mask)
+        if mask is not None and frozen is not None and mask.numel() and frozen.numel():
+            packed = self._packed_size(mask)
+            if tuple(frozen.shape) == self.weight_shape and (frozen.ndim != 1 or frozen.numel() != packed):
+                state_dict[prefix + "frozen"] = self._pack(frozen, mask)  # saved weight-shaped: pack it
+            elif frozen.ndim != 1 or frozen.numel() != packed:
+                raise HatifyError(f"{prefix}frozen holds {tuple(frozen.shape)} values: its protection mask needs "
+                                  f"{packed} (the protected rows) or the weight's shape {self.weight_shape}; the "
+                                  "state dict does not belong to this model")
         for name in ("frozen", "protect"):  # a saved model may hold them allocated
             incoming = state_dict.get(prefix + name)
             if incoming is not None and incoming.shape != getattr(self, name).shape:
@@ -582,8 +588,6 @@ class Protect(nn.Module):
             row = self._arranged_shape()[1:]
             sizes = [len(rows) * math.prod(row) for rows, _ in derived["rows"]]
             if sum(sizes) != values.numel():
-                from .errors import HatifyError
-
                 raise HatifyError(f"Protect: {values.numel()} frozen values for a protection mask that covers "
                                   f"{sum(sizes)} entries of the weight {self.weight_shape}; the state is corrupt")
             derived[key] = [(rows, None if columns is None else

@@ -158,3 +158,12 @@ def test_channels_last_weights_keep_the_old_task_exact():
     hat.eval()
     with torch.no_grad():
         assert torch.equal(hat(x, task_id=0), want)
+
+
+def test_frozen_values_that_fit_neither_layout_are_refused():
+    hat, x = _finished_task(lambda u, n: u % 4 != 0)
+    state = hat.state_dict()
+    key = "net.c2.parametrizations.weight.0.frozen"
+    state[key] = state[key][:-1]
+    with pytest.raises(hatify.HatifyError, match="net.c2.parametrizations.weight.0.frozen holds"):
+        hat.load_state_dict(state)
