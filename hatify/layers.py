@@ -373,17 +373,18 @@ def _as_units(t: torch.Tensor) -> torch.Tensor | None:
     return t.view(count, -1).view(torch.complex128)
 
 
-def _take_rows(t: torch.Tensor, units: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-    """t[rows] (rows first), a new tensor; through `units` (`_as_units(t)`) when there are."""
+def _take_rows(t: torch.Tensor, units: torch.Tensor | None, rows: torch.Tensor) -> tuple:
+    """(t[rows], its 16-byte units or None): a new tensor (rows first), taken through `units` (`_as_units(t)`)."""
     if units is None:
-        return t.index_select(0, rows)
-    return units.index_select(0, rows).view(t.dtype).view(len(rows), *t.shape[1:])
+        return t.index_select(0, rows), None
+    part = units.index_select(0, rows)
+    return part.view(t.dtype).view(len(rows), *t.shape[1:]), part
 
 
-def _put_rows(t: torch.Tensor, units: torch.Tensor | None, rows: torch.Tensor, values: torch.Tensor) -> None:
+def _put_rows(t: torch.Tensor, units: torch.Tensor | None, rows: torch.Tensor, values: torch.Tensor,
+              value_units: torch.Tensor | None) -> None:
     """t[rows] = values, in place; through 16-byte units when both have them."""
-    value_units = None if units is None else _as_units(values)
-    if value_units is None:
+    if units is None or value_units is None:
         t.index_copy_(0, rows, values)
     else:
         units.index_copy_(0, rows, value_units)
@@ -432,8 +433,9 @@ def _mask_accumulated_gradient(protect_ref: "weakref.ref[Protect]", param: torch
     if row_free is not None:
         arranged.mul_(row_free)
     units = _as_units(arranged) if blocks else None
-    for rows, free, _ in blocks:
-        _put_rows(arranged, units, rows, _take_rows(arranged, units, rows).mul_(free))
+    for rows, free, _, _ in blocks:
+        part, part_units = _take_rows(arranged, units, rows)
+        _put_rows(arranged, units, rows, part.mul_(free), part_units)
 
 
 class Protect(nn.Module):
@@ -511,12 +513,12 @@ class Protect(nn.Module):
             return self._with_frozen(weight, self._frozen_blocks(weight.dtype))
         data = _arranged(weight.data.view(bits), self._order)
         units = _as_units(data)
-        for rows, free, frozen_bits in self._frozen_blocks(weight.dtype, bits):
+        for rows, free, frozen_bits, frozen_units in self._frozen_blocks(weight.dtype, bits):
             if free is None:  # whole rows
-                _put_rows(data, units, rows, frozen_bits)
+                _put_rows(data, units, rows, frozen_bits, frozen_units)
             else:  # the rows, then `frozen_bits + bits * free` (integers: one term is 0): the same bits, NaN and all
-                part = _take_rows(data, units, rows)
-                _put_rows(data, units, rows, torch.addcmul(frozen_bits, part, free, out=part))
+                part, part_units = _take_rows(data, units, rows)
+                _put_rows(data, units, rows, torch.addcmul(frozen_bits, part, free, out=part), part_units)
         self.__dict__["_restored"] = key
         if training and weight.requires_grad:
             hooked = self.__dict__.get("_hooked")
@@ -531,7 +533,7 @@ class Protect(nn.Module):
         (`index_copy` passes none to the rows it replaces; the free entries of those rows come back through the
         `where`)."""
         arranged = _arranged(weight, self._order)
-        for rows, free, frozen in blocks:
+        for rows, free, frozen, _ in blocks:
             replaced = frozen if free is None else torch.where(free, arranged.index_select(0, rows), frozen)
             arranged = arranged.index_copy(0, rows, replaced)
         if self._order:
@@ -574,9 +576,9 @@ class Protect(nn.Module):
         return torch.cat([part.reshape(-1) for part in parts] or [values.new_empty(0)])
 
     def _frozen_blocks(self, dtype: torch.dtype, bits: torch.dtype | None = None) -> list:
-        """(rows, free, frozen values) per block, in `dtype` (as the integers `bits` when given; views into
-        `frozen` when the dtype is its own): `free` is None for whole rows, else the block's free columns, 1 / 0
-        integers (`bits`) or a bool mask, at a row's shape."""
+        """(rows, free, frozen values, their 16-byte units or None) per block, in `dtype` (as the integers `bits`
+        when given; views into `frozen` when the dtype is its own): `free` is None for whole rows, else the block's
+        free columns, 1 / 0 integers (`bits`) or a bool mask, at a row's shape."""
         derived = self._derived()
         key = ("blocks", dtype, bits)
         if key not in derived:
@@ -592,7 +594,7 @@ class Protect(nn.Module):
                                   f"{sum(sizes)} entries of the weight {self.weight_shape}; the state is corrupt")
             derived[key] = [(rows, None if columns is None else
                              (~columns).expand(1, *row).to(bits) if bits is not None else ~columns,
-                             part.view(len(rows), *row))
+                             part.view(len(rows), *row), _as_units(part.view(len(rows), *row)))
                             for (rows, columns), part in zip(derived["rows"], values.split(sizes))]
         return derived[key]
 
@@ -603,7 +605,7 @@ class Protect(nn.Module):
         key = ("gradient", dtype, bits)
         if key not in derived:
             blocks = self._frozen_blocks(dtype, bits)
-            whole = [rows for rows, free, _ in blocks if free is None]
+            whole = [rows for rows, free, _, _ in blocks if free is None]
             row_free = None
             if whole:
                 arranged = self._arranged_shape()
@@ -622,7 +624,7 @@ class Protect(nn.Module):
         """A weight-shaped tensor holding the frozen values where protected and 0 elsewhere (FSDP's shards)."""
         full = torch.zeros(self.weight_shape, dtype=dtype, device=self.frozen.device)
         arranged = _arranged(full, self._order)
-        for rows, _, values in self._frozen_blocks(dtype):
+        for rows, _, values, _ in self._frozen_blocks(dtype):
             arranged.index_copy_(0, rows, values)  # free entries of the rows hold 0 in the packed values
         return full
 

@@ -85,7 +85,7 @@ def test_grouped_convolution_gets_one_block_per_column_pattern_and_every_bit_bac
     hat, x = _finished_task(lambda u, n: u % 3 != 1)  # the two groups of c3 see different input patterns
     protect, raw = _protects(hat)["c3"]
     blocks = protect._frozen_blocks(raw.dtype)
-    assert len(blocks) == 2 and all(free is not None for _, free, _ in blocks)
+    assert len(blocks) == 2 and all(free is not None for _, free, _, _ in blocks)
     where = protect.protect.expand(raw.shape)
     frozen = protect.dense_frozen(raw.dtype).view(torch.int32)[where]
     junk = torch.tensor([float("nan"), float("-inf"), -0.0, 1e-45]).repeat(raw.numel() // 4 + 1)[:raw.numel()]

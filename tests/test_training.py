@@ -221,7 +221,7 @@ def test_write_back_restores_every_bit_and_zeroes_every_gradient_bit(model_name,
         assert torch.equal(raw.grad.view(bits)[where], torch.zeros_like(frozen))
         assert not torch.equal(raw.grad.view(bits)[~where], torch.zeros_like(frozen[:0]).new_zeros((~where).sum()))
         blocks = protect._frozen_blocks(dtype)
-        shapes.add("leading" if protect._order else "row" if all(free is None for _, free, _ in blocks)
+        shapes.add("leading" if protect._order else "row" if all(free is None for _, free, _, _ in blocks)
                    else "groups" if len(blocks) > 1 else "rectangle")
     assert shapes == ({"rectangle", "row"} if model_name == "conv" else {"rectangle", "leading", "row"})
 
