@@ -198,7 +198,7 @@ def memory(plain: nn.Module, hat) -> dict:
         return t.numel() * t.element_size()
 
     plain_bytes = sum(nbytes(t) for t in list(plain.parameters()) + list(plain.buffers()))
-    parts = {"protection (frozen copy + protect mask)": 0, "per-task copies (norms, heads, loose params)": 0,
+    parts = {"protection (frozen values + protect mask)": 0, "per-task copies (norms, heads, loose params)": 0,
              "mask bank": 0, "gate index maps": 0, "shared weights": 0, "model state (trained, cumulative)": 0}
     seen: set[int] = set()
 
@@ -209,7 +209,7 @@ def memory(plain: nn.Module, hat) -> dict:
             module = getattr(module, part)
             kinds.append(type(module))
         if Protect in kinds:
-            return "protection (frozen copy + protect mask)"
+            return "protection (frozen values + protect mask)"
         if MaskBank in kinds:
             return "mask bank"
         if any(issubclass(kind, Gate) for kind in kinds):
@@ -225,14 +225,13 @@ def memory(plain: nn.Module, hat) -> dict:
             continue
         seen.add(id(tensor))
         parts[owner_kind(name)] += nbytes(tensor)
-    # Derived at run time, not saved: the `free` selector of each protected weight (its frozen bits are the frozen
-    # buffer itself, not counted twice).
+    # Derived at run time, not saved: the block indices of each protected weight (the blocks of frozen values are
+    # views of the frozen buffer itself, not counted twice).
     cache = 0
     for m in hat.modules():
         if isinstance(m, Protect):
             frozen = m.frozen.untyped_storage().data_ptr()
-            derived = [v for k, v in (m.__dict__.get("_derived_cache") or {}).items() if k != "of" and v]
-            cache += sum(nbytes(t) for pair in derived for t in pair if t.untyped_storage().data_ptr() != frozen)
+            cache += sum(nbytes(t) for t in m.cached_tensors() if t.untyped_storage().data_ptr() != frozen)
     hat_bytes = sum(parts.values())
     mb = 1 / 2**20
     return {"plain_mb": plain_bytes * mb, "hat_mb": hat_bytes * mb, "added_mb": (hat_bytes - plain_bytes) * mb,
@@ -331,8 +330,8 @@ def run_case(case: Case, quick: bool) -> dict:
 
 
 def training_memory(plain: nn.Module, hat, x: torch.Tensor, y: torch.Tensor) -> dict:
-    """Bytes of everything training keeps (parameters, buffers, gradients, AdamW state, the runtime selectors of
-    protected weights), plain against HAT on task 1 after task 0 ended, after two AdamW steps each."""
+    """Bytes of everything training keeps (parameters, buffers, gradients, AdamW state, the run-time block indices
+    of protected weights), plain against HAT on task 1 after task 0 ended, after two AdamW steps each."""
     def nbytes(tensors) -> int:
         seen, total = set(), 0
         for t in tensors:
@@ -342,8 +341,7 @@ def training_memory(plain: nn.Module, hat, x: torch.Tensor, y: torch.Tensor) -> 
         return total
 
     def state(model, opt) -> list:
-        derived = [v for m in model.modules() if isinstance(m, Protect)
-                   for k, pair in (m.__dict__.get("_derived_cache") or {}).items() if k != "of" for v in pair]
+        derived = [t for m in model.modules() if isinstance(m, Protect) for t in m.cached_tensors()]
         return [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters()),
                 *(v for s in opt.state.values() for v in s.values()), *derived]
 
@@ -569,7 +567,7 @@ def pipeline_lines(results: dict, console: Console) -> list[str]:
         console.print(f"quick start: {quick['quick_start_beyond_torch_s']:.2f} s beyond import torch")
     memory_rows = {name: r["training_memory"] for name, r in results["cases"].items() if "training_memory" in r}
     if memory_rows:
-        md += ["", "## Full training memory (parameters, buffers, gradients, AdamW state, protection selectors)", "",
+        md += ["", "## Full training memory (parameters, buffers, gradients, AdamW state, protection indices)", "",
                "| model | plain MB | HAT MB | ratio |", "|---|---:|---:|---:|"]
         md += [f"| {name} | {m['plain_mb']:.2f} | {m['hat_mb']:.2f} | {m['ratio']:.2f} |"
                for name, m in memory_rows.items()]

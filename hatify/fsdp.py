@@ -119,11 +119,11 @@ def restore_shard(raw: torch.Tensor) -> None:
     cached = getattr(raw, "_hat_shard_selectors", None)
     if cached is None or cached[0] != key:
         bits = _BITS.get(raw.element_size())
+        dense = protect.dense_frozen(raw.dtype)  # frozen values where protected, 0 elsewhere
         if bits is None or raw.is_complex():
-            pieces = (None, local_piece(mask, raw), local_piece(frozen.to(raw.dtype), raw))
+            pieces = (None, local_piece(mask, raw), local_piece(dense, raw))
         else:
-            free, frozen_bits = protect._selectors(raw.dtype, bits)
-            pieces = (bits, local_piece(free, raw), local_piece(frozen_bits, raw))
+            pieces = (bits, local_piece((~mask).to(bits), raw), local_piece(dense.view(bits), raw))
         cached = raw._hat_shard_selectors = (key, *pieces)
     _, bits, first, second = cached
     if bits is None:

@@ -11,6 +11,7 @@ The guarantee lives in the forward computation and in module state, so it surviv
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 
 import torch
@@ -19,8 +20,10 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils import _pytree as pytree
 
 from .copying import detached_deepcopy
+from .errors import HatifyError
 
 
 def compensated_sigmoid(e: torch.Tensor, s: float, s_max: float) -> torch.Tensor:
@@ -352,35 +355,52 @@ class TaskParameter(nn.Module):
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _leading_broadcast(shape: torch.Size, full: torch.Size) -> bool:
-    """`shape` broadcasts to `full` over leading dimensions only (then each inner block is contiguous)."""
-    sizes = list(shape)
-    while sizes and sizes[-1] == full[len(sizes) - 1]:
-        sizes.pop()
-    return all(size == 1 for size in sizes)
+def _arranged(t: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    """A view of `t` with the protection mask's varying dimensions first (`Protect._order`)."""
+    if t.ndim == 0:
+        return t.view(1)
+    return t.permute(order) if order else t  # (): the weight's own order
 
 
-def _masked_gradient(grad: torch.Tensor, free: torch.Tensor, protect: torch.Tensor) -> torch.Tensor:
-    """The gradient with protected entries exactly +0; differentiable under `create_graph=True`."""
-    if torch.is_grad_enabled():
-        return torch.where(protect, grad.new_zeros(()), grad)
-    return (grad.view(free.dtype) * free).view(grad.dtype)
+def _as_units(t: torch.Tensor) -> torch.Tensor | None:
+    """`t` (rows first) as rows of 16-byte units on CPU when its rows are contiguous and a multiple of 16 bytes,
+    else None: CPU index kernels cost per element, so whole rows move several times faster as wide units (copies:
+    the same bits). Other devices index at memory speed (and some have no 16-byte type)."""
+    count = t.shape[0] if t.ndim else 0
+    if not count or t.device.type != "cpu" or (t.numel() // count * t.element_size()) % 16 or t.data_ptr() % 16 \
+            or not t.is_contiguous():
+        return None
+    return t.view(count, -1).view(torch.complex128)
 
 
-class SelectFrozen(torch.autograd.Function):
-    """`torch.where(protect, frozen, weight)` as integer arithmetic on the bits: `frozen_bits + bits * free`
-    (`free` is 1 or 0, and `frozen_bits` is 0 where free), the same bits for every value (NaN, inf and -0.0
-    included), and several times faster than `where` on CPU. The gradient of a protected entry is exactly +0."""
+def _take_rows(t: torch.Tensor, units: torch.Tensor | None, rows: torch.Tensor) -> tuple:
+    """(t[rows], its 16-byte units or None): a new tensor (rows first), taken through `units` (`_as_units(t)`)."""
+    if units is None:
+        return t.index_select(0, rows), None
+    part = units.index_select(0, rows)
+    return part.view(t.dtype).view(len(rows), *t.shape[1:]), part
 
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, free: torch.Tensor, frozen_bits: torch.Tensor,
-                protect: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(free, protect)
-        return torch.addcmul(frozen_bits, weight.view(frozen_bits.dtype), free).view(weight.dtype)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _masked_gradient(grad, *ctx.saved_tensors), None, None, None
+def _put_rows(t: torch.Tensor, units: torch.Tensor | None, rows: torch.Tensor, values: torch.Tensor,
+              value_units: torch.Tensor | None) -> None:
+    """t[rows] = values, in place; through 16-byte units when both have them."""
+    if units is None or value_units is None:
+        t.index_copy_(0, rows, values)
+    else:
+        units.index_copy_(0, rows, value_units)
+
+
+def protected_rows(mask: torch.Tensor, order: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The protected entries of `mask` (arranged by `order`) as blocks of rows: (rows, columns) per distinct
+    pattern of protected columns, `columns` a mask over the rest of a row (None: whole rows). HAT protects the
+    outer product of the cumulative output and input masks: one block (a grouped convolution: one per group),
+    so per-unit indices and one column pattern per block describe a weight's protection."""
+    arranged = _arranged(mask, order)
+    grid = arranged.reshape(arranged.shape[0], -1)
+    rows = grid.any(1).nonzero().flatten()
+    patterns, which = torch.unique(grid[rows], dim=0, return_inverse=True)
+    return [(rows[which == j], None if bool(pattern.all()) else pattern.view(1, *arranged.shape[1:]))
+            for j, pattern in enumerate(patterns)]
 
 
 def read_through_protect(module: nn.Module, name: str) -> None:
@@ -404,28 +424,38 @@ def _mask_accumulated_gradient(protect_ref: "weakref.ref[Protect]", param: torch
     protect, grad = protect_ref(), param.grad
     if protect is None or grad is None or not protect.active or grad.shape != param.shape:
         return
-    if grad.requires_grad or grad.layout != torch.strided:  # create_graph=True, sparse gradients
-        param.grad = torch.where(protect.protect, grad.new_zeros(()), grad.to_dense())
-        return
     bits = _BITS.get(grad.element_size())
-    if bits is None or grad.is_complex():
-        grad.masked_fill_(protect.protect, 0)
+    if grad.requires_grad or grad.layout != torch.strided or bits is None or grad.is_complex():
+        param.grad = torch.where(protect.protect, grad.new_zeros(()), grad.to_dense())  # create_graph, sparse
         return
-    grad.view(bits).mul_(protect._selectors(param.dtype, bits)[0])
+    arranged = _arranged(grad.view(bits), protect._order)  # integer products: exactly +0, whatever the value
+    row_free, blocks = protect._gradient_selectors(grad.dtype, bits)
+    if row_free is not None:
+        arranged.mul_(row_free)
+    units = _as_units(arranged) if blocks else None
+    for rows, free, _, _ in blocks:
+        part, part_units = _take_rows(arranged, units, rows)
+        _put_rows(arranged, units, rows, part.mul_(free), part_units)
 
 
 class Protect(nn.Module):
     """Weight parametrization: entries used by earlier tasks hold their frozen values and get a gradient of
     exactly zero, whatever the optimizer does (momentum, weight decay, `.data` writes).
 
-    In eager mode the frozen entries are written back into the parameter itself whenever it is read (one
-    in-place pass of integer arithmetic on the bits, no new tensor; through `.data`, so a graph that saved the
-    weight sees no version change, and it sees the same bits), and the layer uses the parameter as it is: an
-    optimizer step may move protected entries, the next forward puts them back bit for bit. The gradient is
-    masked in place once it is accumulated into `.grad`, by a hook that every training forward attaches to the
-    parameter it reads (so copies and reassigned parameters get it too). Under `torch.compile`, or for a weight
-    that is not a leaf parameter (`torch.func.functional_call`), the effective weight is computed out of place
-    instead."""
+    In eager mode the frozen entries are written back into the parameter itself whenever it is read (in place,
+    integer arithmetic on the bits of the protected rows: the same bits for every value, NaN, inf and -0.0
+    included; through `.data`, so a graph that saved the weight sees no version change, and it sees the same bits),
+    and the layer uses the parameter as it is: an optimizer step may move protected entries, the next forward puts
+    them back bit for bit. The gradient is masked in place once it is accumulated into `.grad`, by a hook that
+    every training forward attaches to the parameter it reads (so copies and reassigned parameters get it too).
+    Under `torch.compile`, or for a weight that is not a leaf parameter (`torch.func.functional_call`), the
+    effective weight is computed out of place instead (`index_copy`, whose gradient is exactly +0 at the frozen
+    entries).
+
+    State: `protect`, the protection mask (it broadcasts over kernel positions), and `frozen`, the frozen values of
+    the rows that hold protected entries only (0 at their free entries), block by block (`protected_rows`): a
+    finished task costs about the rows it protects, not a copy of the weight, and the run-time selectors are per
+    unit, not per weight entry. Files saved with a weight-shaped `frozen` load as well."""
 
     def __init__(self, weight: torch.Tensor, protect_shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -433,28 +463,45 @@ class Protect(nn.Module):
         self.register_buffer("frozen", weight.new_empty(0))
         self.register_buffer("protect", torch.zeros(0, dtype=torch.bool, device=weight.device))
         self.protect_shape = tuple(protect_shape)
+        self.weight_shape = tuple(weight.shape)
+        varying = [d for d, size in enumerate(self.protect_shape) if size != 1] or [0]
+        order = tuple(varying + [d for d in range(max(1, weight.ndim)) if d not in varying])
+        self._order = () if order == tuple(range(len(order))) else order  # (): no permute on every read
         self.active = False
 
-    def _allocate(self, effective: torch.Tensor) -> None:
-        if self.frozen.shape != effective.shape:
-            self.frozen = torch.empty_like(effective)
-            self.protect = torch.zeros(self.protect_shape, dtype=torch.bool, device=effective.device)
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        mask, frozen = state_dict.get(prefix + "protect"), state_dict.get(prefix + "frozen")
+        if mask is not None and frozen is not None and mask.numel() and frozen.numel():
+            packed = self._packed_size(mask)
+            if tuple(frozen.shape) == self.weight_shape and (frozen.ndim != 1 or frozen.numel() != packed):
+                state_dict[prefix + "frozen"] = self._pack(frozen, mask)  # saved weight-shaped: pack it
+            elif frozen.ndim != 1 or frozen.numel() != packed:
+                raise HatifyError(f"{prefix}frozen holds {tuple(frozen.shape)} values: its protection mask needs "
+                                  f"{packed} (the protected rows) or the weight's shape {self.weight_shape}; the "
+                                  "state dict does not belong to this model")
         for name in ("frozen", "protect"):  # a saved model may hold them allocated
             incoming = state_dict.get(prefix + name)
             if incoming is not None and incoming.shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(incoming, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.active = bool(self.protect.numel() and self.protect.any())
+        self._prepare()
+
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__.pop("_derived_cache", None)  # `.to()`, `.half()`: the blocks follow the buffers
+        result = super()._apply(fn, recurse)
+        self._prepare()
+        return result
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return weight
         bits = _BITS.get(weight.element_size())
-        if torch.compiler.is_compiling() or bits is None or weight.is_complex():
-            # Compiled: one fused kernel. Either way the gradient of protected entries is exactly +0.
-            return torch.where(self.protect, self.frozen.to(weight.dtype), weight)
+        if torch.compiler.is_compiling():  # the blocks end_task() or the last eager read left: no graph break
+            ready = self.__dict__.get("_derived_cache", {}).get(("blocks", weight.dtype, None))
+            return self._with_frozen(weight, ready if ready is not None else self._frozen_blocks(weight.dtype))
+        if bits is None or weight.is_complex():
+            return self._with_frozen(weight, self._frozen_blocks(weight.dtype))
         training = self.training or torch.is_grad_enabled()
         # Eval-mode inference skips the write-back while nothing was written since the last one: in-place writes
         # bump the version, optimizer steps the step count (fused kernels may not bump the version); `.data` writes
@@ -463,10 +510,15 @@ class Protect(nn.Module):
         if not training and self.__dict__.get("_restored") == key:
             return weight
         if not (isinstance(weight, nn.Parameter) and weight.is_leaf):
-            return SelectFrozen.apply(weight, *self._selectors(weight.dtype, bits), self.protect)
-        free, frozen_bits = self._selectors(weight.dtype, bits)
-        data = weight.data.view(bits)
-        torch.addcmul(frozen_bits, data, free, out=data)  # one pass: frozen bits where protected, else unchanged
+            return self._with_frozen(weight, self._frozen_blocks(weight.dtype))
+        data = _arranged(weight.data.view(bits), self._order)
+        units = _as_units(data)
+        for rows, free, frozen_bits, frozen_units in self._frozen_blocks(weight.dtype, bits):
+            if free is None:  # whole rows
+                _put_rows(data, units, rows, frozen_bits, frozen_units)
+            else:  # the rows, then `frozen_bits + bits * free` (integers: one term is 0): the same bits, NaN and all
+                part, part_units = _take_rows(data, units, rows)
+                _put_rows(data, units, rows, torch.addcmul(frozen_bits, part, free, out=part), part_units)
         self.__dict__["_restored"] = key
         if training and weight.requires_grad:
             hooked = self.__dict__.get("_hooked")
@@ -475,6 +527,18 @@ class Protect(nn.Module):
                     functools.partial(_mask_accumulated_gradient, weakref.ref(self)))
                 self.__dict__["_hooked"] = weakref.ref(weight)
         return weight
+
+    def _with_frozen(self, weight: torch.Tensor, blocks: list) -> torch.Tensor:
+        """The effective weight out of place; differentiable, with a gradient of exactly +0 at frozen entries
+        (`index_copy` passes none to the rows it replaces; the free entries of those rows come back through the
+        `where`)."""
+        arranged = _arranged(weight, self._order)
+        for rows, free, frozen, _ in blocks:
+            replaced = frozen if free is None else torch.where(free, arranged.index_select(0, rows), frozen)
+            arranged = arranged.index_copy(0, rows, replaced)
+        if self._order:
+            arranged = arranged.permute(sorted(range(len(self._order)), key=self._order.__getitem__))
+        return arranged.reshape(weight.shape)
 
     def train(self, mode: bool = True) -> "Protect":
         self.forget_write_back()
@@ -495,45 +559,92 @@ class Protect(nn.Module):
             self.forget_write_back()
         return derived
 
-    def _selectors(self, dtype: torch.dtype, bits: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(free, frozen_bits), integers of the weight's width: `free` is 1 where the weight is free and 0 where
-        it is protected; `frozen_bits` holds the frozen values' bits where protected, 0 elsewhere.
-        Then `frozen_bits + bits * free` selects exactly (integer arithmetic: one of the terms is 0), in one pass.
-        The frozen buffer itself, its free entries zeroed in place, serves as `frozen_bits`. `free` broadcasts
-        where that is fast: one value per row when whole rows are protected or free (a layer whose input carries
-        no mask), the protection mask's own shape when it broadcasts over leading dimensions (embeddings); it is
-        materialised at the weight's shape where the broadcast would run over a short inner block (a conv's
-        (out, in, 1, 1) mask over its kernel makes the pass about 4x slower on CPU)."""
+    def _rows(self, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        return protected_rows(mask.reshape(self.protect_shape), self._order)
+
+    def _arranged_shape(self) -> list[int]:
+        return [self.weight_shape[d] for d in self._order] if self._order else list(self.weight_shape) or [1]
+
+    def _packed_size(self, mask: torch.Tensor) -> int:
+        return sum(len(rows) for rows, _ in self._rows(mask)) * math.prod(self._arranged_shape()[1:])
+
+    def _pack(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The rows of `values` (weight-shaped) that `mask` protects, block by block, 0 at their free entries."""
+        arranged = _arranged(values.reshape(self.weight_shape), self._order)
+        parts = [arranged[rows] if columns is None else arranged[rows].masked_fill(~columns, 0)
+                 for rows, columns in self._rows(mask)]
+        return torch.cat([part.reshape(-1) for part in parts] or [values.new_empty(0)])
+
+    def _frozen_blocks(self, dtype: torch.dtype, bits: torch.dtype | None = None) -> list:
+        """(rows, free, frozen values, their 16-byte units or None) per block, in `dtype` (as the integers `bits`
+        when given; views into `frozen` when the dtype is its own): `free` is None for whole rows, else the block's
+        free columns, 1 / 0 integers (`bits`) or a bool mask, at a row's shape."""
         derived = self._derived()
-        if ("bits", dtype) not in derived:
-            frozen, protect = self._buffers["frozen"], self._buffers["protect"]
-            protected = protect.to(bits)
-            per_row = protected.reshape(len(protected), -1) if protected.ndim > 1 else None
-            if per_row is not None and bool((per_row == per_row[:, :1]).all()):
-                protected = per_row[:, :1].reshape(-1, *[1] * (protected.ndim - 1)).clone()
-            elif not _leading_broadcast(protected.shape, frozen.shape):
-                protected = protected.expand(frozen.shape).contiguous()
-            with torch.no_grad():
-                if frozen.dtype == dtype:
-                    frozen_bits = frozen.view(bits).mul_(protected)  # protected entries keep their bits
-                    derived["of"] = (frozen, protect, frozen._version, protect._version)
-                else:
-                    frozen_bits = frozen.to(dtype).view(bits) * protected
-            derived[("bits", dtype)] = (protected.neg_().add_(1), frozen_bits)
-        return derived[("bits", dtype)]
+        key = ("blocks", dtype, bits)
+        if key not in derived:
+            if "rows" not in derived:
+                derived["rows"] = self._rows(self._buffers["protect"])
+            frozen = self._buffers["frozen"]
+            values = frozen if frozen.dtype == dtype else frozen.to(dtype)
+            values = values if bits is None else values.view(bits)
+            row = self._arranged_shape()[1:]
+            sizes = [len(rows) * math.prod(row) for rows, _ in derived["rows"]]
+            if sum(sizes) != values.numel():
+                raise HatifyError(f"Protect: {values.numel()} frozen values for a protection mask that covers "
+                                  f"{sum(sizes)} entries of the weight {self.weight_shape}; the state is corrupt")
+            derived[key] = [(rows, None if columns is None else
+                             (~columns).expand(1, *row).to(bits) if bits is not None else ~columns,
+                             part.view(len(rows), *row), _as_units(part.view(len(rows), *row)))
+                            for (rows, columns), part in zip(derived["rows"], values.split(sizes))]
+        return derived[key]
+
+    def _gradient_selectors(self, dtype: torch.dtype, bits: torch.dtype) -> tuple[torch.Tensor | None, list]:
+        """(one free value per row for the blocks of whole rows, or None; the other blocks): integer selectors that
+        zero the protected gradient by products, per unit, not per weight entry."""
+        derived = self._derived()
+        key = ("gradient", dtype, bits)
+        if key not in derived:
+            blocks = self._frozen_blocks(dtype, bits)
+            whole = [rows for rows, free, _, _ in blocks if free is None]
+            row_free = None
+            if whole:
+                arranged = self._arranged_shape()
+                row_free = torch.ones(arranged[0], *[1] * (len(arranged) - 1), dtype=bits, device=whole[0].device)
+                row_free[torch.cat(whole)] = 0
+            derived[key] = (row_free, [block for block in blocks if block[1] is not None])
+        return derived[key]
+
+    def cached_tensors(self) -> list[torch.Tensor]:
+        """The run-time tensors derived from the buffers (indices, converted values), for memory accounting."""
+        derived = self.__dict__.get("_derived_cache") or {}
+        leaves = pytree.tree_leaves([value for key, value in derived.items() if key != "of"])
+        return list({id(t): t for t in leaves if isinstance(t, torch.Tensor)}.values())  # blocks share tensors
+
+    def dense_frozen(self, dtype: torch.dtype) -> torch.Tensor:
+        """A weight-shaped tensor holding the frozen values where protected and 0 elsewhere (FSDP's shards)."""
+        full = torch.zeros(self.weight_shape, dtype=dtype, device=self.frozen.device)
+        arranged = _arranged(full, self._order)
+        for rows, _, values, _ in self._frozen_blocks(dtype):
+            arranged.index_copy_(0, rows, values)  # free entries of the rows hold 0 in the packed values
+        return full
 
     @torch.no_grad()
+    def _store(self, effective: torch.Tensor, mask: torch.Tensor) -> None:
+        self.protect = mask.to(device=effective.device, dtype=torch.bool).reshape(self.protect_shape).clone()
+        self.frozen = self._pack(effective, self.protect)
+        self.active = bool(self.protect.any())
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Derive the blocks now, so that a compiled forward finds them (deriving them there breaks the graph)."""
+        if self.active:
+            self._frozen_blocks(self.frozen.dtype)
+
     def update(self, effective: torch.Tensor, protect: torch.Tensor) -> None:
         """Freeze the entries `protect` marks at their current effective value (monotone: never unfreezes)."""
-        self._allocate(effective)
-        self.frozen.copy_(effective)
-        self.protect |= protect.reshape(self.protect.shape)
-        self.active = bool(self.protect.any())
+        protect = protect.reshape(self.protect_shape)
+        self._store(effective, self.protect | protect if self.protect.shape == protect.shape else protect)
 
-    @torch.no_grad()
     def reset(self, effective: torch.Tensor, protect: torch.Tensor) -> None:
         """Set the frozen entries to exactly `protect` (may release entries, for forget_task)."""
-        self._allocate(effective)
-        self.frozen.copy_(effective)
-        self.protect.copy_(protect.reshape(self.protect.shape))
-        self.active = bool(self.protect.any())
+        self._store(effective, protect)

@@ -111,7 +111,8 @@ def _fsdp_worker(rank: int, world: int, port: int, result_dir: str) -> None:
                 raw, protect = chain.original, chain[0]
                 if protect.protect.any():
                     full = raw.full_tensor()
-                    assert torch.equal(full, torch.where(protect.protect, protect.frozen, full)), f"rank {rank}"
+                    frozen = protect.dense_frozen(full.dtype)
+                    assert torch.equal(full, torch.where(protect.protect, frozen, full)), f"rank {rank}"
         hat.end_task()
         assert all(bool(chain[0].protect.any()) for chain in chains)
         hat.eval()

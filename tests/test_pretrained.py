@@ -117,7 +117,7 @@ def _assert_frozen_untouched(hat, frozen: dict[str, torch.Tensor], copied: tuple
 
 
 def _protected(hat) -> dict[str, int]:
-    """Parameters guarded by Protect and the size of their frozen-copy buffer."""
+    """Parameters guarded by Protect and the size of their frozen-values buffer."""
     return {name.rpartition(".parametrizations.")[0] + "." + name.split(".")[-2]: m.frozen.numel()
             for name, m in hat.net.named_modules() if isinstance(m, Protect)}
 
@@ -140,9 +140,9 @@ def test_frozen_layers_kept_as_they_are():
     after = _train(hat, x)
     _assert_old_tasks_identical(hat, x, after)
     _assert_frozen_untouched(hat, frozen, copied=("bn1.",))
-    # Only fc carries protection buffers: the frozen convolutions have no frozen copy.
+    # Only fc carries protection buffers (the frozen values of its protected rows): the frozen convolutions have none.
     fc = model.fc.weight.numel() + model.fc.bias.numel()
-    assert sorted(_protected(hat)) == ["fc.bias", "fc.weight"] and sum(_protected(hat).values()) == fc
+    assert sorted(_protected(hat)) == ["fc.bias", "fc.weight"] and 0 < sum(_protected(hat).values()) <= fc
     assert torch.equal(model.conv1.weight, frozen["conv1.weight"])   # the original is not modified
 
 

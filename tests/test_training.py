@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hatify
-from hatify.layers import compensated_sigmoid
+from hatify.layers import _arranged, compensated_sigmoid
 from hatify.model import mask_scale
 
 OPTIMIZERS = {
@@ -194,8 +194,9 @@ def test_writes_through_data_cannot_move_finished_tasks():
 def test_write_back_restores_every_bit_and_zeroes_every_gradient_bit(model_name, dtype):
     """NaN payloads, infinities, -0.0 and subnormals written over frozen entries are undone bit for bit, in place
     (a parameter) and out of place (a tensor from outside); the protected gradient is exactly +0. Covers every
-    shape of the `free` selector: one value per row (the first layer), the mask broadcast over leading dimensions
-    (an embedding), the full weight shape (a grouped convolution, a linear layer)."""
+    layout of the packed frozen values: whole rows (the first layer), the mask broadcast over leading dimensions
+    (an embedding), rows by columns (a linear layer, a convolution); one rectangle per group of a grouped
+    convolution: test_protect_memory."""
     model, x, classes = _data(model_name)
     hat = hatify.hatify(model, num_tasks=2, example_inputs=(x[:2],))
     _, hat = train_tasks(hat, OPTIMIZERS["sgd"](hat.parameters()), x, classes, [0])
@@ -204,7 +205,10 @@ def test_write_back_restores_every_bit_and_zeroes_every_gradient_bit(model_name,
     shapes = set()
     for raw, protect in _protected_parameters(hat):
         where = protect.protect.expand(raw.shape)
-        frozen = protect.frozen.view(bits)[where]
+        frozen = protect.dense_frozen(dtype).view(bits)[where]
+        rows = _arranged(where, protect._order)
+        rows = rows.reshape(len(rows), -1)
+        assert protect.frozen.numel() == int(rows.any(1).sum()) * rows.shape[1]  # the protected rows only
         junk = torch.tensor([float("nan"), float("-inf"), -0.0, torch.finfo(dtype).tiny / 4], dtype=dtype)
         junk = junk.repeat(raw.numel() // 4 + 1)[:raw.numel()].view(raw.shape).view(bits) + 3  # NaN payloads
         outside = junk.view(dtype).clone().requires_grad_()
@@ -216,9 +220,10 @@ def test_write_back_restores_every_bit_and_zeroes_every_gradient_bit(model_name,
         (protect(raw) * junk.view(dtype).nan_to_num(0.5)).sum().backward()
         assert torch.equal(raw.grad.view(bits)[where], torch.zeros_like(frozen))
         assert not torch.equal(raw.grad.view(bits)[~where], torch.zeros_like(frozen[:0]).new_zeros((~where).sum()))
-        free = protect._selectors(dtype, bits)[0]
-        shapes.add("full" if free.shape == raw.shape else "row" if free[0].numel() == 1 else "leading")
-    assert shapes == ({"full", "row"} if model_name == "conv" else {"full", "leading"})
+        blocks = protect._frozen_blocks(dtype)
+        shapes.add("leading" if protect._order else "row" if all(free is None for _, free, _, _ in blocks)
+                   else "groups" if len(blocks) > 1 else "rectangle")
+    assert shapes == ({"rectangle", "row"} if model_name == "conv" else {"rectangle", "leading", "row"})
 
 
 def test_two_forwards_one_backward_match_the_out_of_place_weights():
