@@ -65,6 +65,22 @@ def call_opaque(module: nn.Module, masks: torch.Tensor, task: Any, *args: Any, *
 torch.fx.wrap("call_opaque")
 
 
+def nested_paths(plan, prefix: str = "") -> list[str]:
+    """The full paths of the plan's nested subgraphs, theirs included."""
+    paths = []
+    for path, part in plan.nested.items():
+        paths += [prefix + path, *nested_paths(part.plan, f"{prefix}{path}.")]
+    return paths
+
+
+def positional_call(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """A call's arguments in the order of the graph's placeholders (for an `Interpreter`), defaults filled in."""
+    values = list(args)
+    for node in [n for n in gm.graph.nodes if n.op == "placeholder"][len(args):]:
+        values.append(kwargs[node.target] if node.target in kwargs else node.args[0] if node.args else None)
+    return values
+
+
 @dataclasses.dataclass
 class NestedPart:
     """One submodule of an opaque module converted as a HAT subgraph: its capture and plan, in its own names,
