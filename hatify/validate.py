@@ -143,9 +143,10 @@ class _ZeroRecorder(Interpreter):
         super().__init__(gm)
         self.watch, self.prefix, self.zeros = watch, prefix, {} if zeros is None else zeros
         self.reduced: dict[tuple, torch.Tensor] = {}  # layers reading the same tensor (same version) the same way
-        # (a nested subgraph runs inside an opaque call: no early stop where one is watched)
-        nested = any(name.startswith(prefix) and "." in name[len(prefix):] for name in watch)
-        self.last = [] if nested else [n for n in gm.graph.nodes if prefix + n.name in watch][-1:]
+        # No early stop where nested subgraphs are watched: they run inside an opaque call, the model's graph may
+        # go on after its last watched node; and a nested subgraph's own stop would end the model's run.
+        nested = prefix or any("." in name for name in watch)
+        self.last = [] if nested else [n for n in gm.graph.nodes if n.name in watch][-1:]
 
     def run_node(self, n: fx.Node) -> Any:
         layer = self.watch.get(self.prefix + n.name)
@@ -340,7 +341,7 @@ def _ungraded(model: nn.Module, params: dict[str, torch.Tensor], run) -> set[str
 
 def _ungraded_from(outputs: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> set[str]:
     loss = _loss(outputs)
-    if loss is None:
+    if loss is None or not loss.requires_grad:  # (a detector that found nothing on the example: no gradient)
         return set(params)
     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True, retain_graph=True)
     return {name for name, g in zip(params, grads) if g is None}
