@@ -179,3 +179,37 @@ def test_opaque_module_with_own_parameter_stays_whole():
     assert roles == {"stem.0": "head", "decoder.mlp.0": "masked", "decoder.mlp.2": "masked", "decoder.mlp.4": "head"}
     # inside the nested subgraph the map is known: mlp.2 reads mlp.0's units
     assert broken.plan.layer("decoder.mlp.2").input_map == "identity"
+
+
+def test_compiled_training_matches_eager_and_keeps_old_tasks():
+    """Under torch.compile the opaque module's data-dependent Python breaks the graph, and the nested subgraph
+    still reads the task id and masks its call bound."""
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(16) % 4
+    torch._dynamo.reset()
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(hatify.hatify(_Net(), num_tasks=2, example_inputs=(x[:4],)))
+    eager, compiled_hat = models
+    compiled = torch.compile(compiled_hat)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
+    after = {}
+    for t in range(2):
+        for hat, fwd, opt in ((eager, eager, opts[0]), (compiled_hat, compiled, opts[1])):
+            hat.train()
+            hat.begin_task(t)
+            for b in range(3):
+                loss = nn.functional.cross_entropy(fwd(x, task_id=t, mask_scale=hat.mask_scale(b, 3)), y) + \
+                    hat.regularization()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            hat.end_task()
+            hat.eval()
+        with torch.no_grad():
+            after[t] = compiled(x, task_id=t)
+            torch.testing.assert_close(after[t], eager(x, task_id=t), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        assert torch.equal(compiled(x, task_id=0), after[0])
+    assert not torch.equal(after[0], after[1])
