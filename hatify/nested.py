@@ -28,6 +28,7 @@ from torch import fx, nn
 from .errors import HatifyError
 from .inputs import Inputs
 from .maps import ONES
+from .plan import MADE_FROM
 
 BOUND = "hat_bound"
 
@@ -220,6 +221,10 @@ def _prefixed_layer(layer, prefix: str):
     sites = [dataclasses.replace(s, node=prefix + s.node,
                                  apply_after=s.apply_after and prefix + s.apply_after,
                                  input_node=s.input_node and prefix + s.input_node) for s in layer.sites]
+    reason = layer.reason
+    if reason.startswith(MADE_FROM) and "model input" in reason:  # the subgraph's input: what opaque code gave it
+        reason = f"made from what the opaque {prefix.rstrip('.').rpartition('.')[0]} gives {prefix.rstrip('.')}"
     return dataclasses.replace(layer, name=prefix + layer.name, weight=prefix + layer.weight,
-                               bias=layer.bias and prefix + layer.bias, sites=sites,
+                               bias=layer.bias and prefix + layer.bias, sites=sites, reason=reason,
+                               input_producers=[prefix + name for name in layer.input_producers],
                                frozen=[prefix + q for q in layer.frozen])

@@ -113,6 +113,8 @@ class Plan:
         return [layer for layer in self.layers if layer.role == "masked"]
 
     def to_dict(self) -> dict:
+        from .nested import nested_paths
+
         return {"num_tasks": self.num_tasks, "config": self.config.to_dict(),
                 "layers": [layer.to_dict() for layer in self.layers],
                 "modules": [vars(m) for m in self.modules], "params": [
@@ -120,7 +122,7 @@ class Plan:
                 "remask": sorted(self.remask), "unknown": [vars(u) for u in self.unknown],
                 "opaque": self.opaque, "mode_leaves": self.mode_leaves, "total_units": self.total_units,
                 "node_count": self.node_count, "specialized": self.specialized,
-                "frozen": self.frozen, "nested": sorted(self.nested)}
+                "frozen": self.frozen, "nested": nested_paths(self)}
 
 
 def stacked_index(unit_map: UnitMap, ones_index: int) -> torch.Tensor:

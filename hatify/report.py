@@ -75,7 +75,12 @@ class Report:
 
     def notes(self) -> list[tuple[str, str]]:
         """(kind, text) for every opaque boundary, unknown op and the validation verdict."""
-        notes = [("opaque", f"{name}: {why}") for name, why in self.plan["opaque"].items()]
+        broken: dict[str, list[str]] = {}  # opaque module -> its submodules converted as nested HAT subgraphs
+        for path in self.plan.get("nested", ()):
+            broken.setdefault(path.rpartition(".")[0], []).append(path)
+        notes = [("graph break", f"{name}: {why}; kept opaque, its submodules {', '.join(broken[name])} are HAT "
+                                 "subgraphs") if name in broken else ("opaque", f"{name}: {why}")
+                 for name, why in self.plan["opaque"].items()]
         notes += [("unknown op", f"{op['node']} ({op['op']}) at {op['line'] or '?'}: {op['reason']}")
                   for op in self.plan["unknown"]]
         s = self.summary
@@ -103,7 +108,8 @@ class Report:
         rows = self.rows()
         yield self._table(rows) if _table_width(rows) <= options.max_width else self._stacked(rows)
         yield f"[bold]{self.headline()}[/]"
-        styles = {"opaque": "yellow", "unknown op": "yellow", "no input mask": "yellow", "validation": "green",
+        styles = {"opaque": "yellow", "graph break": "yellow", "unknown op": "yellow", "no input mask": "yellow",
+                  "validation": "green",
                   "frozen": "cyan", "SHARED": "red"}
         for kind, text in self.notes():
             style = "red" if kind == "validation" and not self.validation["passed"] else styles[kind]
