@@ -105,11 +105,12 @@ def extract(hat, t: int, prune: bool = False) -> fx.GraphModule:
         if node.op == "call_module" and node.target == "hat_masks":
             net.graph.erase_node(node)
     del net.hat_masks
+    _plain(net)
     if prune:
         from .prune import prune as prune_units
 
         net.prune_summary = prune_units(net, hat.plan, masks[:-1])
-    _plain(net)
+        net.recompile()
     return net
 
 

@@ -135,10 +135,11 @@ def _nested_parts(name: str, children: dict, inputs: dict, num_tasks: int, confi
             child_cap, child_plan = plan_of(child, num_tasks, inputs[child], config)
         except HatifyError:
             return []
-        if not child_plan.layers:
-            return []
+        if any("." not in q for layer in child_plan.masked_layers for q in layer.protected):
+            return []  # a masked parameter of the subgraph's root would move into its own holder: not supported
         parts.append(NestedPart(f"{name}.{key}", name, child_cap, child_plan))
-    return parts
+    # Only where some layer gets masked: heads alone are the per-task copy the whole module was
+    return parts if any(part.plan.masked_layers for part in parts) else []
 
 
 def _holds_state(module: nn.Module) -> bool:
