@@ -66,12 +66,16 @@ def call_opaque(module: nn.Module, masks: torch.Tensor, task: Any, *args: Any, *
 torch.fx.wrap("call_opaque")
 
 
-def nested_paths(plan, prefix: str = "") -> list[str]:
-    """The full paths of the plan's nested subgraphs, theirs included."""
-    paths = []
+def nested_parts(plan, prefix: str = "") -> list[tuple[str, "NestedPart"]]:
+    """(full path, part) of the plan's nested subgraphs, theirs included."""
+    found = []
     for path, part in plan.nested.items():
-        paths += [prefix + path, *nested_paths(part.plan, f"{prefix}{path}.")]
-    return paths
+        found += [(prefix + path, part), *nested_parts(part.plan, f"{prefix}{path}.")]
+    return found
+
+
+def nested_paths(plan) -> list[str]:
+    return [path for path, _ in nested_parts(plan)]
 
 
 def positional_call(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
