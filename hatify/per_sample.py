@@ -15,6 +15,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from .layers import FoldedGate, Gate, MaskBank, TaskIndexed, TaskParameter
+from .nested import call_opaque
 from .rewrite import SCALE_ARG, TASK_ARG
 from .shapes import TensorSpec
 
@@ -51,6 +52,8 @@ def _static_reason(net: fx.GraphModule) -> str:
     batch = next((n.meta["hat_spec"].shape[0] for n in net.graph.nodes if n.op == "placeholder"
                   and isinstance(n.meta.get("hat_spec"), TensorSpec) and n.meta["hat_spec"].ndim), None)
     for node in net.graph.nodes:
+        if node.op == "call_function" and node.target is call_opaque:
+            return f"{node.args[0].target} calls nested HAT subgraphs with one task's masks"
         if node.op != "call_module":
             continue
         module = net.get_submodule(node.target)

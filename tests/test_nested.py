@@ -213,3 +213,22 @@ def test_compiled_training_matches_eager_and_keeps_old_tasks():
     with torch.no_grad():
         assert torch.equal(compiled(x, task_id=0), after[0])
     assert not torch.equal(after[0], after[1])
+
+
+def test_mixed_task_batch_runs_each_task_with_its_masks():
+    """One id per sample: each task's rows run under that task's masks, nested subgraph included (the per-sample
+    path refuses a graph whose opaque call binds one task's masks)."""
+    from hatify import per_sample
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 6)
+    hat = hatify.hatify(_Net(), 2, (x,)).eval()
+    with torch.no_grad():
+        hat.masks.task1.neg_()  # the two tasks' masks differ
+        ids = torch.tensor([0, 1, 0, 1, 1, 0])
+        out = hat(x, task_id=ids)
+        for t in range(2):
+            assert torch.equal(out[ids == t], hat(x[ids == t], task_id=t))
+        assert not torch.equal(hat(x, task_id=0), hat(x, task_id=1))
+    with pytest.raises(per_sample.Unsupported, match="nested HAT subgraphs"):
+        per_sample.run(hat.net, (x,), {}, ids)
