@@ -232,3 +232,27 @@ def test_mixed_task_batch_runs_each_task_with_its_masks():
         assert not torch.equal(hat(x, task_id=0), hat(x, task_id=1))
     with pytest.raises(per_sample.Unsupported, match="nested HAT subgraphs"):
         per_sample.run(hat.net, (x,), {}, ids)
+
+
+def test_forget_task_keeps_the_others_and_capacity_counts_nested_layers():
+    torch.manual_seed(0)
+    x = torch.randn(8, 6)
+    hat = hatify.hatify(_Net(), 3, (x,))
+    opt = torch.optim.Adam(hat.parameters(), lr=0.05)
+    outs = {}
+    for t in range(3):
+        hat.train()
+        hat.begin_task(t)
+        for b in range(3):
+            loss = hat(x, task_id=t, mask_scale=hat.mask_scale(b, 3)).square().mean() + hat.regularization()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        hat.end_task()
+        hat.eval()
+        with torch.no_grad():
+            outs[t] = hat(x, task_id=t)
+    assert set(hat.capacity()) == {"decoder.mlp.0", "decoder.mlp.2"}
+    hat.forget_task(1)
+    with torch.no_grad():
+        assert torch.equal(hat(x, task_id=0), outs[0]) and torch.equal(hat(x, task_id=2), outs[2])
