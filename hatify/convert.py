@@ -57,7 +57,7 @@ def _plan(model, num_tasks, example_inputs, config):
     flow = analyse(cap.graph_module, find_producers(cap.graph_module, named), named)
     plan = make_plan(cap, flow, num_tasks, named)
     plan.config = config
-    nest(cap, plan, num_tasks, example_inputs, config, _plan)  # (a submodule that opaque code calls is planned the same way)
+    nest(cap, plan, num_tasks, example_inputs, config, _plan)  # (submodules that opaque code calls: planned alike)
     return cap, plan
 
 
