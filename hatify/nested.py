@@ -63,8 +63,6 @@ def call_opaque(module: nn.Module, masks: torch.Tensor, task: Any, *args: Any, *
             b.value = None
 
 
-torch.fx.wrap("call_opaque")
-
 
 def nested_parts(plan, prefix: str = "") -> list[tuple[str, "NestedPart"]]:
     """(full path, part) of the plan's nested subgraphs, theirs included."""
