@@ -124,12 +124,15 @@ def rewrite(capture: Capture, plan: Plan, nested: bool = False) -> fx.GraphModul
     return gm
 
 
+def _last_input(graph: fx.Graph) -> fx.Node:
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    return placeholders[-1] if placeholders else next(iter(graph.nodes))
+
+
 def _mask_bank(gm: fx.GraphModule, plan: Plan) -> tuple[fx.Node, fx.Node]:
     """The task id and mask scale inputs, and the mask bank's mask vector for them."""
     graph, cfg = gm.graph, plan.config
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    anchor = placeholders[-1] if placeholders else next(iter(graph.nodes))
-    with graph.inserting_after(anchor):
+    with graph.inserting_after(_last_input(graph)):
         task = graph.placeholder(TASK_ARG, default_value=0)
     with graph.inserting_after(task):
         scale = graph.placeholder(SCALE_ARG, default_value=None)
@@ -143,10 +146,8 @@ def _mask_bank(gm: fx.GraphModule, plan: Plan) -> tuple[fx.Node, fx.Node]:
 def _nested_inputs(gm: fx.GraphModule) -> tuple[fx.Node, fx.Node]:
     """A nested subgraph's task id and mask vector: those of the model's call, which `call_opaque` binds."""
     graph = gm.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    anchor = placeholders[-1] if placeholders else next(iter(graph.nodes))
     gm.add_module(BOUND, Bound())
-    with graph.inserting_after(anchor):
+    with graph.inserting_after(_last_input(graph)):
         bound = graph.call_module(BOUND, ())
     with graph.inserting_after(bound):
         task = graph.call_function(operator.getitem, (bound, 0))
