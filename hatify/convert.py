@@ -15,6 +15,7 @@ from .inputs import Inputs
 from .flow import analyse, find_producers
 from .model import HATModel
 from .naming import graph_names
+from .nested import nest
 from .plan import Plan, make_plan
 from .rewrite import rewrite
 from .rules import MODULE_LEAVES, register_timm_rules
@@ -56,6 +57,7 @@ def _plan(model, num_tasks, example_inputs, config):
     flow = analyse(cap.graph_module, find_producers(cap.graph_module, named), named)
     plan = make_plan(cap, flow, num_tasks, named)
     plan.config = config
+    nest(cap, plan, num_tasks, example_inputs, config, _plan)  # (submodules that opaque code calls: planned alike)
     return cap, plan
 
 

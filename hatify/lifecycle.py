@@ -12,6 +12,7 @@ from . import fsdp
 from .copying import detached_deepcopy
 from .errors import HatifyError
 from .layers import FoldedGate, Gate, Protect, TaskIndexed, TaskParameter
+from .nested import BOUND, call_opaque, nested_paths
 from .rewrite import SCALE_ARG, TASK_ARG, _owner
 
 
@@ -76,16 +77,59 @@ def _strip_parametrizations(module: nn.Module) -> None:
 def extract(hat, t: int, prune: bool = False) -> fx.GraphModule:
     """Task t alone as a plain GraphModule: takes the original inputs (no task id), binary masks folded in as
     constant multipliers, task t's norm copies, heads and parameters selected. Needs only torch to run.
-    `prune=True` also removes the units task t does not use where shapes allow (`net.prune_summary`)."""
+    `prune=True` also removes the units task t does not use where shapes allow (`net.prune_summary`); the layers
+    of nested subgraphs (`hatify.nested`) keep every unit."""
     t = hat._one_task(t, "extract")
     fsdp.refuse_sharded(hat, "extract()")
     net = detached_deepcopy(hat.net).eval()
     with torch.no_grad():
         masks = net.hat_masks(t, None)
-    graph = net.graph
     for module in list(net.modules()):
         if parametrize.is_parametrized(module):
             _strip_parametrizations(module)
+    for path in nested_paths(hat.plan):
+        sub = net.get_submodule(path)
+        _select_task(sub, masks, t)
+        bound = [n for n in sub.graph.nodes if n.op == "call_module" and n.target == BOUND]
+        for node in [user for b in bound for user in b.users] + bound:
+            sub.graph.erase_node(node)
+        del sub.hat_bound
+        _plain(sub)
+    _select_task(net, masks, t)
+    for node in list(net.graph.nodes):
+        if node.op == "call_function" and node.target is call_opaque:  # the opaque module called directly again
+            module = node.args[0]
+            node.op, node.target, node.args = "call_module", module.target, node.args[3:]
+            net.graph.erase_node(module)
+    for node in list(net.graph.nodes):
+        if node.op == "call_module" and node.target == "hat_masks":
+            net.graph.erase_node(node)
+    del net.hat_masks
+    _plain(net)
+    if prune:
+        from .prune import prune as prune_units
+
+        net.prune_summary = prune_units(net, hat.plan, masks[:-1])
+        net.recompile()
+    return net
+
+
+def _plain(net: fx.GraphModule) -> None:
+    """Finish an extracted graph: no task inputs, no gates, nothing that needs hatify to unpickle or train."""
+    for node in list(net.graph.nodes):
+        if node.op == "placeholder" and node.target in (TASK_ARG, SCALE_ARG):
+            net.graph.erase_node(node)
+    del net.hat_gates
+    net._tracer_cls, net._tracer_extras = None, {}  # unpickling needs only torch, not hatify's tracer
+    net.requires_grad_(False)
+    net.graph.lint()
+    net.recompile()
+
+
+def _select_task(net: fx.GraphModule, masks: torch.Tensor, t: int) -> None:
+    """Task t's masks as constant multipliers and its copies in place of the per-task modules and parameters."""
+    graph = net.graph
+
     def constant(gate: Gate, name: str) -> fx.Node:
         const = masks[gate.index]
         net.register_buffer(f"hat_mask_{name}", (const.amax(0) if gate.union else const).detach().clone())
@@ -123,19 +167,3 @@ def extract(hat, t: int, prune: bool = False) -> fx.GraphModule:
             delattr(owner, attr)
             owner.register_parameter(attr, nn.Parameter(value, requires_grad=False))
             node.op, node.args, node.kwargs = "get_attr", (), {}
-    for node in list(graph.nodes):
-        if node.op == "call_module" and node.target == "hat_masks":
-            graph.erase_node(node)
-    for node in list(graph.nodes):
-        if node.op == "placeholder" and node.target in (TASK_ARG, SCALE_ARG):
-            graph.erase_node(node)
-    del net.hat_masks, net.hat_gates
-    net._tracer_cls, net._tracer_extras = None, {}  # unpickling needs only torch, not hatify's tracer
-    net.requires_grad_(False)
-    if prune:
-        from .prune import prune as prune_units
-
-        net.prune_summary = prune_units(net, hat.plan, masks[:-1])
-    graph.lint()
-    net.recompile()
-    return net

@@ -15,6 +15,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from .layers import FoldedGate, Gate, MaskBank, TaskIndexed, TaskParameter
+from .nested import call_opaque
 from .rewrite import SCALE_ARG, TASK_ARG
 from .shapes import TensorSpec
 
@@ -55,6 +56,8 @@ def _static_reason(net: fx.GraphModule) -> str:
         if (node.op == "placeholder" and node.target not in (TASK_ARG, SCALE_ARG)) or \
                 any(n in from_inputs for n in node.all_input_nodes):
             from_inputs.add(node)
+        if node.op == "call_function" and node.target is call_opaque:
+            return f"{node.args[0].target} calls nested HAT subgraphs with one task's masks"
         if node.op != "call_module":
             continue
         module = net.get_submodule(node.target)

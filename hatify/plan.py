@@ -95,6 +95,12 @@ class Plan:
     frozen: list[str] = field(default_factory=list)
     # alias -> the user's top-level name, where the graph holds a module under another name (hatify.naming).
     renamed: dict[str, str] = field(default_factory=dict)
+    # Opaque modules' submodules converted as HAT subgraphs (`hatify.nested`): path -> NestedPart.
+    nested: dict = field(default_factory=dict)
+
+    def is_nested(self, name: str) -> bool:
+        """Whether `name` (a module or parameter) lies inside a nested subgraph, which its own plan rewrites."""
+        return any(name.startswith(f"{path}.") for path in self.nested)
 
     def layer(self, name: str) -> LayerPlan:
         for layer in self.layers:
@@ -107,6 +113,8 @@ class Plan:
         return [layer for layer in self.layers if layer.role == "masked"]
 
     def to_dict(self) -> dict:
+        from .nested import nested_paths
+
         return {"num_tasks": self.num_tasks, "config": self.config.to_dict(),
                 "layers": [layer.to_dict() for layer in self.layers],
                 "modules": [vars(m) for m in self.modules], "params": [
@@ -114,7 +122,7 @@ class Plan:
                 "remask": sorted(self.remask), "unknown": [vars(u) for u in self.unknown],
                 "opaque": self.opaque, "mode_leaves": self.mode_leaves, "total_units": self.total_units,
                 "node_count": self.node_count, "specialized": self.specialized,
-                "frozen": self.frozen}
+                "frozen": self.frozen, "nested": nested_paths(self)}
 
 
 def stacked_index(unit_map: UnitMap, ones_index: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from .layers import FoldedGate
 from .naming import user_names
+from .nested import nested_parts, nested_paths
 from .plan import MADE_FROM
 
 
@@ -24,7 +25,9 @@ class Report:
 
     @staticmethod
     def build(hat, seconds: float) -> "Report":
-        folded = sum(isinstance(gate, FoldedGate) for gate in hat.net.hat_gates.values())
+        folded = sum(isinstance(gate, FoldedGate) for net in [hat.net, *(hat.net.get_submodule(path) for path in
+                                                                         nested_paths(hat.plan))]
+                     for gate in net.hat_gates.values())
         summary = _summary(hat.plan, seconds, converted=sum(p.numel() for p in hat.parameters()), folded=folded)
         return Report(hat.net.__class__.__name__, seconds, *user_names((hat.plan.to_dict(), summary), hat.plan.renamed))
 
@@ -75,7 +78,12 @@ class Report:
 
     def notes(self) -> list[tuple[str, str]]:
         """(kind, text) for every opaque boundary, unknown op and the validation verdict."""
-        notes = [("opaque", f"{name}: {why}") for name, why in self.plan["opaque"].items()]
+        broken: dict[str, list[str]] = {}  # opaque module -> its submodules converted as nested HAT subgraphs
+        for path in self.plan.get("nested", ()):
+            broken.setdefault(path.rpartition(".")[0], []).append(path)
+        notes = [("graph break", f"{name}: {why}; kept opaque, its submodules {', '.join(broken[name])} are HAT "
+                                 "subgraphs") if name in broken else ("opaque", f"{name}: {why}")
+                 for name, why in self.plan["opaque"].items()]
         notes += [("unknown op", f"{op['node']} ({op['op']}) at {op['line'] or '?'}: {op['reason']}")
                   for op in self.plan["unknown"]]
         s = self.summary
@@ -103,7 +111,8 @@ class Report:
         rows = self.rows()
         yield self._table(rows) if _table_width(rows) <= options.max_width else self._stacked(rows)
         yield f"[bold]{self.headline()}[/]"
-        styles = {"opaque": "yellow", "unknown op": "yellow", "no input mask": "yellow", "validation": "green",
+        styles = {"opaque": "yellow", "graph break": "yellow", "unknown op": "yellow", "no input mask": "yellow",
+                  "validation": "green",
                   "frozen": "cyan", "SHARED": "red"}
         for kind, text in self.notes():
             style = "red" if kind == "validation" and not self.validation["passed"] else styles[kind]
@@ -216,7 +225,8 @@ def _summary(plan, seconds: float, converted: int | None, folded: int | None) ->
         "known_input_maps": known, "layers_with_inputs": with_inputs, "known_input_share": known / max(1, with_inputs),
         "unknown_ops": len(plan.unknown), "remasked_norms": len(plan.remask),
         "unmasked_inputs": [layer.name for layer in plan.masked_layers if _unmasked_input(layer)],
-        "gates": len(plan.gates) + len(plan.remask), "folded_gates": folded,
+        "gates": sum(len(p.gates) + len(p.remask) for p in [plan, *(part.plan for _, part in nested_parts(plan))]),
+        "folded_gates": folded,
         "original_parameters": original, "parameters_in_hat_layers": masked,
         "hat_parameter_share": masked / max(1, original),
         "converted_parameters": converted,

@@ -1,11 +1,14 @@
 """Stage 5, rewrite: turn the captured graph into the HAT graph the plan describes."""
 from __future__ import annotations
 
+import operator
+
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from .capture import Capture
 from .layers import FoldedGate, Gate, MaskBank, Protect, TaskIndexed, TaskParameter, fold_site, read_through_protect
+from .nested import BOUND, Bound, call_opaque
 from .plan import LayerPlan, Plan
 from .shapes import TensorSpec
 
@@ -46,20 +49,15 @@ def _protect_shape(layer: LayerPlan, weight_shape: tuple[int, ...]) -> tuple[int
     return tuple(weight_shape[:2]) + (1,) * (len(weight_shape) - 2)
 
 
-def rewrite(capture: Capture, plan: Plan) -> fx.GraphModule:
-    """Insert the mask bank, gates, per-task copies and weight protection into the captured graph."""
+def rewrite(capture: Capture, plan: Plan, nested: bool = False) -> fx.GraphModule:
+    """Insert the mask bank, gates, per-task copies and weight protection into the captured graph. A `nested`
+    subgraph (`hatify.nested`) has no bank: it reads the task id and the mask vector of the model's call."""
     gm, graph, cfg = capture.graph_module, capture.graph_module.graph, plan.config
     nodes = {n.name: n for n in graph.nodes}
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    anchor = placeholders[-1] if placeholders else next(iter(graph.nodes))
-    with graph.inserting_after(anchor):
-        task = graph.placeholder(TASK_ARG, default_value=0)
-    with graph.inserting_after(task):
-        scale = graph.placeholder(SCALE_ARG, default_value=None)
-    gm.add_module("hat_masks", MaskBank(plan.num_tasks, plan.total_units, cfg.init, cfg.dense_value, cfg.s_max,
-                                        cfg.clamp, cfg.seed))
-    with graph.inserting_after(scale):
-        masks = graph.call_module("hat_masks", (task, scale))
+    task, masks = _nested_inputs(gm) if nested else _mask_bank(gm, plan)
+    for part in plan.nested.values():
+        owner, attr = _owner(gm, part.path)
+        owner.add_module(attr, rewrite(part.capture, part.plan, nested=True))
     gates = nn.ModuleDict()
     gm.add_module("hat_gates", gates)
     gated_nodes = {}
@@ -72,6 +70,8 @@ def rewrite(capture: Capture, plan: Plan) -> fx.GraphModule:
         node.replace_all_uses_with(gated, delete_user_cb=lambda user: user is not gated)
 
     for module_plan in plan.modules:
+        if plan.is_nested(module_plan.name):
+            continue
         owner, attr = _owner(gm, module_plan.name)
         original = owner.get_submodule(attr)
         if module_plan.policy in KEPT:  # left as it is; "frozen" ones never train
@@ -86,6 +86,8 @@ def rewrite(capture: Capture, plan: Plan) -> fx.GraphModule:
                 node.kwargs = {**node.kwargs, TASK_ARG: task}
 
     for param_plan in plan.params:
+        if plan.is_nested(param_plan.name):
+            continue
         owner, attr = _owner(gm, param_plan.name)
         if param_plan.policy in KEPT:
             if param_plan.policy == "frozen":
@@ -105,6 +107,8 @@ def rewrite(capture: Capture, plan: Plan) -> fx.GraphModule:
         _fold_gate(gm, nodes[name], gated)
 
     for layer in plan.masked_layers:
+        if plan.is_nested(layer.name):
+            continue
         for qualname in layer.protected:
             if "." not in qualname:
                 _move_root_parameter(gm, qualname)
@@ -114,9 +118,54 @@ def rewrite(capture: Capture, plan: Plan) -> fx.GraphModule:
             parametrize.register_parametrization(owner, attr, Protect(weight, shape), unsafe=True)
             read_through_protect(owner, attr)
 
+    _call_opaque(gm, {part.opaque for part in plan.nested.values()}, task, masks)
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _last_input(graph: fx.Graph) -> fx.Node:
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    return placeholders[-1] if placeholders else next(iter(graph.nodes))
+
+
+def _mask_bank(gm: fx.GraphModule, plan: Plan) -> tuple[fx.Node, fx.Node]:
+    """The task id and mask scale inputs, and the mask bank's mask vector for them."""
+    graph, cfg = gm.graph, plan.config
+    with graph.inserting_after(_last_input(graph)):
+        task = graph.placeholder(TASK_ARG, default_value=0)
+    with graph.inserting_after(task):
+        scale = graph.placeholder(SCALE_ARG, default_value=None)
+    gm.add_module("hat_masks", MaskBank(plan.num_tasks, plan.total_units, cfg.init, cfg.dense_value, cfg.s_max,
+                                        cfg.clamp, cfg.seed))
+    with graph.inserting_after(scale):
+        masks = graph.call_module("hat_masks", (task, scale))
+    return task, masks
+
+
+def _nested_inputs(gm: fx.GraphModule) -> tuple[fx.Node, fx.Node]:
+    """A nested subgraph's task id and mask vector: those of the model's call, which `call_opaque` binds."""
+    graph = gm.graph
+    gm.add_module(BOUND, Bound())
+    with graph.inserting_after(_last_input(graph)):
+        bound = graph.call_module(BOUND, ())
+    with graph.inserting_after(bound):
+        task = graph.call_function(operator.getitem, (bound, 0))
+    with graph.inserting_after(task):
+        masks = graph.call_function(operator.getitem, (bound, 1))
+    return task, masks
+
+
+def _call_opaque(gm: fx.GraphModule, opaque: set[str], task: fx.Node, masks: fx.Node) -> None:
+    """Each call of an opaque module with nested subgraphs goes through `call_opaque`, which binds them."""
+    graph = gm.graph
+    for node in [n for n in graph.nodes if n.op == "call_module" and n.target in opaque]:
+        with graph.inserting_before(node):
+            module = graph.get_attr(node.target)
+            call = graph.call_function(call_opaque, (module, masks, task, *node.args), dict(node.kwargs))
+        call.meta.update(node.meta)
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
 
 
 def _fold_gate(gm: fx.GraphModule, node: fx.Node, gated: fx.Node) -> None:

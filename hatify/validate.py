@@ -18,6 +18,7 @@ from .flow import producer_input
 from .inputs import Inputs
 from .maps import ONES
 from .model import HATModel
+from .nested import nested_paths, positional_call
 from .plan import LayerPlan, input_sites
 from .rewrite import KEPT, ROOT_HOLDER, SCALE_ARG, TASK_ARG
 from .shapes import Interpreter
@@ -137,14 +138,18 @@ class _ZeroRecorder(Interpreter):
     input itself is not kept (the interpreter frees every value after its last use), and the run stops after the
     last watched call."""
 
-    def __init__(self, gm: fx.GraphModule, watch: dict[str, LayerPlan]) -> None:
+    def __init__(self, gm: fx.GraphModule, watch: dict[str, LayerPlan], prefix: str = "",
+                 zeros: dict | None = None) -> None:
         super().__init__(gm)
-        self.watch, self.zeros = watch, {}
+        self.watch, self.prefix, self.zeros = watch, prefix, {} if zeros is None else zeros
         self.reduced: dict[tuple, torch.Tensor] = {}  # layers reading the same tensor (same version) the same way
-        self.last = [n for n in gm.graph.nodes if n.name in watch][-1:]
+        # No early stop where nested subgraphs are watched: they run inside an opaque call, the model's graph may
+        # go on after its last watched node; and a nested subgraph's own stop would end the model's run.
+        nested = prefix or any("." in name for name in watch)
+        self.last = [] if nested else [n for n in gm.graph.nodes if n.name in watch][-1:]
 
     def run_node(self, n: fx.Node) -> Any:
-        layer = self.watch.get(n.name)
+        layer = self.watch.get(self.prefix + n.name)
         if layer is not None:
             data = producer_input(n)
             value = self.env.get(data) if isinstance(data, fx.Node) else None
@@ -152,7 +157,7 @@ class _ZeroRecorder(Interpreter):
                 key = (data, layer.kind in ("linear", "linear_t", "embedding"), value._version)
                 if key not in self.reduced:
                     self.reduced[key] = _zero_units(value, layer)
-                self.zeros.setdefault(n.name, []).append(self.reduced[key])
+                self.zeros.setdefault(self.prefix + n.name, []).append(self.reduced[key])
         if self.last and n is self.last[0]:
             raise _LastWatched
         return super().run_node(n)
@@ -234,7 +239,7 @@ def observe_zeros(hat: HATModel, inputs: Inputs, keep: torch.Tensor, watch: dict
     hat.masks.override = keep
     recorder = _ZeroRecorder(hat.net, watch)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _recording_nested(hat, watch, recorder.zeros):
             recorder.run(*_positional(hat, inputs, 0, None))
     except _LastWatched:
         pass
@@ -243,6 +248,22 @@ def observe_zeros(hat: HATModel, inputs: Inputs, keep: torch.Tensor, watch: dict
         if was:
             hat.train(was)
     return recorder.zeros
+
+
+@contextlib.contextmanager
+def _recording_nested(hat: HATModel, watch: dict[str, LayerPlan], zeros: dict) -> Iterator[None]:
+    """Every nested subgraph (`hatify.nested`) runs through its own `_ZeroRecorder` writing into `zeros` under
+    its full names, so that the probe sees its layers' inputs as the model's."""
+    subgraphs = [(path, hat.net.get_submodule(path)) for path in nested_paths(hat.plan)]
+    for path, sub in subgraphs:
+        def run(*args, _sub=sub, _prefix=f"{path}.", **kwargs):
+            return _ZeroRecorder(_sub, watch, _prefix, zeros).run(*positional_call(_sub, args, kwargs))
+        sub.forward = run
+    try:
+        yield
+    finally:
+        for _, sub in subgraphs:
+            del sub.forward
 
 
 def probe_flow(hat: HATModel, inputs: Inputs, patterns: list[tuple[str, torch.Tensor]] | None = None
@@ -320,7 +341,7 @@ def _ungraded(model: nn.Module, params: dict[str, torch.Tensor], run) -> set[str
 
 def _ungraded_from(outputs: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> set[str]:
     loss = _loss(outputs)
-    if loss is None:
+    if loss is None or not loss.requires_grad:  # (a detector that found nothing on the example: no gradient)
         return set(params)
     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True, retain_graph=True)
     return {name for name, g in zip(params, grads) if g is None}
