@@ -150,6 +150,7 @@ class MaskBank(nn.Module):
             m = (e > 0).to(e.dtype)
             out = torch.cat([m, m.new_ones(1)])
             if cacheable:
+                out._hat_binary = True  # gates compute where it is zero once (`Gate.eval_zeros`)
                 self.__dict__.setdefault("_binary_cache", {})[task_id] = (key, out)
             return out
         else:
@@ -176,15 +177,33 @@ class Gate(nn.Module):
                 self.span = (start, start + self.index.numel())
                 self.span_shape = tuple(self.index.shape) if self.index.ndim > 1 else None
 
-    def forward(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def gate(self, masks: torch.Tensor) -> torch.Tensor:
         if self.span is not None:
             gate = masks[self.span[0]:self.span[1]]
-            if self.span_shape is not None:
-                gate = gate.view(self.span_shape)
-        else:
-            gate = masks[self.index]
-            if self.union:
-                gate = gate.amax(0)
+            return gate if self.span_shape is None else gate.view(self.span_shape)
+        gate = masks[self.index]
+        return gate.amax(0) if self.union else gate
+
+    def eval_zeros(self, masks: torch.Tensor) -> torch.Tensor | None:
+        """Where the gate is zero, when `masks` is the bank's cached binary vector (eval inference): the bank
+        hands every such call the same tensor, so this is found once per vector and the gate is one
+        `masked_fill` (exact for inf and NaN, as `_gated`) instead of a slice, compare, multiply and select."""
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling() or \
+                not getattr(masks, "_hat_binary", False):
+            return None
+        cached = self.__dict__.get("_eval_zeros")
+        if cached is None or cached[0] is not masks:  # the held reference keeps the identity from being reused
+            cached = self.__dict__["_eval_zeros"] = (masks, self.gate(masks) == 0)
+        return cached[1]
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in super().__getstate__().items() if k != "_eval_zeros"}
+
+    def forward(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        zeros = self.eval_zeros(masks)
+        if zeros is not None:
+            return x.masked_fill(zeros, 0)
+        gate = self.gate(masks)
         return _gated(x, gate if gate.dtype == x.dtype else gate.to(x.dtype), not self.training)
 
 
@@ -281,6 +300,8 @@ class FoldedGate(Gate):
         module = target.pick(kwargs["hat_task_id"]) if kwargs else target  # only TaskIndexed takes a task id
         if not isinstance(module, self.kind) or _hooked(module) or (kwargs and _hooked(target)):
             return super().forward(target(x, **kwargs), masks)
+        if self.kind is nn.Linear and (zeros := self.eval_zeros(masks)) is not None:
+            return F.linear(x, module.weight, module.bias).masked_fill_(zeros, 0)  # a new tensor: in place
         return self.fold(module, x, masks[self.units])
 
 

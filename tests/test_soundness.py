@@ -124,6 +124,10 @@ def test_diverging_task_cannot_poison_a_finished_one():
     hat.end_task()
     hat.eval()
     assert torch.equal(hat(X, task_id=0), before)
+    with torch.no_grad():  # inference: gates zero from the cached binary masks (twice: the second call reuses them)
+        for t in (0, 1, 0):
+            out = hat(X, task_id=t)
+        assert torch.equal(out, before) and torch.equal(hat(X, task_id=0), before)
 
 
 PRUNE_KINDS = ["offset", "one_minus", "clamp", "hardtanh", "pool_over_units", "in_place", "layer_twice",
