@@ -3,24 +3,19 @@ run time, and every original parameter still receives a gradient."""
 from __future__ import annotations
 
 import contextlib
-import itertools
-import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
-from torch import fx, nn
+from torch import nn
 from torch.utils import _pytree as pytree
 
 from .copying import detached_deepcopy
 from .errors import HatifyError
-from .flow import producer_input
 from .inputs import Inputs
-from .maps import ONES
 from .model import HATModel
-from .plan import LayerPlan
-from .rewrite import KEPT, ROOT_HOLDER, SCALE_ARG, TASK_ARG
-from .shapes import Interpreter
+from .probe import probe_flow
+from .rewrite import KEPT, ROOT_HOLDER
 
 
 def _unwrap(hat: Any) -> HATModel:
@@ -126,165 +121,6 @@ def _differences(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> 
 def compare_open(model: nn.Module, hat: HATModel, inputs: Inputs) -> tuple[dict[str, float], float]:
     """Largest absolute difference per output between the original (eval) and the open-mask HAT model."""
     return _differences(*_open_outputs(model, hat, inputs))
-
-
-class _LastWatched(Exception):
-    """Raised by `_ZeroRecorder` once the last watched node has run: nothing after it is observed."""
-
-
-class _ZeroRecorder(Interpreter):
-    """Runs the graph and records, at each watched layer call, which of its input units are exactly zero; the
-    input itself is not kept (the interpreter frees every value after its last use), and the run stops after the
-    last watched call."""
-
-    def __init__(self, gm: fx.GraphModule, watch: dict[str, LayerPlan]) -> None:
-        super().__init__(gm)
-        self.watch, self.zeros = watch, {}
-        self.reduced: dict[tuple, torch.Tensor] = {}  # layers reading the same tensor (same version) the same way
-        self.last = [n for n in gm.graph.nodes if n.name in watch][-1:]
-
-    def run_node(self, n: fx.Node) -> Any:
-        layer = self.watch.get(n.name)
-        if layer is not None:
-            data = producer_input(n)
-            value = self.env.get(data) if isinstance(data, fx.Node) else None
-            if isinstance(value, torch.Tensor):
-                key = (data, layer.kind in ("linear", "linear_t"), value._version)
-                if key not in self.reduced:
-                    self.reduced[key] = _zero_units(value, layer)
-                self.zeros.setdefault(n.name, []).append(self.reduced[key])
-        if self.last and n is self.last[0]:
-            raise _LastWatched
-        return super().run_node(n)
-
-
-def _positional(hat: HATModel, inputs: Inputs, task: int, scale: float | None) -> list:
-    args = list(inputs.flat)
-    placeholders = [n for n in hat.net.graph.nodes if n.op == "placeholder"]
-    for i, node in enumerate(placeholders):
-        if node.target == TASK_ARG:
-            args.append(task)
-        elif node.target == SCALE_ARG:
-            args.append(scale)
-        elif len(args) <= i:
-            args.append(node.args[0] if node.args else None)
-    return args
-
-
-def _zero_units(value: torch.Tensor, layer: LayerPlan) -> torch.Tensor:
-    """Per input unit of `layer` (the last axis of a linear layer's input, else axis 1): exactly zero everywhere.
-    One reduction over the other axes (moving the unit axis last would copy the activation); NaN is nonzero."""
-    axis = (-1 if layer.kind in ("linear", "linear_t") else 1) % value.ndim
-    others = tuple(d for d in range(value.ndim) if d != axis)
-    if not others:
-        return (value == 0).cpu()
-    if value.is_floating_point() and value.numel():
-        return (torch.linalg.vector_norm(value, float("inf"), dim=others) == 0).cpu()
-    return value.ne(0).any(dim=others).logical_not_().cpu()
-
-
-def _separating_codes(n: int) -> list[tuple[int, ...]]:
-    """n distinct sets of the same size k // 2 over k positions, k as small as that allows: for any two of them
-    each has a position the other lacks (neither contains the other), with about log2(n) + log2(log2(n)) / 2
-    positions where one bit per position and both polarities per bit take 2 log2(n)."""
-    k = 1
-    while math.comb(k, k // 2) < n:
-        k += 1
-    return list(itertools.islice(itertools.combinations(range(k), k // 2), n))
-
-
-def probe_patterns(hat: HATModel, random_draws: int = 2) -> list[tuple[str, torch.Tensor]]:
-    """Deterministic mask patterns (1 = unit kept) for the mask-flow probe: every unit zero; `random_draws` seeded
-    draws zeroing half the units (a wrong map within a layer, an offset, a permutation, shows where one unit is
-    zero and the unit it really depends on is not); and layer groups from `_separating_codes`: for every ordered
-    pair of layers (A, B), one group has A zeroed and B not (a map that names the wrong layer, or misses an
-    operand, shows)."""
-    units = hat.plan.total_units
-    patterns = [("all zero", torch.zeros(units))]
-    for seed in range(random_draws):
-        gen = torch.Generator().manual_seed(seed)
-        patterns.append((f"random half, seed {seed}", (torch.rand(units, generator=gen) >= 0.5).float()))
-    layers = [layer for layer in hat.plan.masked_layers if layer.offset is not None]
-    codes = _separating_codes(len(layers)) if len(layers) > 1 else []
-    for group in range(max((max(code) + 1 for code in codes if code), default=0)):
-        keep = torch.ones(units)
-        for layer, code in zip(layers, codes):
-            if group in code:
-                keep[layer.offset: layer.offset + layer.units] = 0
-        patterns.append((f"layer group {group} zero", keep))
-    return patterns
-
-
-def watched_sites(hat: HATModel) -> dict[str, LayerPlan]:
-    """Graph node of every call of a masked layer whose input the plan maps -> that layer."""
-    return {site.node: layer for layer in hat.plan.masked_layers if layer.input_index is not None
-            for site in layer.sites}
-
-
-def observe_zeros(hat: HATModel, inputs: Inputs, keep: torch.Tensor, watch: dict[str, LayerPlan] | None = None
-                  ) -> dict[str, list[torch.Tensor]]:
-    """Run the converted model (eval, task 0) with the mask vector `keep` (1 = unit kept) and return, per watched
-    call (`watched_sites`), one bool vector per time it ran: which input units of its layer were exactly zero."""
-    watch = watched_sites(hat) if watch is None else watch
-    if not watch:
-        return {}
-    was = hat.training
-    if was:  # probe_flow puts the model in eval once for all patterns
-        hat.eval()
-    hat.masks.override = keep
-    recorder = _ZeroRecorder(hat.net, watch)
-    try:
-        with torch.no_grad():
-            recorder.run(*_positional(hat, inputs, 0, None))
-    except _LastWatched:
-        pass
-    finally:
-        hat.masks.override = None
-        if was:
-            hat.train(was)
-    return recorder.zeros
-
-
-def probe_flow(hat: HATModel, inputs: Inputs, patterns: list[tuple[str, torch.Tensor]] | None = None
-               ) -> tuple[list[dict], int, dict[str, int]]:
-    """Zero mask units (`probe_patterns`), run the model, and check that every consumer input unit the plan
-    predicts to be zero is exactly zero (soundness). Also counts zeros the plan did not predict (conservatism),
-    and per layer the unknown input units that the masks do zero (imprecision, see `ValidationResult`)."""
-    watch = watched_sites(hat)
-    results, violations = [], 0
-    zero_when_closed: dict[str, torch.Tensor] = {}   # layer -> input units zero with every mask zero
-    ever_nonzero: dict[str, torch.Tensor] = {}       # layer -> input units nonzero under some pattern
-    was = hat.training
-    hat.eval()
-    try:
-        observed = [(name, keep, observe_zeros(hat, inputs, keep, watch))
-                    for name, keep in (patterns if patterns is not None else probe_patterns(hat))]
-    finally:
-        hat.train(was)
-    for name, keep, zeros in observed:
-        predicted = actual = bad = 0
-        keep_ext = torch.cat([keep, torch.ones(1)])
-        for node, per_call in zeros.items():
-            layer = watch[node]
-            pred = (keep_ext[layer.input_index] == 0).all(0)
-            for zero in per_call:
-                predicted += int(pred.sum())
-                actual += int(zero.sum())
-                bad += int((pred & ~zero).sum())
-                if not bool(keep.any()):
-                    zero_when_closed[layer.name] = zero_when_closed.get(layer.name, zero) & zero
-                ever_nonzero[layer.name] = ever_nonzero.get(layer.name, ~zero) | ~zero
-        violations += bad
-        results.append({"pattern": name, "layers": len(zeros), "predicted_zero": predicted,
-                        "actual_zero": actual, "violations": bad})
-    imprecise = {}
-    for layer in {layer.name: layer for layer in watch.values()}.values():
-        if layer.name in zero_when_closed and layer.name in ever_nonzero:
-            unknown = (layer.input_index == ONES).any(0)
-            count = int((unknown & zero_when_closed[layer.name] & ever_nonzero[layer.name]).sum())
-            if count:
-                imprecise[layer.name] = count
-    return results, violations, imprecise
 
 
 def original_parameter_map(hat: HATModel) -> dict[str, str]:

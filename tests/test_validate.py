@@ -2,15 +2,13 @@
 that computes something else each fail validation (the probe, the gradient check, the open-mask comparison)."""
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
 import hatify
+from hatify import probe
 from models import ResidualBlock
 
-validate_module = sys.modules["hatify.validate"]  # `hatify.validate` is also the function
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -56,15 +54,15 @@ def test_probe_finds_a_wrong_plan(corrupt):
 
 def test_observe_zeros_reports_the_units_found_zero():
     _, hat = _converted()
-    watch = validate_module.watched_sites(hat)
+    watch = probe.watched_sites(hat)
     assert set(watch) == {"stem", "conv1", "conv2", "conv3"}
     inputs = hatify.inputs.Inputs.of((X,))
-    every = validate_module.observe_zeros(hat, inputs, torch.zeros(hat.plan.total_units), watch)
+    every = probe.observe_zeros(hat, inputs, torch.zeros(hat.plan.total_units), watch)
     assert not bool(every["stem"][0].any())  # the image carries no mask
     assert all(bool(every[name][0].all()) for name in ("conv1", "conv2", "conv3"))
     keep = torch.ones(hat.plan.total_units)
     keep[_layer(hat, "conv1").offset:][:3] = 0  # conv1's first three units: conv2's first three inputs
-    some = validate_module.observe_zeros(hat, inputs, keep, watch)
+    some = probe.observe_zeros(hat, inputs, keep, watch)
     assert some["conv2"][0].tolist() == [True] * 3 + [False] * 5
 
 
@@ -91,7 +89,7 @@ def test_open_mask_comparison_finds_a_changed_computation():
 
 @pytest.mark.parametrize("n", [2, 3, 5, 20, 53, 300])
 def test_layer_groups_separate_every_ordered_pair(n):
-    codes = validate_module._separating_codes(n)
+    codes = probe._separating_codes(n)
     assert len(set(codes)) == n
     assert all(set(a) - set(b) for a in codes for b in codes if a != b)  # A zeroed while B is not, both ways
     positions = max(max(code) for code in codes) + 1
