@@ -66,6 +66,44 @@ def test_observe_zeros_reports_the_units_found_zero():
     assert some["conv2"][0].tolist() == [True] * 3 + [False] * 5
 
 
+def test_probe_rows_record_what_one_pattern_at_a_time_records():
+    _, hat = _converted()
+    watch, inputs = probe.watched_sites(hat), hatify.inputs.Inputs.of((X,))
+    keeps = [keep for _, keep in probe.probe_patterns(hat)]
+    hat.eval()
+    rows, as_rows = probe._observe_all(hat, inputs, keeps, watch)
+    assert as_rows and len(rows) == len(keeps) > 3
+    for keep, observed in zip(keeps, rows):
+        alone = probe.observe_zeros(hat, inputs, keep, watch)
+        assert observed.keys() == alone.keys()
+        assert all(torch.equal(a, b) for node in alone for a, b in zip(observed[node], alone[node], strict=True))
+
+
+class _BatchCentred(torch.nn.Module):
+    """Subtracts the batch mean between two layers: rows of different probe patterns reach each other."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.head = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3), torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))
+        return self.head(torch.relu(self.conv2(h - h.mean(0, keepdim=True))))
+
+
+def test_a_model_that_mixes_rows_is_probed_one_pattern_at_a_time():
+    torch.manual_seed(0)
+    model = _BatchCentred()
+    hat = hatify.hatify(model, 2, (X,), validate=False)
+    watch, inputs = probe.watched_sites(hat), hatify.inputs.Inputs.of((X,))
+    patterns = probe.probe_patterns(hat)
+    hat.eval()
+    rows, as_rows = probe._observe_all(hat, inputs, [keep for _, keep in patterns], watch)
+    assert as_rows and any(probe._counts(keep, zeros, watch)[2] for (_, keep), zeros in zip(patterns, rows))
+    result = hatify.validate(model, hat, (X,))
+    assert result.passed and result.probe_violations == 0
+
+
 def test_gradient_check_finds_a_parameter_cut_off():
     model, hat = _converted()
     graph = hat.net.graph
