@@ -20,7 +20,7 @@ from .flow import producer_input
 from .inputs import Inputs
 from .maps import ONES
 from .model import HATModel
-from .per_sample import Unsupported, _PerSample, _static_reason, _TaskMasks
+from .per_sample import Unsupported, _PerSample, _static_reason, _TaskMasks, batch_size
 from .plan import LayerPlan
 from .rewrite import SCALE_ARG, TASK_ARG
 from .shapes import SPEC, Interpreter, TensorSpec
@@ -176,12 +176,6 @@ def observe_zeros(hat: HATModel, inputs: Inputs, keep: torch.Tensor, watch: dict
     return recorder.zeros
 
 
-def _batch_size(net: fx.GraphModule) -> int | None:
-    """The leading size of the first tensor input, as traced (the batch the per-sample path repeats)."""
-    return next((n.meta[SPEC].shape[0] for n in net.graph.nodes if n.op == "placeholder"
-                 and isinstance(n.meta.get(SPEC), TensorSpec) and n.meta[SPEC].ndim), None)
-
-
 def _patterns_per_run(net: fx.GraphModule, watch: dict[str, LayerPlan]) -> int:
     """How many patterns one batched run takes: the largest activation up to the last watched call (where the
     run stops), repeated that many times, stays within `ROWS_BYTES`."""
@@ -200,8 +194,8 @@ def observe_rows(hat: HATModel, inputs: Inputs, keeps: list[torch.Tensor], watch
                  ) -> list[dict[str, list[torch.Tensor]]]:
     """`observe_zeros` for every mask vector in `keeps` in one run: the example batch repeated once per pattern.
     Raises `Unsupported` where the graph or the inputs do not allow rows (the caller runs one at a time)."""
-    batch = _batch_size(hat.net)
-    reason = _static_reason(hat.net) if batch else "no tensor input leads with a batch"
+    batch = batch_size(hat.net)
+    reason = _static_reason(hat.net, one_task=True) if batch else "no tensor input leads with a batch"
     if reason:
         raise Unsupported(reason)
     repeat = lambda v: v.repeat(len(keeps), *([1] * (v.ndim - 1))) \
