@@ -1,12 +1,14 @@
 """The mask-flow probe of `hatify.validate`: zero mask units, run the model, and check that every consumer input
 unit the plan predicts to be zero is exactly zero.
 
-Several patterns run as rows of one batch where the graph allows it: the example batch repeated once per pattern,
-each copy under its own pattern through the per-sample mask path (`hatify.per_sample`), so the model runs once
-for several patterns (larger kernels, one interpreter walk) instead of once per pattern. One pattern at a time
-(`observe_zeros`) stays the definition: it runs where rows cannot (a gated activation that does not lead with the
-batch, a per-task parameter read by the graph, inputs that do not repeat), and it decides every pattern whose rows
-report a violation, so that a model which mixes rows in eval (batch statistics) cannot fail a sound plan."""
+On an accelerator, several patterns run as rows of one batch where the graph allows it: the example batch repeated
+once per pattern, each copy under its own pattern through the per-sample mask path (`hatify.per_sample`), so the
+model runs once for several patterns (fewer, larger kernels; one interpreter walk) instead of once per pattern. On
+the CPU one pattern at a time stays the default, as for mixed-task batches (`HATModel._mixed`): the rows measured
+slower there (timm resnet50, one thread: the per-row gates cannot fold into the norms, and large batches leave the
+cache). One pattern at a time (`observe_zeros`) is the definition: it runs where rows cannot (a gated activation
+that does not lead with the batch, inputs that do not repeat), and it decides every pattern whose rows report a
+violation, so that a model which mixes rows in eval (batch statistics) cannot fail a sound plan."""
 from __future__ import annotations
 
 import itertools
@@ -212,12 +214,14 @@ def observe_rows(hat: HATModel, inputs: Inputs, keeps: list[torch.Tensor], watch
             for p in range(len(keeps))]
 
 
-def _observe_all(hat: HATModel, inputs: Inputs, keeps: list[torch.Tensor], watch: dict[str, LayerPlan]
-                 ) -> tuple[list[dict[str, list[torch.Tensor]]], bool]:
-    """Per mask vector, `observe_zeros`' result: as rows of a few batched runs where the graph allows it, else
-    one run per pattern. Also says whether they ran as rows."""
+def _observe_all(hat: HATModel, inputs: Inputs, keeps: list[torch.Tensor], watch: dict[str, LayerPlan],
+                 rows: bool) -> tuple[list[dict[str, list[torch.Tensor]]], bool]:
+    """Per mask vector, `observe_zeros`' result: with `rows`, as rows of a few batched runs where the graph allows
+    it, else one run per pattern. Also says whether they ran as rows."""
     per_run = _patterns_per_run(hat.net, watch)
     try:
+        if not rows:
+            raise Unsupported("one pattern at a time asked for")
         return [observed for i in range(0, len(keeps), per_run)
                 for observed in observe_rows(hat, inputs, keeps[i:i + per_run], watch)], True
     except Exception:  # noqa: BLE001 - repeated inputs this graph cannot take: one pattern at a time decides
@@ -238,12 +242,14 @@ def _counts(keep: torch.Tensor, zeros: dict[str, list[torch.Tensor]], watch: dic
     return predicted, actual, bad
 
 
-def probe_flow(hat: HATModel, inputs: Inputs, patterns: list[tuple[str, torch.Tensor]] | None = None
-               ) -> tuple[list[dict], int, dict[str, int]]:
+def probe_flow(hat: HATModel, inputs: Inputs, patterns: list[tuple[str, torch.Tensor]] | None = None,
+               rows: bool | None = None) -> tuple[list[dict], int, dict[str, int]]:
     """Zero mask units (`probe_patterns`), run the model, and check that every consumer input unit the plan
     predicts to be zero is exactly zero (soundness). Also counts zeros the plan did not predict (conservatism),
-    and per layer the unknown input units that the masks do zero (imprecision, see `ValidationResult`)."""
+    and per layer the unknown input units that the masks do zero (imprecision, see `ValidationResult`).
+    `rows`: the patterns as rows of batched runs (default: where the model is on an accelerator)."""
     watch = watched_sites(hat)
+    rows = hat.masks.embedding(0).device.type != "cpu" if rows is None else rows
     patterns = patterns if patterns is not None else probe_patterns(hat)
     results, violations = [], 0
     zero_when_closed: dict[str, torch.Tensor] = {}   # layer -> input units zero with every mask zero
@@ -251,7 +257,7 @@ def probe_flow(hat: HATModel, inputs: Inputs, patterns: list[tuple[str, torch.Te
     was = hat.training
     hat.eval()
     try:
-        observed, as_rows = _observe_all(hat, inputs, [keep for _, keep in patterns], watch) if watch else \
+        observed, as_rows = _observe_all(hat, inputs, [keep for _, keep in patterns], watch, rows) if watch else \
             ([{} for _ in patterns], False)
         for (name, keep), zeros in zip(patterns, observed):
             predicted, actual, bad = _counts(keep, zeros, watch)

@@ -66,12 +66,22 @@ def test_observe_zeros_reports_the_units_found_zero():
     assert some["conv2"][0].tolist() == [True] * 3 + [False] * 5
 
 
+@pytest.mark.parametrize("corrupt", [_drop_residual_operand, _reverse_units, _wrong_producer,
+                                     _unknown_taken_as_masked])
+def test_probe_rows_find_a_wrong_plan(corrupt):
+    _, hat = _converted()
+    inputs = hatify.inputs.Inputs.of((X,))
+    assert probe.probe_flow(hat, inputs, rows=True)[1] == 0
+    corrupt(hat)
+    assert probe.probe_flow(hat, inputs, rows=True)[1] > 0
+
+
 def test_probe_rows_record_what_one_pattern_at_a_time_records():
     _, hat = _converted()
     watch, inputs = probe.watched_sites(hat), hatify.inputs.Inputs.of((X,))
     keeps = [keep for _, keep in probe.probe_patterns(hat)]
     hat.eval()
-    rows, as_rows = probe._observe_all(hat, inputs, keeps, watch)
+    rows, as_rows = probe._observe_all(hat, inputs, keeps, watch, rows=True)
     assert as_rows and len(rows) == len(keeps) > 3
     for keep, observed in zip(keeps, rows):
         alone = probe.observe_zeros(hat, inputs, keep, watch)
@@ -98,10 +108,10 @@ def test_a_model_that_mixes_rows_is_probed_one_pattern_at_a_time():
     watch, inputs = probe.watched_sites(hat), hatify.inputs.Inputs.of((X,))
     patterns = probe.probe_patterns(hat)
     hat.eval()
-    rows, as_rows = probe._observe_all(hat, inputs, [keep for _, keep in patterns], watch)
+    rows, as_rows = probe._observe_all(hat, inputs, [keep for _, keep in patterns], watch, rows=True)
     assert as_rows and any(probe._counts(keep, zeros, watch)[2] for (_, keep), zeros in zip(patterns, rows))
-    result = hatify.validate(model, hat, (X,))
-    assert result.passed and result.probe_violations == 0
+    _, violations, _ = probe.probe_flow(hat, inputs, rows=True)
+    assert violations == 0 and hatify.validate(model, hat, (X,)).passed
 
 
 def test_gradient_check_finds_a_parameter_cut_off():
