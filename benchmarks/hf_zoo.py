@@ -17,6 +17,7 @@ Results: benchmarks/results/hf_zoo.json and .md. `--known-only` refreshes just t
 
     python benchmarks/hf_zoo.py                      # the whole zoo
     python benchmarks/hf_zoo.py --models bert,gpt2   # some architectures
+    python benchmarks/hf_zoo.py --models hubert --merge   # rerun some, keep the other rows of hf_zoo.json
     python benchmarks/hf_zoo.py --known-only         # known input maps only, merged into hf_zoo.json
 """
 from __future__ import annotations
@@ -144,6 +145,9 @@ ZOO: list[tuple[str, str, str, dict, str]] = [
      {**SMALL, "conv_dim": [16, 16], "conv_kernel": [10, 3], "conv_stride": [5, 2], "num_conv_pos_embeddings": 16,
       "num_conv_pos_embedding_groups": 2, "num_labels": NUM_CLASSES}, "audio"),
     ("hubert", "hubert", "AutoModelForAudioClassification",
+     {**SMALL, "conv_dim": [16, 16], "conv_kernel": [10, 3], "conv_stride": [5, 2], "num_conv_pos_embeddings": 16,
+      "num_conv_pos_embedding_groups": 2, "num_labels": NUM_CLASSES}, "audio"),
+    ("wavlm", "wavlm", "AutoModelForAudioClassification",
      {**SMALL, "conv_dim": [16, 16], "conv_kernel": [10, 3], "conv_stride": [5, 2], "num_conv_pos_embeddings": 16,
       "num_conv_pos_embedding_groups": 2, "num_labels": NUM_CLASSES}, "audio"),
     ("whisper", "whisper", "AutoModelForSpeechSeq2Seq",
@@ -341,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per architecture (all settings)")
     parser.add_argument("--known-only", action="store_true",
                         help="only the known input maps (hatify.explain), merged into hf_zoo.json")
+    parser.add_argument("--merge", action="store_true", help="update the rows of an existing hf_zoo.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--known-worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -367,7 +372,13 @@ def main(argv: list[str] | None = None) -> int:
             share = row.get("hat_parameter_share")
             print(f"{name:14s} {row.get('attn', '-'):6s} padded={row.get('padded', '-')!s:5s} "
                   f"share={'-' if share is None else f'{share:.3f}'} {mark}", flush=True)
-    write_results(rows)
+    known_run = None
+    if args.merge and (RESULTS / "hf_zoo.json").exists():
+        previous = json.loads((RESULTS / "hf_zoo.json").read_text())
+        kept = [r for r in previous["rows"] if r["model"] not in chosen and r["model"] in names]
+        rows = sorted(kept + rows, key=lambda r: names.index(r["model"]))  # stable: settings keep their order
+        known_run = previous.get("known_run")  # the rows kept from before still hold its known columns
+    write_results(rows, known_run)
     print(f"{sum(r['status'] == 'pass' for r in rows)} / {len(rows)} settings pass")
     return 0
 

@@ -25,7 +25,7 @@ from .einsum import linear_einsums
 from .errors import _OWN_DIR, HatifyError
 from .inputs import CONSTANTS, KEYWORD, Inputs, StructuredOutput, is_constant, needs_spec
 from .naming import aliases
-from .parametrized import flatten_parametrization_paths, traced_through
+from .parametrized import flatten_parametrization_paths, hold_row_coupling_norms, traced_through
 from .shapes import SPEC, spec_of
 
 
@@ -375,6 +375,7 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set,
     _use_aliases(root, graph, renamed)
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     flatten_parametrization_paths(gm)
+    hold_row_coupling_norms(gm)
     linear_einsums(gm)
     gm.meta[CONSTANTS] = dict(call[1]) if call else {}
     to_alias = lambda name: _aliased(name, {u: a for a, u in renamed.items()})

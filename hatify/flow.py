@@ -15,7 +15,7 @@ from . import maps
 from .maps import UnitMap
 from .outputs import task_output_nodes
 from .parametrized import layer_name
-from .ownership import inline_shared_layers, keeps_rows, live_nodes, outside_reads
+from .ownership import ancestors, inline_shared_layers, keeps_rows, live_nodes, outside_reads
 from .rules import PER_CHANNEL_MODULES, RuleContext, _canon, fallback_rule, rule_for
 from .shapes import TensorSpec
 
@@ -46,6 +46,9 @@ class CallSite:
     apply_after: str | None   # the node whose output the mask multiplies (None for heads)
     input_node: str | None    # the node feeding the producer's input channels
     line: str = ""
+    # A read of an embedding's weight as a linear layer (a tied LM head, `ties`): its outputs are the embedding's
+    # rows (tokens), its input units the embedding's units (hidden); no mask, a task output.
+    tied: bool = False
 
 
 @dataclass
@@ -260,9 +263,11 @@ def _disown(gm: fx.GraphModule, by_name: dict[str, Producer], node_of: dict[fx.N
         # the weight's chain, and the bias's where the layer owns its bias (a bias it does not own is per task)
         args = [a for site in sites for a in _weight_args(site, producer)[: 2 if producer.bias else 1]]
         reason = ""
-        if producer.weight_transformed and not all(
-                keeps_rows(_weight_args(site, producer)[0], producer.weight, gm) for site in sites):
-            reason = "weight transformed across rows before use (not provably row-local)"
+        mixing = [site for site in sites if producer.weight_transformed
+                  and not keeps_rows(_weight_args(site, producer)[0], producer.weight, gm)]
+        if mixing:
+            reason = f"weight transformed across rows before use{_modules_on(_weight_args(mixing[0], producer)[0], gm)}" \
+                     " (not provably row-local)"
         # `x @ W + b`: the add applies the layer's bias, so it is the layer's own read of it
         calls = sites + [u for site in sites if producer.bias and _canon(site.target) in _MATMULS for u in site.users]
         bad = outside_reads(gm, [p for p in (producer.weight, producer.bias) if p], calls, args, live)
@@ -279,6 +284,13 @@ def _disown(gm: fx.GraphModule, by_name: dict[str, Producer], node_of: dict[fx.N
     return dropped
 
 
+def _modules_on(weight: fx.Node, gm: fx.GraphModule) -> str:
+    """` by _SpectralNorm at conv.parametrizations_weight_0`: the modules the weight's chain calls (a parametrization
+    kept a module), which are what the report can name."""
+    calls = [n for n in ancestors(weight) if n.op == "call_module"]
+    return f" by {', '.join(f'{op_name(n, gm.get_submodule(n.target))} at {n.target}' for n in calls)}" if calls else ""
+
+
 def find_producers(gm: fx.GraphModule, config: HATConfig) -> list[Producer]:
     """Every HAT layer with its call sites, mask placement and head role; offsets into the unit vector.
     Layers that do not own their weight are left out and listed in `gm.meta["hat_disowned"]`."""
@@ -286,22 +298,31 @@ def find_producers(gm: fx.GraphModule, config: HATConfig) -> list[Producer]:
     params = {name for name, _ in gm.named_parameters()}
     by_name: dict[str, Producer] = {}
     node_of: dict[fx.Node, Producer] = {}
+    tied: set[fx.Node] = set()
     for node in gm.graph.nodes:
         found = _producer_of(node, gm)
         if found is None:
             continue
         producer = by_name.setdefault(found.name, found)
-        if (found.kind, found.units) != (producer.kind, producer.units):  # one weight, read as two kinds of layer
+        if ties(producer, found, gm):
+            tied.add(node)
+        elif ties(found, producer, gm):  # the head read first: the embedding is the layer
+            tied.update(n for n, p in node_of.items() if p is producer)
+            by_name[found.name] = found
+            node_of.update({n: found for n, p in node_of.items() if p is producer})
+            producer = found
+        elif (found.kind, found.units) != (producer.kind, producer.units):  # one weight, read as two kinds of layer
             producer.weight_shared = True
         node_of[node] = producer
     gm.meta["hat_disowned"] = _disown(gm, by_name, node_of)
     targets = task_output_nodes(gm, config) if config.heads == "auto" else set()
     for node, producer in node_of.items():
-        end = _chain_end(node, gm, params)
+        end = node if node in tied else _chain_end(node, gm, params)
         data = producer_input(node)
-        producer.sites.append(CallSite(node.name, end.name, data.name if isinstance(data, fx.Node) else None,
-                                       source_line(node)))
-        if config.heads == "auto" and _reaches_output(end, set(node_of), targets):
+        producer.sites.append(CallSite(node.name, None if node in tied else end.name,
+                                       data.name if isinstance(data, fx.Node) else None, source_line(node),
+                                       tied=node in tied))
+        if config.heads == "auto" and node not in tied and _reaches_output(end, set(node_of), targets):
             producer.head = True
     if isinstance(config.heads, (tuple, list)):
         for producer in by_name.values():
@@ -317,6 +338,18 @@ def find_producers(gm: fx.GraphModule, config: HATConfig) -> list[Producer]:
         producer.offset = offset
         offset += producer.units
     return list(by_name.values())
+
+
+def ties(embedding: Producer, head: Producer, gm: fx.GraphModule) -> bool:
+    """Whether `head` reads `embedding`'s weight as a linear layer over the same axes, tied embedding and LM head
+    (GPT-2, BERT's MLM, T5, mBART): one HAT layer whose units are the embedding's (hidden, the weight's columns),
+    masked where the embedding is called. The head's outputs (the weight's rows, tokens) are a task output every
+    task reads, so a finished task's hidden columns are frozen for every row: those its embedding units used and
+    those the head's input used (`model.weight_protection`); the head's bias, if any, is per task."""
+    weight = gm.get_parameter(embedding.weight)
+    return (embedding.kind, head.kind) == ("embedding", "linear") and embedding.weight == head.weight \
+        and not head.weight_transformed and weight.ndim == 2 and head.units == weight.shape[0] \
+        and embedding.units == weight.shape[1]
 
 
 def _select(producer: Producer, gm: fx.GraphModule, config: HATConfig) -> None:
@@ -346,6 +379,8 @@ def analyse(gm: fx.GraphModule, producers: list[Producer], config: HATConfig) ->
         if p.head or p.kept:
             continue
         for site in p.sites:
+            if site.apply_after is None:  # a tied LM head's read: no mask (`ties`)
+                continue
             spec = spec_by_name[site.apply_after]
             mask_at[site.apply_after] = UnitMap.units(p.offset, p.units, spec.ndim, p.out_axis % spec.ndim)
     producer_nodes = {site.node for p in producers for site in p.sites}

@@ -17,6 +17,7 @@ from .inputs import CONSTANTS, inputs_device
 from .layers import MaskBank, Protect, TaskIndexed, TaskParameter
 from .naming import keep_user_names, user_names
 from .norm_stats import has_running_statistics, reestimate_norm_statistics
+from .parametrized import hold_norms
 from .plan import LayerPlan, Plan
 from .rewrite import SCALE_ARG, TASK_ARG, _owner
 from .taskinf.statistics import TaskStatistics
@@ -255,6 +256,7 @@ class HATModel(nn.Module):
 
     def _freeze_task(self, t: int) -> None:
         self.masks.freeze(t)
+        hold_norms(self.net, t)
         for module in self.net.modules():
             if isinstance(module, (TaskIndexed, TaskParameter)):
                 module.freeze(t)
@@ -340,8 +342,10 @@ def weight_protection(layer: LayerPlan, out: torch.Tensor, inp: torch.Tensor | N
                       shape: tuple[int, ...]) -> torch.Tensor:
     """Which weight entries are frozen: output unit used and input unit used (HAT's min rule with binary
     cumulative masks); grouped convolutions pair each output with its group's inputs."""
-    if inp is None or layer.kind == "embedding":  # embedding and linear_t weights are (in, out)
-        return out.view(1, -1) if layer.kind in ("embedding", "linear_t") else out.view(-1, *([1] * (len(shape) - 1)))
+    if layer.kind == "embedding":  # (tokens, units): a used unit's column; a tied LM head's used inputs too
+        return (out if inp is None else out | inp).view(1, -1)
+    if inp is None:  # linear_t weights are (in, out)
+        return out.view(1, -1) if layer.kind == "linear_t" else out.view(-1, *([1] * (len(shape) - 1)))
     g = layer.groups
     if layer.kind == "linear":
         return out[:, None] & inp[None, :]

@@ -2,15 +2,26 @@
 `register_parametrization`): traced into, so the weight they compute is a chain of graph ops from their
 parameters to the plain layer's functional call. The layer is then a HAT layer like its plain twin where that
 chain keeps rows in place (`weight_norm` over the output axis: each row is g[i] * v[i] / |v[i]|), with its
-parameter of the weight's shape protected by output row and the others (the per-row gain) one copy per task;
-a chain that mixes rows (`spectral_norm`'s sigma, a norm over another axis) is not provably row-local and its
-parameters follow the loose-parameter policy (`ownership.keeps_rows`)."""
+parameter of the weight's shape protected by output row and the others (the per-row gain) one copy per task.
+
+`weight_norm` over another axis (HuBERT's positional conv: dim=2, one norm per kernel position over every row)
+couples rows through the norm: a later task moving its free rows of v would move the norm, hence every protected
+row of the weight. Its norm is therefore held per task like a norm's running statistics (`HeldNorm`): computed
+from v while the task trains, kept at its end-of-task value once the task is finished. A finished task then
+computes g_t * v / n_t with g_t and n_t its own frozen copies and v's entries it uses protected, which is
+row-local in v: the layer is a HAT layer. Any other chain that mixes rows (`spectral_norm`'s sigma, updated by a
+power iteration on every training forward) is not provably row-local and its parameters follow the
+loose-parameter policy (`ownership.keeps_rows`)."""
 from __future__ import annotations
 
 import inspect
 
+import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
+
+from .errors import HatifyError
+from .shapes import SPEC, TensorSpec
 
 # Where torch keeps a module's parametrizations: `<module>.parametrizations.<tensor>.original<i>`.
 _PARAMETRIZATIONS = ".parametrizations."
@@ -77,3 +88,106 @@ def flatten_parametrization_paths(gm: fx.GraphModule) -> None:
         shell = module._modules.get("parametrizations")
         if shell is not None and type(shell) is nn.Module:  # the copy fx made of the path: now unread
             del module._modules["parametrizations"]
+
+
+class HeldNorm(nn.Module):
+    """`torch.norm_except_dim(v, 2, dim)` of a weight-normed parameter until `hold(v)`, then the value held then.
+    One per task (`held_per_task`: the plan gives it the loose-parameter policy): a finished task's copy returns
+    its own end-of-task norm, whatever later tasks do to v's free entries."""
+
+    held_per_task = True
+
+    def __init__(self, dim: int, norm: torch.Tensor) -> None:
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("value", torch.zeros_like(norm))
+        self.register_buffer("held", torch.zeros((), dtype=torch.bool, device=norm.device))
+        self.is_held = False  # `held` as a Python flag: no device sync on every forward
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return self.value if self.is_held else torch.norm_except_dim(v, 2, self.dim)
+
+    @torch.no_grad()
+    def hold(self, v: torch.Tensor) -> None:
+        self.value.copy_(torch.norm_except_dim(v.detach(), 2, self.dim))
+        self.held.fill_(True)
+        self.is_held = True
+
+    def reset_parameters(self) -> None:
+        """Release the held value (`forget_task` re-initialises a task's own copies)."""
+        self.held.fill_(False)
+        self.is_held = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.is_held = bool(self.held)
+
+
+def _couples_rows(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """`torch._weight_norm(v, g, dim)` whose norm runs over rows (any dim but the first; -1 is the whole tensor)
+    on a parameter read directly."""
+    if node.op != "call_function" or node.target is not torch._weight_norm or len(node.args) < 2:
+        return False
+    v, dim = node.args[0], node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    spec = v.meta.get(SPEC) if isinstance(v, fx.Node) else None
+    if not (v.op == "get_attr" and isinstance(spec, TensorSpec) and spec.ndim > 1 and isinstance(dim, int)
+            and dim % spec.ndim != 0):
+        return False
+    try:
+        return isinstance(gm.get_parameter(v.target), nn.Parameter)
+    except AttributeError:  # a buffer
+        return False
+
+
+def hold_row_coupling_norms(gm: fx.GraphModule) -> None:
+    """Write each `torch._weight_norm(v, g, dim)` whose norm couples rows as `v * (g / n)`, with n = a `HeldNorm`
+    of v registered next to v (`conv.parametrizations_weight_original1_norm`)."""
+    for node in [n for n in gm.graph.nodes if _couples_rows(n, gm)]:
+        v, g = node.args[:2]
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        value = gm.get_parameter(v.target)
+        norm = torch.norm_except_dim(value.detach(), 2, dim)
+        owner_path, _, attr = v.target.rpartition(".")
+        name = f"{attr}_norm"
+        (gm.get_submodule(owner_path) if owner_path else gm).add_module(name, HeldNorm(dim, norm))
+        with gm.graph.inserting_before(node):
+            n = gm.graph.call_module(f"{owner_path}.{name}" if owner_path else name, (v,))
+            scale = gm.graph.call_function(torch.div, (g, n))
+            weight = gm.graph.call_function(torch.mul, (v, scale))
+        n.meta[SPEC] = TensorSpec(tuple(norm.shape), norm.dtype)
+        scale.meta[SPEC] = g.meta.get(SPEC)
+        weight.meta.update(node.meta)
+        node.replace_all_uses_with(weight)
+        gm.graph.erase_node(node)
+    gm.recompile()
+
+
+def is_held(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """A call of a `HeldNorm`: for a finished task, a constant."""
+    return node.op == "call_module" and getattr(gm.get_submodule(node.target), "held_per_task", False)
+
+
+def hold_norms(gm: fx.GraphModule, t: int) -> None:
+    """Hold task t's copy of every `HeldNorm` at the norm of its parameter's effective value (read through its
+    protection, after `end_task` froze it), unless already held (a copy shared by every task)."""
+    from .layers import TaskIndexed
+
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if not (isinstance(module, TaskIndexed) and isinstance(module.copies[0], HeldNorm)):
+            continue
+        copy = module.pick(t)
+        if not copy.is_held:
+            copy.hold(_read(gm, node.args[0], t))
+
+
+def _read(gm: fx.GraphModule, node: fx.Node, t: int) -> torch.Tensor:
+    """The value task t reads at `node`: a parameter (through its protection) or its per-task copy."""
+    if node.op == "get_attr":
+        owner_path, _, attr = node.target.rpartition(".")
+        return getattr(gm.get_submodule(owner_path) if owner_path else gm, attr)
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)(*node.args, **{**node.kwargs, "hat_task_id": t})
+    raise HatifyError(f"cannot hold the weight norm at {node.name}: its parameter is computed ({node.op})")

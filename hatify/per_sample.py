@@ -56,7 +56,11 @@ def _static_reason(net: fx.GraphModule, one_task: bool = False) -> str:
     """Why this graph can never take the per-sample path ('' if it can). `one_task`: every row runs the same
     task (only the masks differ per row), so a per-task parameter read by the graph is that task's."""
     batch = batch_size(net)
+    from_inputs: set[fx.Node] = set()
     for node in net.graph.nodes:
+        if (node.op == "placeholder" and node.target not in (TASK_ARG, SCALE_ARG)) or \
+                any(n in from_inputs for n in node.all_input_nodes):
+            from_inputs.add(node)
         if node.op != "call_module":
             continue
         module = net.get_submodule(node.target)
@@ -66,6 +70,9 @@ def _static_reason(net: fx.GraphModule, one_task: bool = False) -> str:
             spec = node.meta.get("hat_spec")   # the gated activation, as traced
             if not isinstance(spec, TensorSpec) or not spec.ndim or spec.shape[0] != batch:
                 return f"the activation gated at {node.target} does not carry the batch on its first axis"
+        if isinstance(module, TaskIndexed) and node.args and node.args[0] not in from_inputs:
+            # its input's rows are split by task: they must be samples (a held norm reads a parameter's rows)
+            return f"the per-task module {node.target} reads a tensor that is not made from the model's inputs"
     return ""
 
 

@@ -237,7 +237,15 @@ def _input_units(producer: Producer, weight: torch.Tensor) -> int | None:
         return weight.shape[1] * producer.groups
     if producer.kind == "conv_transpose":
         return weight.shape[0]
+    if any(site.tied for site in producer.sites):  # an embedding read as its tied LM head: (tokens, hidden)
+        return weight.shape[1]
     return None
+
+
+def input_sites(layer: LayerPlan | Producer) -> list:
+    """The calls whose data input carries the layer's input units: all of them, except an embedding's own calls
+    (token ids) next to its tied LM head's reads (`flow.ties`)."""
+    return [site for site in layer.sites if site.tied] if layer.kind == "embedding" else layer.sites
 
 
 def make_plan(capture: Capture, flow: Flow, num_tasks: int, config: HATConfig) -> Plan:
@@ -258,13 +266,14 @@ def make_plan(capture: Capture, flow: Flow, num_tasks: int, config: HATConfig) -
             layer.status, layer.reason = "head", "reaches a task output: one copy per task"
         elif layer.input_units is not None:
             rows = []
-            for site in p.sites:
+            in_axis = -1 if p.in_axis is None else p.in_axis  # a tied LM head reads hidden units on the last axis
+            for site in input_sites(p):
                 unit_map = flow.maps.get(site.input_node) if site.input_node else None
                 spec = nodes[site.input_node].meta.get("hat_spec") if site.input_node else None
                 if not isinstance(unit_map, UnitMap) or not isinstance(spec, TensorSpec):
                     unit_map, spec = UnitMap.ones(), None
                 ndim = spec.ndim if spec is not None else 2
-                rows.append(per_unit(unit_map, p.in_axis % ndim, layer.input_units, ndim, config.max_union_terms))
+                rows.append(per_unit(unit_map, in_axis % ndim, layer.input_units, ndim, config.max_union_terms))
             index = torch.cat(rows).unique(dim=0)
             index = index.masked_fill((index == ONES).any(0), ONES).unique(dim=0)
             if p.weight_transformed:
@@ -273,7 +282,7 @@ def make_plan(capture: Capture, flow: Flow, num_tasks: int, config: HATConfig) -
             layer.input_index = index
             layer.input_producers, layer.input_map = _describe(index, flow.producers)
             if not layer.input_producers and not layer.reason:
-                layer.reason = unmasked_input_reason(gm, flow, [s.input_node for s in p.sites])
+                layer.reason = unmasked_input_reason(gm, flow, [s.input_node for s in input_sites(p)])
         layers.append(layer)
 
     gates = {}
@@ -330,6 +339,10 @@ def _other_parameters(gm: fx.GraphModule, layers: list[LayerPlan], kept: dict[st
             if _buffers(module) and policy == "frozen":
                 policy, reason = "statistics_per_task", f"{reason}; its running statistics get one copy per task"
             modules.append(ModulePlan(node.target, op, policy, reason, count))
+        elif getattr(module, "held_per_task", False):
+            # whatever the selection: a norm shared by tasks would move the rows finished tasks use
+            modules.append(ModulePlan(node.target, op, config.loose_params,
+                                      "weight norm across rows: its value held per task at end_task", 0))
         elif count:
             why = capture.opaque.get(node.target, "leaf module with parameters hatify has no rule for")
             modules.append(ModulePlan(node.target, op, *_policy(node.target, values, config, config.loose_params,

@@ -23,7 +23,7 @@ from .inputs import Inputs
 from .maps import ONES
 from .model import HATModel
 from .per_sample import Unsupported, _PerSample, _static_reason, _TaskMasks, batch_size
-from .plan import LayerPlan
+from .plan import LayerPlan, input_sites
 from .rewrite import SCALE_ARG, TASK_ARG
 from .shapes import SPEC, Interpreter, TensorSpec
 
@@ -47,7 +47,7 @@ def _record(recorder: fx.Interpreter, n: fx.Node) -> None:
         data = producer_input(n)
         value = recorder.env.get(data) if isinstance(data, fx.Node) else None
         if isinstance(value, torch.Tensor):
-            key = (data, layer.kind in ("linear", "linear_t"), value._version)
+            key = (data, layer.kind in ("linear", "linear_t", "embedding"), value._version)
             if key not in recorder.reduced:
                 recorder.reduced[key] = _zero_units(value, layer, recorder.patterns)
             recorder.zeros.setdefault(n.name, []).append(recorder.reduced[key])
@@ -103,7 +103,7 @@ def _zero_units(value: torch.Tensor, layer: LayerPlan, patterns: int = 0) -> tor
     """Per input unit of `layer` (the last axis of a linear layer's input, else axis 1): exactly zero everywhere.
     `patterns` > 0: the rows are that many copies of the batch, one result row per copy (patterns, units).
     One reduction over the other axes (moving the unit axis last would copy the activation); NaN is nonzero."""
-    axis = (-1 if layer.kind in ("linear", "linear_t") else 1) % value.ndim
+    axis = (-1 if layer.kind in ("linear", "linear_t", "embedding") else 1) % value.ndim  # (a tied LM head's input)
     if patterns:
         if axis == 0 or value.shape[0] % patterns:
             raise Unsupported(f"the input of {layer.name} does not lead with the batch")
@@ -151,7 +151,7 @@ def probe_patterns(hat: HATModel, random_draws: int = 2) -> list[tuple[str, torc
 def watched_sites(hat: HATModel) -> dict[str, LayerPlan]:
     """Graph node of every call of a masked layer whose input the plan maps -> that layer."""
     return {site.node: layer for layer in hat.plan.masked_layers if layer.input_index is not None
-            for site in layer.sites}
+            for site in input_sites(layer)}
 
 
 def observe_zeros(hat: HATModel, inputs: Inputs, keep: torch.Tensor, watch: dict[str, LayerPlan] | None = None

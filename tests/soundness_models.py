@@ -110,7 +110,8 @@ class WeightReadOutside(nn.Module):
 
 
 class TiedEmbedding(nn.Module):
-    """Output projection tied to the input embedding (class 2; used to crash the rewrite with KeyError)."""
+    """Output projection tied to the input embedding (class 2; used to crash the rewrite with KeyError; now the
+    embedding's tied read)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -20,18 +20,19 @@ hf_zoo = importlib.util.module_from_spec(_spec)
 sys.modules["hf_zoo"] = hf_zoo
 _spec.loader.exec_module(hf_zoo)
 
-# (zoo name, attention, padded mask, least share of parameters under HAT). The causal LMs' and T5's shares
-# are bounded by their output layers: the LM head is a per-task head (T5's output also includes the encoder's
-# last hidden state, which is no task output: the encoder's residual writers stay HAT layers).
+# (zoo name, attention, padded mask, least share of parameters under HAT). An untied LM head (Llama) is a
+# per-task head, which bounds the share; a tied one (GPT-2, T5, mBART) is one HAT layer with the embedding
+# (`flow.ties`). T5's and mBART's outputs also include the encoder's last hidden state, which is no task output:
+# the encoder's residual writers stay HAT layers.
 REPRESENTATIVE = [
     ("bert", "sdpa", True, 0.95),
     ("bert", "eager", False, 0.95),
-    ("gpt2", "sdpa", True, 0.9),
-    ("gpt2", "eager", True, 0.9),
+    ("gpt2", "sdpa", True, 0.99),
+    ("gpt2", "eager", True, 0.99),
     ("llama", "sdpa", True, 0.9),
     ("llama", "eager", False, 0.9),
-    ("t5", "eager", True, 0.9),
-    ("mbart", "sdpa", True, 0.9),
+    ("t5", "eager", True, 0.99),
+    ("mbart", "sdpa", True, 0.98),
     ("xlnet", "eager", True, 0.95),
     ("mixtral", "sdpa", True, 0.95),
     ("bart-cls", "eager", False, 0.95),
@@ -141,15 +142,17 @@ def _seq2seq(name):
 
 
 def test_an_auxiliary_output_makes_no_heads_and_stays_bit_identical():
-    """mBART returns `encoder_last_hidden_state` next to `logits`: only the LM head is a head, the encoder's
-    residual writers are HAT layers, and after task 1 trains on both outputs, task 0's logits AND its encoder
-    state are bit-identical (the auxiliary output is gated, not unprotected)."""
+    """mBART returns `encoder_last_hidden_state` next to `logits`: the encoder's residual writers are HAT layers,
+    and so is the LM head, tied to the shared embedding (one layer, `flow.ties`: no head at all), and after task 1
+    trains on both outputs, task 0's logits AND its encoder state are bit-identical (the auxiliary output is gated,
+    not unprotected)."""
     model, batch = _seq2seq("mbart")
     hat = hatify.hatify(model, 2, example_inputs=batch)
     roles = {layer.name: layer.role for layer in hat.plan.layers}
-    assert [name for name, role in roles.items() if role == "head"] == ["lm_head"]
+    assert "lm_head" not in roles and [name for name, role in roles.items() if role == "head"] == []
+    assert any(site.tied for site in hat.plan.layer("model.shared").sites)
     assert roles["model.encoder.layers.0.fc2"] == roles["model.encoder.layers.0.self_attn.out_proj"] == "masked"
-    assert hat.report.validation["passed"] and hat.report.summary["hat_parameter_share"] > 0.9
+    assert hat.report.validation["passed"] and hat.report.summary["hat_parameter_share"] > 0.95
     opt = torch.optim.AdamW(hat.parameters(), lr=1e-2, weight_decay=0.01)
     for t in range(2):
         hat.train()
@@ -173,15 +176,16 @@ def test_an_auxiliary_output_makes_no_heads_and_stays_bit_identical():
 
 
 def test_task_outputs_name_the_outputs_heads_reach():
-    """`task_outputs="all"` gives every returned tensor heads (the encoder's residual writers); a name the model
-    does not return is refused with the outputs it has."""
+    """`task_outputs="all"` gives every returned tensor heads (the encoder's residual writers, and the shared
+    embedding with its tied LM head: one copy per task of the tied weight); a name the model does not return is
+    refused with the outputs it has."""
     model, batch = _seq2seq("mbart")
     plan = hatify.explain(model, 2, batch, hatify.HATConfig(task_outputs="all"))
     heads = {layer.name for layer in plan.layers if layer.role == "head"}
-    assert {"lm_head", "model.encoder.layers.0.fc2"} <= heads
+    assert {"model.shared", "model.encoder.layers.0.fc2"} <= heads
     plan = hatify.explain(model, 2, batch, hatify.HATConfig(task_outputs=("encoder_last_hidden_state",)))
     heads = {layer.name for layer in plan.layers if layer.role == "head"}
-    assert "model.encoder.layers.0.fc2" in heads and "lm_head" not in heads
+    assert "model.encoder.layers.0.fc2" in heads and "model.decoder.layers.0.fc2" not in heads
     with pytest.raises(hatify.HatifyError, match="task_outputs names hidden.*its outputs: logits, encoder_last"):
         hatify.explain(model, 2, batch, hatify.HATConfig(task_outputs=("hidden",)))
 
@@ -221,3 +225,42 @@ def test_task_outputs_survive_save_load_and_the_command_line_setting(tmp_path):
     assert [layer.role for layer in again.plan.layers] == [layer.role for layer in hat.plan.layers]
     with torch.no_grad():
         assert torch.equal(again(**batch, task_id=1).logits, hat.eval()(**batch, task_id=1).logits)
+
+
+@pytest.mark.parametrize("name", ["hubert", "wavlm"])
+def test_positional_conv_under_weight_norm_is_a_hat_layer_and_keeps_task0(name, tmp_path):
+    """HuBERT/WavLM's positional conv is a grouped Conv1d under weight_norm over its kernel axis (dim=2): a HAT layer
+    whose norm each task holds (`parametrized.HeldNorm`); called with a keyword batch, task 0's logits stay
+    bit-identical after task 1, and save/load keeps both tasks."""
+    _, model_type, auto_class, kwargs, kind = next(e for e in hf_zoo.ZOO if e[0] == name)
+    build = lambda: hf_zoo.build(model_type, auto_class, kwargs, "eager")
+    model = build()
+    batch = hf_zoo.inputs_for(model, kind, padded=False)
+    hat = hatify.hatify(model, 2, example_inputs=batch)
+    roles = {layer.name: layer.role for layer in hat.plan.layers}
+    assert roles[f"{name}.encoder.pos_conv_embed.conv"] == "masked"
+    assert hat.report.validation["passed"] and hat.report.summary["hat_parameter_share"] > 0.95
+    labels = torch.tensor([0, 1])
+    opt = torch.optim.AdamW(hat.parameters(), lr=1e-2, weight_decay=0.01)
+    for t in range(2):
+        hat.train()
+        hat.begin_task(t)
+        for b in range(4):
+            out = hat(**batch, task_id=t, mask_scale=hat.mask_scale(b, 4))
+            loss = torch.nn.functional.cross_entropy(out.logits, labels) + hat.regularization()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        hat.end_task()
+        hat.eval()
+        if t == 0:
+            with torch.no_grad():
+                after = hat(**batch, task_id=0).logits
+    with torch.no_grad():
+        again, other = hat(**batch, task_id=0).logits, hat(**batch, task_id=1).logits
+    assert torch.equal(again, after) and not torch.equal(other, after)
+    hatify.save(hat, tmp_path / f"{name}.hat")
+    loaded = hatify.load(tmp_path / f"{name}.hat", model=build())
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch, task_id=0).logits, again)
+        assert torch.equal(loaded(**batch, task_id=1).logits, other)
