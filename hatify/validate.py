@@ -99,15 +99,27 @@ def _open_outputs(model: nn.Module, hat: HATModel, inputs: Inputs, grad: bool = 
     return ref, got
 
 
-def _hat_outputs(hat: HATModel, inputs: Inputs, grad: bool) -> dict[str, torch.Tensor]:
-    """Task 0's outputs in eval mode with every mask open (seeded as the original's run)."""
+def _hat_outputs(hat: HATModel, inputs: Inputs, grad: bool, backward: bool = False) -> dict[str, torch.Tensor]:
+    """Task 0's outputs in eval mode with every mask open (seeded as the original's run). `grad`: record the
+    autograd graph; the tensors a backward would read are kept only with `backward` (a walk of the graph,
+    `_reached_leaves`, needs none of them, and they are a forward's worth of activations)."""
     was = hat.training
     hat.eval()
     try:
-        with masks_open(hat), torch.set_grad_enabled(grad):
+        with masks_open(hat), torch.set_grad_enabled(grad), \
+                contextlib.nullcontext() if backward or not grad else _graph_only():
             return _leaves(_seeded(inputs.call, hat, task_id=0))
     finally:
         hat.train(was)
+
+
+def _dropped(_: Any) -> None:
+    raise HatifyError("internal: a backward through a forward recorded for the gradient walk only")
+
+
+def _graph_only() -> contextlib.AbstractContextManager:
+    """Autograd records the graph but keeps none of the tensors saved for a backward."""
+    return torch.autograd.graph.saved_tensors_hooks(lambda _: None, _dropped)
 
 
 def _differences(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> tuple[dict[str, float], float]:
@@ -185,7 +197,8 @@ def check_gradients(hat: HATModel, inputs: Inputs, model: nn.Module | None = Non
     """Names of original parameters that receive no gradient through the converted model (task 0, eval, masks
     open), leaving out those that get none through `model` (the original) either: an unused pooler, an untaken
     branch. `outputs`: that forward's outputs with their autograd graph, if already run (`validate` reuses the
-    open-mask comparison's forward)."""
+    open-mask comparison's forward, recorded without saved tensors: a real backward, where one is needed, runs
+    the forward again)."""
     if outputs is None:
         outputs = _hat_outputs(hat, inputs, grad=True)
     params = dict(hat.net.named_parameters())
@@ -194,7 +207,7 @@ def check_gradients(hat: HATModel, inputs: Inputs, model: nn.Module | None = Non
     reached = _reached_leaves(outputs)
     unreached = {name: p for name, p in mapping.items() if id(p) not in reached}
     # a real backward decides the unreached ones (a function may reach a leaf outside the recorded graph)
-    missing = _ungraded_from(outputs, unreached) if unreached else set()
+    missing = _ungraded_from(_hat_outputs(hat, inputs, grad=True, backward=True), unreached) if unreached else set()
     if missing and model is not None:
         reference = detached_deepcopy(model).eval()
         own = {name: p for name, p in reference.named_parameters(remove_duplicate=False)

@@ -2,6 +2,8 @@
 that computes something else each fail validation (the probe, the gradient check, the open-mask comparison)."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -124,6 +126,19 @@ def test_gradient_check_finds_a_parameter_cut_off():
     result = hatify.validate(model, hat, (X,))
     assert not result.passed
     assert set(result.missing_gradients) == {"bn1.weight", "bn1.bias"}
+
+
+def test_the_comparison_forward_keeps_no_tensors_for_a_backward():
+    """validate's open-mask forward serves the gradient walk: its graph holds no activations (peak memory); the
+    real backward that decides an unreached parameter runs a forward of its own."""
+    _, hat = _converted()
+    inputs = hatify.inputs.Inputs.of((X,))
+    walked = sys.modules["hatify.validate"]._hat_outputs(hat, inputs, grad=True)
+    with pytest.raises(hatify.HatifyError, match="gradient walk only"):
+        sum(v.square().sum() for v in walked.values()).backward()
+    full = sys.modules["hatify.validate"]._hat_outputs(hat, inputs, grad=True, backward=True)
+    sum(v.square().sum() for v in full.values()).backward()
+    assert all(v.requires_grad for v in walked.values())
 
 
 def test_open_mask_comparison_finds_a_changed_computation():
