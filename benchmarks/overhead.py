@@ -1,6 +1,7 @@
 """The cost of HAT against the plain model: training step, inference, conversion time and memory.
 
     .venv/bin/python benchmarks/overhead.py [--threads 1] [--quick] [--only mlp,resnet18]
+    .venv/bin/python benchmarks/overhead.py --only none --pipelines llama --no-quick-start
 
 Plain and HAT run side by side in one process, interleaved (the order rotates every round), with the same
 number of torch threads; every figure is a median over the rounds. Times are process CPU time, which
@@ -11,10 +12,11 @@ For models whose step is short, training is also timed back to back (blocks of c
 blocks interleaved), as a training loop runs it: caches then hold the model's own tensors.
 Ablations (HAT without protection, without gates, without the regulariser) say where the overhead goes;
 a torch.profiler table per op for the MLP and resnet18 says which ops. Full training memory (parameters,
-buffers, gradients, AdamW state) per case. The pipeline rows (timm resnet50 at 2x3x224x224): conversion against
-`symbolic_trace` + `ShapeProp`, the default validation against one plain forward + backward, `hatify()` end to
-end; and the CLI quick start in fresh processes beyond `import torch`. (The issue's Mask R-CNN validation and
-125M Llama rows are not here: minutes each on a shared 2-core machine.)
+buffers, gradients, AdamW state) per case. The pipeline rows (`--pipelines`: timm resnet50 at 2x3x224x224 by
+default; torchvision Mask R-CNN, two 320x320 images; a 134M Llama, keyword batch 2x64; each can run alone):
+conversion against `symbolic_trace` + `ShapeProp` where plain fx traces the model, the default validation against
+one plain forward + backward, `hatify()` end to end, and the peak resident memory each adds beside a plain forward
++ backward's; and the CLI quick start in fresh processes beyond `import torch`. Mask R-CNN takes minutes.
 Writes benchmarks/results/overhead.json and overhead.md.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import itertools
 import json
 import os
 import platform
@@ -373,36 +376,104 @@ def _seconds(fn: Callable[[], object]) -> float:
     return now() - start
 
 
-def pipeline(name: str = "resnet50", shape: tuple[int, ...] = (2, 3, 224, 224), rounds: int = 3) -> dict:
-    """Conversion against `torch.fx.symbolic_trace` + `ShapeProp`, the default validation against one plain
-    forward + backward, and `hatify.hatify()` end to end, interleaved in one process, medians (CPU seconds)."""
+def _llama() -> tuple[nn.Module, dict]:
+    """A 134M-parameter Llama (0.50 GB of fp32 weights) from its config, keyword batch 2x64."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                         num_attention_heads=12, num_key_value_heads=12, use_cache=False)
+    ids = torch.randint(0, 32000, (2, 64), generator=torch.Generator().manual_seed(0))
+    return LlamaForCausalLM(config), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _maskrcnn() -> tuple[nn.Module, tuple]:
+    """torchvision Mask R-CNN as built by default (images resized to 800), two 3x320x320 images."""
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    images = list(torch.rand(2, 3, 320, 320, generator=torch.Generator().manual_seed(0)))
+    return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None), (images,)
+
+
+# name -> the model (random weights) and its example inputs
+PIPELINES: dict[str, Callable[[], tuple[nn.Module, object]]] = {
+    "resnet50": lambda: (timm.create_model("resnet50", num_classes=10), (torch.randn(2, 3, 224, 224),)),
+    "maskrcnn": _maskrcnn,
+    "llama": _llama,
+}
+
+
+def _call(model: nn.Module, inputs: object) -> object:
+    return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+
+
+def _peak_rss_added(fn: Callable[[], object]) -> int:
+    """Bytes the resident set grows to above where it stood, while `fn` runs (Linux: the kernel's high-water mark,
+    reset through /proc/self/clear_refs; freed heap memory is given back first, so it is not reused unseen)."""
+    import ctypes
+
+    def status(key: str) -> int:
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key))
+        return int(line.split()[1]) * 1024
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base = status("VmRSS:")
+    Path("/proc/self/clear_refs").write_text("5")
+    result = fn()
+    peak = status("VmHWM:") - base
+    del result
+    return peak
+
+
+def pipeline(name: str = "resnet50", rounds: int = 3) -> dict:
+    """Conversion against `torch.fx.symbolic_trace` + `ShapeProp` (where plain fx traces the model), the default
+    validation against one plain forward + backward, and `hatify.hatify()` end to end, interleaved in one process,
+    medians (CPU seconds); then the peak resident memory each adds (plain forward + backward alongside)."""
     from torch.fx.passes.shape_prop import ShapeProp
 
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=10).eval()  # eval: as validation runs it
-    x = torch.randn(shape)
-    converted = hatify.hatify(model, num_tasks=NUM_TASKS, example_inputs=(x,), validate=False)
+    model, inputs = PIPELINES[name]()
+    model.eval()  # eval: as validation runs it
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    converted = hatify.hatify(model, NUM_TASKS, inputs, validate=False)
 
     def forward_backward():
         model.zero_grad(set_to_none=True)
-        model(x).square().mean().backward()
+        leaves = [v for v in torch.utils._pytree.tree_leaves(_call(model, inputs))
+                  if isinstance(v, torch.Tensor) and v.is_floating_point() and v.requires_grad]
+        sum(v.square().mean() for v in leaves).backward()
 
     variants = {
-        "trace + ShapeProp": lambda: ShapeProp(torch.fx.symbolic_trace(model)).propagate(x),
-        "conversion (validate=False)": lambda: hatify.hatify(model, NUM_TASKS, (x,), validate=False),
+        "conversion (validate=False)": lambda: hatify.hatify(model, NUM_TASKS, inputs, validate=False),
         "plain forward + backward": forward_backward,
-        "validation": lambda: hatify.validate(model, converted, (x,)),
-        "hatify() end to end": lambda: hatify.hatify(model, NUM_TASKS, (x,)),
+        "validation": lambda: hatify.validate(model, converted, inputs),
+        "hatify() end to end": lambda: hatify.hatify(model, NUM_TASKS, inputs),
     }
+    try:
+        ShapeProp(torch.fx.symbolic_trace(model)).propagate(*inputs)
+        variants["trace + ShapeProp"] = lambda: ShapeProp(torch.fx.symbolic_trace(model)).propagate(*inputs)
+    except Exception:  # noqa: BLE001 - plain fx cannot trace it (control flow, keyword inputs): no reference
+        pass
     runs: dict[str, list[float]] = {k: [] for k in variants}
     names = list(variants)
     for r in range(rounds):
         for key in names[r % len(names):] + names[:r % len(names)]:
             runs[key].append(_seconds(variants[key]))
     med = {k: statistics.median(v) for k, v in runs.items()}
-    return {"model": name, "input_shape": list(shape), "median_s": med, "runs_s": runs,
-            "conversion_ratio": med["conversion (validate=False)"] / med["trace + ShapeProp"],
-            "validation_ratio": med["validation"] / med["plain forward + backward"]}
+    peak = {key: _peak_rss_added(variants[key]) for key in
+            ("plain forward + backward", "conversion (validate=False)", "validation", "hatify() end to end")}
+    return {"model": name, "weights_bytes": weights, "median_s": med, "runs_s": runs,
+            "conversion_ratio": med["conversion (validate=False)"] / med["trace + ShapeProp"]
+            if "trace + ShapeProp" in med else None,
+            "validation_ratio": med["validation"] / med["plain forward + backward"],
+            "peak_rss_added_bytes": peak, "converted_model_bytes": _held_bytes(converted)}
+
+
+def _held_bytes(hat: nn.Module) -> int:
+    """Bytes of every tensor the converted model holds (parameters, buffers, task copies), each storage once."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in
+                itertools.chain(hat.parameters(), hat.buffers())}
+    return sum(storages.values())
 
 
 def quick_start(rounds: int = 3) -> dict:
@@ -439,7 +510,7 @@ def environment(threads: int) -> dict:
         else platform.processor()
     return {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
             "threads": threads, "malloc_env": {k: os.environ[k] for k in KEEP_FREED_MEMORY if k in os.environ},
-            "cpu": cpu, "hatify_commit": commit, "num_tasks": NUM_TASKS}
+            "cpu": cpu, "hatify_commit": commit, "hatify_path": str(Path(hatify.__file__).parent), "num_tasks": NUM_TASKS}
 
 
 def verdict(ratio: float, target: float | None) -> str:
@@ -539,23 +610,43 @@ def render(results: dict, console: Console) -> str:
     return "\n".join(md) + "\n"
 
 
+# issue 22's goals per pipeline row (seconds are CPU seconds; memory in multiples of the weights)
+GOALS = {"resnet50": {"conversion": "<= 2x", "validation": "<= 4x", "end to end": "<= 1.2 s"},
+         "llama": {"conversion": "<= 0.8 s", "validation": "<= 4x", "memory": "<= 1.5x"},
+         "maskrcnn": {"validation": "<= 20 s (one thread)"}}
+
+
+def _pipeline_table(pipe: dict) -> list[str]:
+    """One model's conversion, validation and peak-memory rows (markdown)."""
+    med, peak, weights = pipe["median_s"], pipe["peak_rss_added_bytes"], pipe["weights_bytes"]
+    trace, goal = med.get("trace + ShapeProp"), GOALS.get(pipe["model"], {})
+    rows = ["", f"## Conversion and validation: `{pipe['model']}` (CPU s, medians of "
+                f"{len(next(iter(pipe['runs_s'].values())))} interleaved rounds)", "",
+            "| what | HAT | plain reference | ratio | goal |", "|---|---:|---:|---:|---|",
+            f"| conversion (validate=False) / trace + ShapeProp | {med['conversion (validate=False)']:.3f} | "
+            + (f"{trace:.3f} | {pipe['conversion_ratio']:.2f}x |" if trace else "- | - |")
+            + f" {goal.get('conversion', '-')} |",
+            f"| default validation / plain forward + backward | {med['validation']:.3f} | "
+            f"{med['plain forward + backward']:.3f} | {pipe['validation_ratio']:.2f}x | {goal.get('validation', '-')} |",
+            f"| `hatify.hatify()` end to end, validation included | {med['hatify() end to end']:.3f} | - | - | "
+            f"{goal.get('end to end', '-')} |", "",
+            f"Peak resident memory added (Linux VmHWM above VmRSS before the call, freed heap trimmed first), "
+            f"weights {weights / 2**30:.3f} GB; the converted model itself holds "
+            f"{pipe['converted_model_bytes'] / 2**30:.3f} GB ({pipe['converted_model_bytes'] / weights:.2f}x):", "",
+            "| call | GB | x weights | goal |", "|---|---:|---:|---|"]
+    rows += [f"| {key} | {value / 2**30:.3f} | {value / weights:.2f} | "
+             f"{goal.get('memory', '-') if key == 'hatify() end to end' else '-'} |" for key, value in peak.items()]
+    return rows
+
+
 def pipeline_lines(results: dict, console: Console) -> list[str]:
     """The conversion, validation and quick-start rows, and the full training memory, as markdown lines."""
     md = []
-    pipe = results.get("pipeline")
-    if pipe:
-        med, shape = pipe["median_s"], "x".join(map(str, pipe["input_shape"]))
-        md += ["", f"## Conversion and validation: timm `{pipe['model']}`, {shape} (CPU s, medians of "
-                   f"{len(next(iter(pipe['runs_s'].values())))} interleaved rounds)", "",
-               "| what | HAT | plain reference | ratio | goal |", "|---|---:|---:|---:|---|",
-               f"| conversion (validate=False) / trace + ShapeProp | {med['conversion (validate=False)']:.3f} | "
-               f"{med['trace + ShapeProp']:.3f} | {pipe['conversion_ratio']:.2f}x | <= 2x |",
-               f"| default validation / plain forward + backward | {med['validation']:.3f} | "
-               f"{med['plain forward + backward']:.3f} | {pipe['validation_ratio']:.2f}x | <= 4x |",
-               f"| `hatify.hatify()` end to end, validation included | {med['hatify() end to end']:.3f} | - | - | "
-               "<= 1.2 s |"]
-        console.print(f"{pipe['model']}: conversion {pipe['conversion_ratio']:.2f}x trace+ShapeProp, validation "
-                      f"{pipe['validation_ratio']:.2f}x forward+backward, end to end {med['hatify() end to end']:.2f} s")
+    for pipe in results.get("pipelines", {}).values():
+        md += _pipeline_table(pipe)
+        console.print(f"{pipe['model']}: validation {pipe['validation_ratio']:.2f}x forward+backward, end to end "
+                      f"{pipe['median_s']['hatify() end to end']:.2f} s, peak added end to end "
+                      f"{pipe['peak_rss_added_bytes']['hatify() end to end'] / pipe['weights_bytes']:.2f}x weights")
     quick = results.get("quick_start")
     if quick:
         med = quick["median_s"]
@@ -591,6 +682,9 @@ def main(argv: list[str] | None = None) -> int:
                                                    "resnet18_b32_128, vit_tiny; none: the pipeline rows only)")
     parser.add_argument("--no-pipeline", action="store_true",
                         help="skip the resnet50 conversion / validation timing and the CLI quick start")
+    parser.add_argument("--pipelines", default="resnet50",
+                        help="comma-separated pipeline rows: " + ", ".join(PIPELINES) + " (default resnet50)")
+    parser.add_argument("--no-quick-start", action="store_true", help="skip the CLI quick start")
     parser.add_argument("--pipeline-rounds", type=int, default=3, help="rounds of the pipeline and quick start")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="restart under glibc settings that keep freed memory (no page faults for weight-sized "
@@ -611,15 +705,21 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold]{case.name}[/] {case.input_shape} ...")
         results["cases"][case.name] = run_case(case, args.quick)
     if not args.no_pipeline:
-        console.print("[bold]pipeline[/] resnet50 2x3x224x224, quick start ...")
-        results["pipeline"] = pipeline(rounds=args.pipeline_rounds)
-        results["quick_start"] = quick_start(args.pipeline_rounds)
+        results["pipelines"] = {}
+        for name in filter(None, args.pipelines.split(",")):
+            if name not in PIPELINES:
+                parser.error(f"unknown pipeline {name!r}: one of {', '.join(PIPELINES)}")
+            console.print(f"[bold]pipeline[/] {name} ...")
+            results["pipelines"][name] = pipeline(name, args.pipeline_rounds)
+        if not args.no_quick_start:
+            results["quick_start"] = quick_start(args.pipeline_rounds)
     markdown = render(results, console)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = ("_quick" if args.quick else "") + (f"_threads{args.threads}" if args.threads != 1 else "") + (
         "_keepmem" if args.keep_freed_memory else "") + (
-        "_" + "_".join(sorted(only)) if only else "")
+        "_" + "_".join(sorted(only)) if only else "") + (
+        "_pipelines_" + args.pipelines.replace(",", "_") if args.pipelines != "resnet50" else "")
     (out / f"overhead{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / f"overhead{suffix}.md").write_text(markdown)
     console.print(f"wrote {out / f'overhead{suffix}.json'} and .md")

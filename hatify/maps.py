@@ -71,6 +71,10 @@ def normalise(terms: Sequence[torch.Tensor], max_terms: int) -> UnitMap:
     """Make a union canonical: ONES absorbs an element in every term, duplicate terms go, all-ONES is ONES."""
     if not terms:
         return UnitMap.ones()
+    if len(terms) == 1:  # nothing to absorb or to deduplicate: no stacked copy
+        if bool((terms[0] == ONES).all()):
+            return UnitMap.ones()
+        return UnitMap((compress(terms[0]),)) if max_terms >= 1 else UnitMap(truncated=True)
     shape = torch.broadcast_shapes(*(t.shape for t in terms))
     stacked = torch.stack([t.expand(shape) for t in terms])
     unknown = (stacked == ONES).any(0)

@@ -47,10 +47,16 @@ def run(net: fx.GraphModule, inputs: tuple, kwargs: dict, ids: torch.Tensor) -> 
     return _PerSample(net, ids).run(*values)
 
 
-def _static_reason(net: fx.GraphModule) -> str:
-    """Why this graph can never take the per-sample path ('' if it can)."""
-    batch = next((n.meta["hat_spec"].shape[0] for n in net.graph.nodes if n.op == "placeholder"
-                  and isinstance(n.meta.get("hat_spec"), TensorSpec) and n.meta["hat_spec"].ndim), None)
+def batch_size(net: fx.GraphModule) -> int | None:
+    """The leading size of the first tensor input, as traced (None: no tensor input has one)."""
+    return next((n.meta["hat_spec"].shape[0] for n in net.graph.nodes if n.op == "placeholder"
+                 and isinstance(n.meta.get("hat_spec"), TensorSpec) and n.meta["hat_spec"].ndim), None)
+
+
+def _static_reason(net: fx.GraphModule, one_task: bool = False) -> str:
+    """Why this graph can never take the per-sample path ('' if it can). `one_task`: every row runs the same
+    task (only the masks differ per row), so a per-task parameter read by the graph is that task's."""
+    batch = batch_size(net)
     from_inputs: set[fx.Node] = set()
     for node in net.graph.nodes:
         if (node.op == "placeholder" and node.target not in (TASK_ARG, SCALE_ARG)) or \
@@ -61,7 +67,7 @@ def _static_reason(net: fx.GraphModule) -> str:
         if node.op != "call_module":
             continue
         module = net.get_submodule(node.target)
-        if isinstance(module, TaskParameter) and not module.shared:
+        if isinstance(module, TaskParameter) and not module.shared and not one_task:
             return f"{node.target} is a per-task parameter read by the graph"
         if isinstance(module, Gate):
             spec = node.meta.get("hat_spec")   # the gated activation, as traced
@@ -112,7 +118,7 @@ class _PerSample(fx.Interpreter):
         if isinstance(module, TaskIndexed):
             return self.per_task(module, *args, **{k: v for k, v in kwargs.items() if k != TASK_ARG})
         if isinstance(module, TaskParameter):
-            return module(0)   # shared (a per-task one was refused up front)
+            return module(self.tasks[0])   # shared, or the one task of every row (else refused up front)
         self._no_ids(args, kwargs, target)
         return module(*args, **kwargs)
 

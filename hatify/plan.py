@@ -133,11 +133,22 @@ def stacked_index(unit_map: UnitMap, ones_index: int) -> torch.Tensor:
     return stacked.masked_fill(stacked == ONES, ones_index).contiguous()
 
 
+def _owners(used: torch.Tensor, producers: list[Producer]) -> list[str]:
+    """Names of the producers (in their order) whose unit ranges hold any of the `used` units: one comparison of
+    every range with every unit, not a few small tensor ops per producer."""
+    masked = [p for p in producers if p.offset is not None]
+    if not masked or not len(used):
+        return []
+    starts = torch.tensor([p.offset for p in masked]).unsqueeze(1)
+    ends = torch.tensor([p.offset + p.units for p in masked]).unsqueeze(1)
+    hit = ((used >= starts) & (used < ends)).any(1).tolist()
+    return [p.name for p, holds in zip(masked, hit) if holds]
+
+
 def _describe(index: torch.Tensor, producers: list[Producer]) -> tuple[list[str], str]:
     """Names of the masks feeding an input, and a short description of the index map."""
     used = index[index != ONES].unique()
-    names = [p.name for p in producers if p.offset is not None and
-             bool(((used >= p.offset) & (used < p.offset + p.units)).any())]
+    names = _owners(used, producers)
     if not len(used):
         return [], "ones (no mask known)"
     partial = " + ones" if bool((index == ONES).any()) else ""

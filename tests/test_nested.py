@@ -14,7 +14,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
 import hatify
 from hatify.inputs import Inputs
-from hatify.validate import observe_zeros, probe_flow
+from hatify.probe import observe_zeros, probe_flow
 
 SMALL = {"min_size": 64, "max_size": 64, "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50,
          "box_detections_per_img": 8}

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import hatify
+from hatify import probe
 from models import ResidualBlock
 
-validate_module = sys.modules["hatify.validate"]  # `hatify.validate` is also the function
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -56,16 +56,64 @@ def test_probe_finds_a_wrong_plan(corrupt):
 
 def test_observe_zeros_reports_the_units_found_zero():
     _, hat = _converted()
-    watch = validate_module.watched_sites(hat)
+    watch = probe.watched_sites(hat)
     assert set(watch) == {"stem", "conv1", "conv2", "conv3"}
     inputs = hatify.inputs.Inputs.of((X,))
-    every = validate_module.observe_zeros(hat, inputs, torch.zeros(hat.plan.total_units), watch)
+    every = probe.observe_zeros(hat, inputs, torch.zeros(hat.plan.total_units), watch)
     assert not bool(every["stem"][0].any())  # the image carries no mask
     assert all(bool(every[name][0].all()) for name in ("conv1", "conv2", "conv3"))
     keep = torch.ones(hat.plan.total_units)
     keep[_layer(hat, "conv1").offset:][:3] = 0  # conv1's first three units: conv2's first three inputs
-    some = validate_module.observe_zeros(hat, inputs, keep, watch)
+    some = probe.observe_zeros(hat, inputs, keep, watch)
     assert some["conv2"][0].tolist() == [True] * 3 + [False] * 5
+
+
+@pytest.mark.parametrize("corrupt", [_drop_residual_operand, _reverse_units, _wrong_producer,
+                                     _unknown_taken_as_masked])
+def test_probe_rows_find_a_wrong_plan(corrupt):
+    _, hat = _converted()
+    inputs = hatify.inputs.Inputs.of((X,))
+    assert probe.probe_flow(hat, inputs, rows=True)[1] == 0
+    corrupt(hat)
+    assert probe.probe_flow(hat, inputs, rows=True)[1] > 0
+
+
+def test_probe_rows_record_what_one_pattern_at_a_time_records():
+    _, hat = _converted()
+    watch, inputs = probe.watched_sites(hat), hatify.inputs.Inputs.of((X,))
+    keeps = [keep for _, keep in probe.probe_patterns(hat)]
+    hat.eval()
+    rows, as_rows = probe._observe_all(hat, inputs, keeps, watch, rows=True)
+    assert as_rows and len(rows) == len(keeps) > 3
+    for keep, observed in zip(keeps, rows):
+        alone = probe.observe_zeros(hat, inputs, keep, watch)
+        assert observed.keys() == alone.keys()
+        assert all(torch.equal(a, b) for node in alone for a, b in zip(observed[node], alone[node], strict=True))
+
+
+class _BatchCentred(torch.nn.Module):
+    """Subtracts the batch mean between two layers: rows of different probe patterns reach each other."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.head = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3), torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))
+        return self.head(torch.relu(self.conv2(h - h.mean(0, keepdim=True))))
+
+
+def test_a_model_that_mixes_rows_is_probed_one_pattern_at_a_time():
+    torch.manual_seed(0)
+    model = _BatchCentred()
+    hat = hatify.hatify(model, 2, (X,), validate=False)
+    watch, inputs = probe.watched_sites(hat), hatify.inputs.Inputs.of((X,))
+    patterns = probe.probe_patterns(hat)
+    hat.eval()
+    rows, as_rows = probe._observe_all(hat, inputs, [keep for _, keep in patterns], watch, rows=True)
+    assert as_rows and any(probe._counts(keep, zeros, watch)[2] for (_, keep), zeros in zip(patterns, rows))
+    _, violations, _ = probe.probe_flow(hat, inputs, rows=True)
+    assert violations == 0 and hatify.validate(model, hat, (X,)).passed
 
 
 def test_gradient_check_finds_a_parameter_cut_off():
@@ -80,6 +128,19 @@ def test_gradient_check_finds_a_parameter_cut_off():
     assert set(result.missing_gradients) == {"bn1.weight", "bn1.bias"}
 
 
+def test_the_comparison_forward_keeps_no_tensors_for_a_backward():
+    """validate's open-mask forward serves the gradient walk: its graph holds no activations (peak memory); the
+    real backward that decides an unreached parameter runs a forward of its own."""
+    _, hat = _converted()
+    inputs = hatify.inputs.Inputs.of((X,))
+    walked = sys.modules["hatify.validate"]._hat_outputs(hat, inputs, grad=True)
+    with pytest.raises(hatify.HatifyError, match="gradient walk only"):
+        sum(v.square().sum() for v in walked.values()).backward()
+    full = sys.modules["hatify.validate"]._hat_outputs(hat, inputs, grad=True, backward=True)
+    sum(v.square().sum() for v in full.values()).backward()
+    assert all(v.requires_grad for v in walked.values())
+
+
 def test_open_mask_comparison_finds_a_changed_computation():
     model, hat = _converted()
     with torch.no_grad():
@@ -91,7 +152,7 @@ def test_open_mask_comparison_finds_a_changed_computation():
 
 @pytest.mark.parametrize("n", [2, 3, 5, 20, 53, 300])
 def test_layer_groups_separate_every_ordered_pair(n):
-    codes = validate_module._separating_codes(n)
+    codes = probe._separating_codes(n)
     assert len(set(codes)) == n
     assert all(set(a) - set(b) for a in codes for b in codes if a != b)  # A zeroed while B is not, both ways
     positions = max(max(code) for code in codes) + 1

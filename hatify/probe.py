@@ -1,0 +1,310 @@
+"""The mask-flow probe of `hatify.validate`: zero mask units, run the model, and check that every consumer input
+unit the plan predicts to be zero is exactly zero.
+
+On an accelerator, several patterns run as rows of one batch where the graph allows it: the example batch repeated
+once per pattern, each copy under its own pattern through the per-sample mask path (`hatify.per_sample`), so the
+model runs once for several patterns (fewer, larger kernels; one interpreter walk) instead of once per pattern. On
+the CPU one pattern at a time stays the default, as for mixed-task batches (`HATModel._mixed`): the rows measured
+slower there (timm resnet50, one thread: the per-row gates cannot fold into the norms, and large batches leave the
+cache). One pattern at a time (`observe_zeros`) is the definition: it runs where rows cannot (a gated activation
+that does not lead with the batch, inputs that do not repeat), and it decides every pattern whose rows report a
+violation, so that a model which mixes rows in eval (batch statistics) cannot fail a sound plan."""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from typing import Any, Iterator
+
+import torch
+from torch import fx
+
+from .flow import producer_input
+from .inputs import Inputs
+from .maps import ONES
+from .model import HATModel
+from .nested import nested_paths, positional_call
+from .per_sample import Unsupported, _PerSample, _static_reason, _TaskMasks, batch_size
+from .plan import LayerPlan, input_sites
+from .rewrite import SCALE_ARG, TASK_ARG
+from .shapes import SPEC, Interpreter, TensorSpec
+
+ROWS_BYTES = 2 ** 28  # one batched probe run holds at most this much of its largest activation (all patterns)
+
+
+class _LastWatched(Exception):
+    """Raised by a recorder once the last watched node has run: nothing after it is observed."""
+
+
+def _start_recording(recorder: fx.Interpreter, watch: dict[str, LayerPlan], patterns: int, prefix: str = "",
+                     zeros: dict | None = None) -> None:
+    recorder.watch, recorder.patterns, recorder.prefix = watch, patterns, prefix
+    recorder.zeros = {} if zeros is None else zeros
+    recorder.reduced = {}  # layers reading the same tensor (same version) the same way
+    # No early stop where nested subgraphs are watched: they run inside an opaque call, the model's graph may
+    # go on after its last watched node; and a nested subgraph's own stop would end the model's run.
+    nested = prefix or any("." in name for name in watch)
+    recorder.last = [] if nested else [n for n in recorder.graph.nodes if n.name in watch][-1:]
+
+
+def _record(recorder: fx.Interpreter, n: fx.Node) -> None:
+    """At a watched layer call: per pattern, which of its input units are exactly zero; after the last one, stop."""
+    layer = recorder.watch.get(recorder.prefix + n.name)
+    if layer is not None:
+        data = producer_input(n)
+        value = recorder.env.get(data) if isinstance(data, fx.Node) else None
+        if isinstance(value, torch.Tensor):
+            key = (data, layer.kind in ("linear", "linear_t", "embedding"), value._version)
+            if key not in recorder.reduced:
+                recorder.reduced[key] = _zero_units(value, layer, recorder.patterns)
+            recorder.zeros.setdefault(recorder.prefix + n.name, []).append(recorder.reduced[key])
+    if recorder.last and n is recorder.last[0]:
+        raise _LastWatched
+
+
+class _ZeroRecorder(Interpreter):
+    """Runs the graph and records, at each watched layer call, which of its input units are exactly zero; the
+    input itself is not kept (the interpreter frees every value after its last use), and the run stops after the
+    last watched call."""
+
+    def __init__(self, gm: fx.GraphModule, watch: dict[str, LayerPlan], prefix: str = "",
+                 zeros: dict | None = None) -> None:
+        super().__init__(gm)
+        _start_recording(self, watch, 0, prefix, zeros)
+
+    def run_node(self, n: fx.Node) -> Any:
+        _record(self, n)
+        return super().run_node(n)
+
+
+class _RowRecorder(_PerSample, Interpreter):
+    """`_ZeroRecorder` over the example batch repeated once per pattern: the rows of copy p run under mask pattern
+    p (the per-sample gates), every task-indexed module as task 0, and each record is split per pattern."""
+
+    def __init__(self, gm: fx.GraphModule, watch: dict[str, LayerPlan], table: torch.Tensor, batch: int) -> None:
+        super().__init__(gm, torch.arange(len(table), device=table.device).repeat_interleave(batch))
+        self.tasks, self.table = [0], table
+        _start_recording(self, watch, len(table))
+
+    def masks(self, bank: Any) -> _TaskMasks:
+        return _TaskMasks(self.table, self.ids)
+
+    def run_node(self, n: fx.Node) -> Any:
+        _record(self, n)
+        return super().run_node(n)
+
+
+def _positional(hat: HATModel, flat: tuple, task: Any, scale: float | None) -> list:
+    args = list(flat)
+    placeholders = [n for n in hat.net.graph.nodes if n.op == "placeholder"]
+    for i, node in enumerate(placeholders):
+        if node.target == TASK_ARG:
+            args.append(task)
+        elif node.target == SCALE_ARG:
+            args.append(scale)
+        elif len(args) <= i:
+            args.append(node.args[0] if node.args else None)
+    return args
+
+
+def _zero_units(value: torch.Tensor, layer: LayerPlan, patterns: int = 0) -> torch.Tensor:
+    """Per input unit of `layer` (the last axis of a linear layer's input, else axis 1): exactly zero everywhere.
+    `patterns` > 0: the rows are that many copies of the batch, one result row per copy (patterns, units).
+    One reduction over the other axes (moving the unit axis last would copy the activation); NaN is nonzero."""
+    axis = (-1 if layer.kind in ("linear", "linear_t", "embedding") else 1) % value.ndim  # (a tied LM head's input)
+    if patterns:
+        if axis == 0 or value.shape[0] % patterns:
+            raise Unsupported(f"the input of {layer.name} does not lead with the batch")
+        value, axis = value.unflatten(0, (patterns, -1)), axis + 1
+    others = tuple(d for d in range(value.ndim) if d != axis and not (patterns and d == 0))
+    if not others:
+        return (value == 0).cpu()
+    if value.is_floating_point() and value.numel():
+        return (torch.linalg.vector_norm(value, float("inf"), dim=others) == 0).cpu()
+    return value.ne(0).any(dim=others).logical_not_().cpu()
+
+
+def _separating_codes(n: int) -> list[tuple[int, ...]]:
+    """n distinct sets of the same size k // 2 over k positions, k as small as that allows: for any two of them
+    each has a position the other lacks (neither contains the other), with about log2(n) + log2(log2(n)) / 2
+    positions where one bit per position and both polarities per bit take 2 log2(n)."""
+    k = 1
+    while math.comb(k, k // 2) < n:
+        k += 1
+    return list(itertools.islice(itertools.combinations(range(k), k // 2), n))
+
+
+def probe_patterns(hat: HATModel, random_draws: int = 2) -> list[tuple[str, torch.Tensor]]:
+    """Deterministic mask patterns (1 = unit kept) for the mask-flow probe: every unit zero; `random_draws` seeded
+    draws zeroing half the units (a wrong map within a layer, an offset, a permutation, shows where one unit is
+    zero and the unit it really depends on is not); and layer groups from `_separating_codes`: for every ordered
+    pair of layers (A, B), one group has A zeroed and B not (a map that names the wrong layer, or misses an
+    operand, shows)."""
+    units = hat.plan.total_units
+    patterns = [("all zero", torch.zeros(units))]
+    for seed in range(random_draws):
+        gen = torch.Generator().manual_seed(seed)
+        patterns.append((f"random half, seed {seed}", (torch.rand(units, generator=gen) >= 0.5).float()))
+    layers = [layer for layer in hat.plan.masked_layers if layer.offset is not None]
+    codes = _separating_codes(len(layers)) if len(layers) > 1 else []
+    for group in range(max((max(code) + 1 for code in codes if code), default=0)):
+        keep = torch.ones(units)
+        for layer, code in zip(layers, codes):
+            if group in code:
+                keep[layer.offset: layer.offset + layer.units] = 0
+        patterns.append((f"layer group {group} zero", keep))
+    return patterns
+
+
+def watched_sites(hat: HATModel) -> dict[str, LayerPlan]:
+    """Graph node of every call of a masked layer whose input the plan maps -> that layer."""
+    return {site.node: layer for layer in hat.plan.masked_layers if layer.input_index is not None
+            for site in input_sites(layer)}
+
+
+def observe_zeros(hat: HATModel, inputs: Inputs, keep: torch.Tensor, watch: dict[str, LayerPlan] | None = None
+                  ) -> dict[str, list[torch.Tensor]]:
+    """Run the converted model (eval, task 0) with the mask vector `keep` (1 = unit kept) and return, per watched
+    call (`watched_sites`), one bool vector per time it ran: which input units of its layer were exactly zero."""
+    watch = watched_sites(hat) if watch is None else watch
+    if not watch:
+        return {}
+    was = hat.training
+    if was:  # probe_flow puts the model in eval once for all patterns
+        hat.eval()
+    hat.masks.override = keep
+    recorder = _ZeroRecorder(hat.net, watch)
+    try:
+        with torch.no_grad(), _recording_nested(hat, watch, recorder.zeros):
+            recorder.run(*_positional(hat, inputs.flat, 0, None))
+    except _LastWatched:
+        pass
+    finally:
+        hat.masks.override = None
+        if was:
+            hat.train(was)
+    return recorder.zeros
+
+
+@contextlib.contextmanager
+def _recording_nested(hat: HATModel, watch: dict[str, LayerPlan], zeros: dict) -> Iterator[None]:
+    """Every nested subgraph (`hatify.nested`) runs through its own `_ZeroRecorder` writing into `zeros` under
+    its full names, so that the probe sees its layers' inputs as the model's."""
+    subgraphs = [(path, hat.net.get_submodule(path)) for path in nested_paths(hat.plan)]
+    for path, sub in subgraphs:
+        def run(*args, _sub=sub, _prefix=f"{path}.", **kwargs):
+            return _ZeroRecorder(_sub, watch, _prefix, zeros).run(*positional_call(_sub, args, kwargs))
+        sub.forward = run
+    try:
+        yield
+    finally:
+        for _, sub in subgraphs:
+            del sub.forward
+
+
+def _patterns_per_run(net: fx.GraphModule, watch: dict[str, LayerPlan]) -> int:
+    """How many patterns one batched run takes: the largest activation up to the last watched call (where the
+    run stops; the whole graph where only nested subgraphs are watched), repeated that many times, stays within
+    `ROWS_BYTES`."""
+    last = ([n for n in net.graph.nodes if n.name in watch] or [None])[-1]
+    largest = 1
+    for node in net.graph.nodes:
+        spec = node.meta.get(SPEC)
+        if isinstance(spec, TensorSpec) and node.op != "get_attr":
+            largest = max(largest, math.prod(spec.shape) * spec.dtype.itemsize)
+        if node is last:
+            break
+    return max(1, ROWS_BYTES // largest)
+
+
+def observe_rows(hat: HATModel, inputs: Inputs, keeps: list[torch.Tensor], watch: dict[str, LayerPlan]
+                 ) -> list[dict[str, list[torch.Tensor]]]:
+    """`observe_zeros` for every mask vector in `keeps` in one run: the example batch repeated once per pattern.
+    Raises `Unsupported` where the graph or the inputs do not allow rows (the caller runs one at a time)."""
+    batch = batch_size(hat.net)
+    reason = _static_reason(hat.net, one_task=True) if batch else "no tensor input leads with a batch"
+    if reason:
+        raise Unsupported(reason)
+    repeat = lambda v: v.repeat(len(keeps), *([1] * (v.ndim - 1))) \
+        if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch else v
+    device = hat.masks.embedding(0).device
+    table = torch.stack([torch.cat([keep, keep.new_ones(1)]) for keep in keeps]).to(device)
+    recorder = _RowRecorder(hat.net, watch, table, batch)
+    try:
+        with torch.no_grad():
+            recorder.run(*_positional(hat, tuple(map(repeat, inputs.flat)), recorder.ids, None))
+    except _LastWatched:
+        pass
+    return [{node: [zero[p] for zero in per_call] for node, per_call in recorder.zeros.items()}
+            for p in range(len(keeps))]
+
+
+def _observe_all(hat: HATModel, inputs: Inputs, keeps: list[torch.Tensor], watch: dict[str, LayerPlan],
+                 rows: bool) -> tuple[list[dict[str, list[torch.Tensor]]], bool]:
+    """Per mask vector, `observe_zeros`' result: with `rows`, as rows of a few batched runs where the graph allows
+    it, else one run per pattern. Also says whether they ran as rows."""
+    per_run = _patterns_per_run(hat.net, watch)
+    try:
+        if not rows:
+            raise Unsupported("one pattern at a time asked for")
+        return [observed for i in range(0, len(keeps), per_run)
+                for observed in observe_rows(hat, inputs, keeps[i:i + per_run], watch)], True
+    except Exception:  # noqa: BLE001 - repeated inputs this graph cannot take: one pattern at a time decides
+        return [observe_zeros(hat, inputs, keep, watch) for keep in keeps], False
+
+
+def _counts(keep: torch.Tensor, zeros: dict[str, list[torch.Tensor]], watch: dict[str, LayerPlan]
+            ) -> tuple[int, int, int]:
+    """(input units predicted zero, found zero, predicted zero but not found so) over every watched call."""
+    predicted = actual = bad = 0
+    keep_ext = torch.cat([keep, torch.ones(1)])
+    for node, per_call in zeros.items():
+        pred = (keep_ext[watch[node].input_index] == 0).all(0)
+        for zero in per_call:
+            predicted += int(pred.sum())
+            actual += int(zero.sum())
+            bad += int((pred & ~zero).sum())
+    return predicted, actual, bad
+
+
+def probe_flow(hat: HATModel, inputs: Inputs, patterns: list[tuple[str, torch.Tensor]] | None = None,
+               rows: bool | None = None) -> tuple[list[dict], int, dict[str, int]]:
+    """Zero mask units (`probe_patterns`), run the model, and check that every consumer input unit the plan
+    predicts to be zero is exactly zero (soundness). Also counts zeros the plan did not predict (conservatism),
+    and per layer the unknown input units that the masks do zero (imprecision, see `ValidationResult`).
+    `rows`: the patterns as rows of batched runs (default: where the model is on an accelerator)."""
+    watch = watched_sites(hat)
+    rows = hat.masks.embedding(0).device.type != "cpu" if rows is None else rows
+    patterns = patterns if patterns is not None else probe_patterns(hat)
+    results, violations = [], 0
+    zero_when_closed: dict[str, torch.Tensor] = {}   # layer -> input units zero with every mask zero
+    ever_nonzero: dict[str, torch.Tensor] = {}       # layer -> input units nonzero under some pattern
+    was = hat.training
+    hat.eval()
+    try:
+        observed, as_rows = _observe_all(hat, inputs, [keep for _, keep in patterns], watch, rows) if watch else \
+            ([{} for _ in patterns], False)
+        for (name, keep), zeros in zip(patterns, observed):
+            predicted, actual, bad = _counts(keep, zeros, watch)
+            if bad and as_rows:  # rows of other patterns may have reached these (a model that mixes rows)
+                zeros = observe_zeros(hat, inputs, keep, watch)
+                predicted, actual, bad = _counts(keep, zeros, watch)
+            for node, per_call in zeros.items():
+                layer = watch[node]
+                for zero in per_call:
+                    if not bool(keep.any()):
+                        zero_when_closed[layer.name] = zero_when_closed.get(layer.name, zero) & zero
+                    ever_nonzero[layer.name] = ever_nonzero.get(layer.name, ~zero) | ~zero
+            violations += bad
+            results.append({"pattern": name, "layers": len(zeros), "predicted_zero": predicted,
+                            "actual_zero": actual, "violations": bad})
+    finally:
+        hat.train(was)
+    imprecise = {}
+    for layer in {layer.name: layer for layer in watch.values()}.values():
+        if layer.name in zero_when_closed and layer.name in ever_nonzero:
+            unknown = (layer.input_index == ONES).any(0)
+            count = int((unknown & zero_when_closed[layer.name] & ever_nonzero[layer.name]).sum())
+            if count:
+                imprecise[layer.name] = count
+    return results, violations, imprecise
