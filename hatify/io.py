@@ -153,7 +153,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> HATModel:
             p.requires_grad_(True)
     if hat.plan.total_units != meta["report"]["plan"]["total_units"]:
         raise HatifyError(f"the rebuilt architecture has {hat.plan.total_units} mask units but {path} was saved "
-                          f"with {meta['report']['plan']['total_units']}: pass the original architecture as model=")
+                          f"with {meta['report']['plan']['total_units']}: pass the original architecture as model=, or, if this hatify "
+                          f"converts it differently from the one that saved the file (version "
+                          f"{meta.get('hatify_version', 'unknown')}), convert the original weights again")
     with torch.no_grad():
         for t in meta["trained_tasks"]:
             hat._freeze_task(t)
@@ -163,7 +165,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> HATModel:
     except RuntimeError as exc:
         reason = " ".join(str(exc).split())
         raise HatifyError(f"the tensors in {path} do not fit the rebuilt architecture; pass the original "
-                          f"architecture as model= ({reason[:400]})") from exc
+                          f"architecture as model=, or, if an earlier hatify saved it and converted it differently "
+                          f"(tied embeddings and weight-normed layers are converted differently now), convert the "
+                          f"original weights again ({reason[:400]})") from exc
     for module in hat.modules():
         if isinstance(module, Protect):
             module.active = bool(module.protect.any())

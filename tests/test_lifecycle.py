@@ -182,3 +182,16 @@ def test_extract_pruned_leaves_a_norm_on_another_axis_whole():
         with torch.no_grad():
             torch.testing.assert_close(pruned(x), hat(x, task_id=t), atol=1e-5, rtol=1e-5)
         assert pruned.bn.num_features == 8 and not pruned.prune_summary["fc"]["pruned"]
+
+
+def test_load_into_an_architecture_that_converts_differently_says_what_to_do(tmp_path):
+    """A file whose tensors or mask units do not fit the rebuilt model (another architecture, or one an earlier
+    hatify converted differently) is refused with both ways out: the original architecture, or a new conversion."""
+    x = torch.randn(4, 6)
+    saved = hatify.hatify(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), 2, (x,))
+    hatify.save(saved, tmp_path / "m.hat")
+    wider = nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 3))     # other mask units
+    with pytest.raises(hatify.HatifyError, match="mask units.*original architecture.*convert the original weights"):
+        hatify.load(tmp_path / "m.hat", model=wider)
+    with pytest.raises(hatify.HatifyError, match="do not fit.*convert the original weights again"):
+        hatify.load(tmp_path / "m.hat", model=nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3, bias=False)))
