@@ -195,13 +195,16 @@ def training_steps(plain: nn.Module, hat, x: torch.Tensor, y: torch.Tensor, regu
     return plain_step, hat_step
 
 
+PROTECTION = "protection (frozen values + protect mask)"  # the memory part `pretrained.py` reads too
+
+
 def memory(plain: nn.Module, hat) -> dict:
     """Bytes of parameters and buffers, plain against HAT (task 0 ended), by what they are for."""
     def nbytes(t: torch.Tensor) -> int:
         return t.numel() * t.element_size()
 
     plain_bytes = sum(nbytes(t) for t in list(plain.parameters()) + list(plain.buffers()))
-    parts = {"protection (frozen values + protect mask)": 0, "per-task copies (norms, heads, loose params)": 0,
+    parts = {PROTECTION: 0, "per-task copies (norms, heads, loose params)": 0,
              "mask bank": 0, "gate index maps": 0, "shared weights": 0, "model state (trained, cumulative)": 0}
     seen: set[int] = set()
 
@@ -212,7 +215,7 @@ def memory(plain: nn.Module, hat) -> dict:
             module = getattr(module, part)
             kinds.append(type(module))
         if Protect in kinds:
-            return "protection (frozen values + protect mask)"
+            return PROTECTION
         if MaskBank in kinds:
             return "mask bank"
         if any(issubclass(kind, Gate) for kind in kinds):

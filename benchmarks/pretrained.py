@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hatify  # noqa: E402
 from hatify.layers import Protect  # noqa: E402
 from hatify.rewrite import KEPT  # noqa: E402
-from overhead import environment, measure, memory  # noqa: E402
+from overhead import PROTECTION, environment, measure, memory  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_TASKS = 5
@@ -62,7 +62,6 @@ def lora(name: str) -> tuple[nn.Module, hatify.HATConfig]:
     return model, hatify.HATConfig()
 
 
-PROTECTION = "protection (frozen copy + protect mask)"
 CASES: dict[str, Callable[[str], tuple[nn.Module, hatify.HATConfig]]] = {
     "full HAT": full, "frozen backbone + HAT on the last block": frozen_backbone, "LoRA + HAT": lora}
 
