@@ -16,26 +16,32 @@ OPTIMIZERS: dict[str, Callable] = {
 }
 
 
-def train_two_tasks(hat, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tasks 0 and 1, five batches each, one AdamW(weight_decay) across them: task 0's outputs right after it,
-    task 0's and task 1's at the end (eval, binary masks)."""
-    opt = torch.optim.AdamW(hat.parameters(), lr=1e-2, weight_decay=0.1)
+def two_tasks(hat, run: Callable, loss: Callable, steps: int, opt) -> tuple:
+    """Tasks 0 and 1, `steps` batches each, one optimizer across them; `run(t, mask_scale)` is the model's call,
+    `loss(output)` the task loss (the regulariser is added). Returns task 0's output right after it, and task 0's
+    and task 1's at the end (eval, binary masks)."""
     after = None
     for t in range(2):
         hat.train()
         hat.begin_task(t)
-        for b in range(5):
-            loss = F.cross_entropy(hat(x, task_id=t, mask_scale=hat.mask_scale(b, 5)), y) + hat.regularization()
+        for b in range(steps):
+            total = loss(run(t, hat.mask_scale(b, steps))) + hat.regularization()
             opt.zero_grad()
-            loss.backward()
+            total.backward()
             opt.step()
         hat.end_task()
         hat.eval()
         if t == 0:
             with torch.no_grad():
-                after = hat(x, task_id=0)
+                after = run(0, None)
     with torch.no_grad():
-        return after, hat(x, task_id=0), hat(x, task_id=1)
+        return after, run(0, None), run(1, None)
+
+
+def train_two_tasks(hat, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`two_tasks` on one input batch with cross-entropy, five batches a task, one AdamW(weight_decay)."""
+    return two_tasks(hat, lambda t, scale: hat(x, task_id=t, mask_scale=scale), lambda out: F.cross_entropy(out, y),
+                     5, torch.optim.AdamW(hat.parameters(), lr=1e-2, weight_decay=0.1))
 
 
 def _output(out) -> torch.Tensor:

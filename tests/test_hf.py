@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import hatify
+from soundness_models import two_tasks
 
 transformers = pytest.importorskip("transformers")
 
@@ -153,23 +154,10 @@ def test_an_auxiliary_output_makes_no_heads_and_stays_bit_identical():
     assert any(site.tied for site in hat.plan.layer("model.shared").sites)
     assert roles["model.encoder.layers.0.fc2"] == roles["model.encoder.layers.0.self_attn.out_proj"] == "masked"
     assert hat.report.validation["passed"] and hat.report.summary["hat_parameter_share"] > 0.95
-    opt = torch.optim.AdamW(hat.parameters(), lr=1e-2, weight_decay=0.01)
-    for t in range(2):
-        hat.train()
-        hat.begin_task(t)
-        for b in range(4):
-            out = hat(**batch, task_id=t, mask_scale=hat.mask_scale(b, 4))
-            loss = out.logits.square().mean() + out.encoder_last_hidden_state.square().mean() + hat.regularization()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        hat.end_task()
-        hat.eval()
-        if t == 0:
-            with torch.no_grad():
-                after = hat(**batch, task_id=0)
-    with torch.no_grad():
-        again, other = hat(**batch, task_id=0), hat(**batch, task_id=1)
+    after, again, other = two_tasks(
+        hat, lambda t, scale: hat(**batch, task_id=t, mask_scale=scale),
+        lambda out: out.logits.square().mean() + out.encoder_last_hidden_state.square().mean(), 4,
+        torch.optim.AdamW(hat.parameters(), lr=1e-2, weight_decay=0.01))
     assert torch.equal(again.logits, after.logits)
     assert torch.equal(again.encoder_last_hidden_state, after.encoder_last_hidden_state)
     assert not torch.equal(other.encoder_last_hidden_state, after.encoder_last_hidden_state)
@@ -241,23 +229,10 @@ def test_positional_conv_under_weight_norm_is_a_hat_layer_and_keeps_task0(name, 
     assert roles[f"{name}.encoder.pos_conv_embed.conv"] == "masked"
     assert hat.report.validation["passed"] and hat.report.summary["hat_parameter_share"] > 0.95
     labels = torch.tensor([0, 1])
-    opt = torch.optim.AdamW(hat.parameters(), lr=1e-2, weight_decay=0.01)
-    for t in range(2):
-        hat.train()
-        hat.begin_task(t)
-        for b in range(4):
-            out = hat(**batch, task_id=t, mask_scale=hat.mask_scale(b, 4))
-            loss = torch.nn.functional.cross_entropy(out.logits, labels) + hat.regularization()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        hat.end_task()
-        hat.eval()
-        if t == 0:
-            with torch.no_grad():
-                after = hat(**batch, task_id=0).logits
-    with torch.no_grad():
-        again, other = hat(**batch, task_id=0).logits, hat(**batch, task_id=1).logits
+    after, again, other = (out.logits for out in two_tasks(
+        hat, lambda t, scale: hat(**batch, task_id=t, mask_scale=scale),
+        lambda out: torch.nn.functional.cross_entropy(out.logits, labels), 4,
+        torch.optim.AdamW(hat.parameters(), lr=1e-2, weight_decay=0.01)))
     assert torch.equal(again, after) and not torch.equal(other, after)
     hatify.save(hat, tmp_path / f"{name}.hat")
     loaded = hatify.load(tmp_path / f"{name}.hat", model=build())

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hatify
+from soundness_models import two_tasks
 
 
 class TwoOutputs(nn.Module):
@@ -28,24 +29,11 @@ def test_only_layers_reaching_the_task_outputs_are_heads_and_the_other_output_st
     assert {layer.name: layer.role for layer in hat.plan.layers} == {"body.0": "masked", "body.2": "masked",
                                                                      "head": "head"}
     assert hat.report.validation["passed"] and hat.report.validation["probe_violations"] == 0
-    opt = torch.optim.SGD(hat.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    for t in range(2):
-        hat.train()
-        hat.begin_task(t)
-        for b in range(5):
-            logits, aux = hat(x, task_id=t, mask_scale=hat.mask_scale(b, 5))
-            loss = F.cross_entropy(logits, y) + aux["features"].square().mean() + hat.regularization()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        hat.end_task()
-        hat.eval()
-        if t == 0:
-            with torch.no_grad():
-                logits0, aux0 = hat(x, task_id=0)
-    with torch.no_grad():
-        logits, aux = hat(x, task_id=0)
-        other = hat(x, task_id=1)[1]["features"]
+    (logits0, aux0), (logits, aux), (_, other) = two_tasks(
+        hat, lambda t, scale: hat(x, task_id=t, mask_scale=scale),
+        lambda out: F.cross_entropy(out[0], y) + out[1]["features"].square().mean(), 5,
+        torch.optim.SGD(hat.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3))
+    other = other["features"]
     assert torch.equal(logits, logits0) and torch.equal(aux["features"], aux0["features"])
     assert not torch.equal(other, aux0["features"])
     assert hat.plan.config.task_outputs == (0,)
