@@ -184,25 +184,37 @@ class Gate(nn.Module):
         gate = masks[self.index]
         return gate.amax(0) if self.union else gate
 
-    def eval_zeros(self, masks: torch.Tensor) -> torch.Tensor | None:
-        """Where the gate is zero, when `masks` is the bank's cached binary vector (eval inference): the bank
-        hands every such call the same tensor, so this is found once per vector and the gate is one
-        `masked_fill` (exact for inf and NaN, as `_gated`) instead of a slice, compare, multiply and select."""
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling() or \
-                not getattr(masks, "_hat_binary", False):
+    def eval_gated(self, x: torch.Tensor, masks: torch.Tensor, inplace: bool = False) -> torch.Tensor | None:
+        """x gated, when `masks` is the bank's cached binary vector (eval inference), else None: the bank hands every
+        such call the same tensor, so where the gate is zero is found once per vector, and the gate is one integer
+        product of x's bits by 0 / 1 (exactly +0 where the gate is zero, even where x is inf or NaN, as `_gated`;
+        x's own bits elsewhere): a `masked_fill` with a broadcast mask costs several times as much on the CPU."""
+        if not self.eval_ready(masks):
             return None
         cached = self.__dict__.get("_eval_zeros")
         if cached is None or cached[0] is not masks:  # the held reference keeps the identity from being reused
-            cached = self.__dict__["_eval_zeros"] = (masks, self.gate(masks) == 0)
-        return cached[1]
+            cached = self.__dict__["_eval_zeros"] = (masks, self.gate(masks) == 0, {})
+        zeros, kept = cached[1], cached[2]
+        bits = _BITS.get(x.element_size())
+        if bits is None or x.is_complex():
+            return x.masked_fill_(zeros, 0) if inplace else x.masked_fill(zeros, 0)
+        keep = kept.get(bits)
+        if keep is None:
+            keep = kept[bits] = (~zeros).to(bits)
+        view = x.view(bits)
+        return (view.mul_(keep) if inplace else view * keep).view(x.dtype)
+
+    def eval_ready(self, masks: torch.Tensor) -> bool:
+        return not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()) and \
+            getattr(masks, "_hat_binary", False)
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in super().__getstate__().items() if k != "_eval_zeros"}
 
     def forward(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        zeros = self.eval_zeros(masks)
-        if zeros is not None:
-            return x.masked_fill(zeros, 0)
+        gated = self.eval_gated(x, masks)
+        if gated is not None:
+            return gated
         gate = self.gate(masks)
         return _gated(x, gate if gate.dtype == x.dtype else gate.to(x.dtype), not self.training)
 
@@ -301,8 +313,8 @@ class FoldedGate(Gate):
         if not isinstance(module, self.kind) or _hooked(module) or (kwargs and _hooked(target)):
             return super().forward(target(x, **kwargs), masks)
         if self.kind is nn.Linear and x.numel() <= module.in_features ** 2 and \
-                (zeros := self.eval_zeros(masks)) is not None:  # (long sequences: the fold scales weight rows)
-            return F.linear(x, module.weight, module.bias).masked_fill_(zeros, 0)  # a new tensor: in place
+                self.eval_ready(masks):  # (long sequences: the fold scales weight rows)
+            return self.eval_gated(F.linear(x, module.weight, module.bias), masks, inplace=True)  # a new tensor
         return self.fold(module, x, masks[self.units])
 
 
