@@ -33,11 +33,11 @@ def compensated_sigmoid(e: torch.Tensor, s: float, s_max: float) -> torch.Tensor
     Native ops only (no Python backward): z = s e + (e - e) c has the value s e exactly and the gradient
     c = s_max (cosh(clamp(s e)) + 1) / (cosh(e) + 1) to e, the compensation times s, so sigmoid's own s
     cancels against the compensation's 1 / s (and s = 0 stays finite)."""
-    d = e.detach()
+    d = e.detach()  # (the compensation is computed from detached tensors: no graph, no `no_grad` needed)
     sd = d * s
-    with torch.no_grad():
-        e32 = d.float()
-        c = (e32 * s).clamp_(-50, 50).cosh_().add_(1).div_(torch.cosh(e32).add_(1)).mul_(s_max).to(e.dtype)
+    e32 = d.float()
+    clamped = sd.clamp(-50, 50) if sd.dtype == torch.float32 else (e32 * s).clamp_(-50, 50)  # fp32: s e is sd
+    c = clamped.cosh_().add_(1).div_(torch.cosh(e32).add_(1)).mul_(s_max).to(e.dtype)
     return torch.sigmoid(torch.addcmul(sd, e - d, c))
 
 
@@ -114,6 +114,7 @@ class MaskBank(nn.Module):
         return getattr(self, f"task{t}")
 
     def freeze(self, t: int) -> None:
+        _CLAMPED.pop(id(self._parameters.get(f"task{t}")), None)  # a buffer now: no step moves it
         freeze_parameter(self, f"task{t}")
 
     def train(self, mode: bool = True) -> "MaskBank":
@@ -530,12 +531,9 @@ class Protect(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return weight
-        bits = _BITS.get(weight.element_size())
         if torch.compiler.is_compiling():  # the blocks end_task() or the last eager read left: no graph break
             ready = self.__dict__.get("_derived_cache", {}).get(("blocks", weight.dtype, None))
             return self._with_frozen(weight, ready if ready is not None else self._frozen_blocks(weight.dtype))
-        if bits is None or weight.is_complex():
-            return self._with_frozen(weight, self._frozen_blocks(weight.dtype))
         training = self.training or torch.is_grad_enabled()
         # Eval-mode inference skips the write-back while nothing was written since the last one: in-place writes
         # bump the version, optimizer steps the step count (fused kernels may not bump the version); `.data` writes
@@ -543,11 +541,11 @@ class Protect(nn.Module):
         key = (weight.data_ptr(), weight._version, _STEPS[0])
         if not training and self.__dict__.get("_restored") == key:
             return weight
-        if not (isinstance(weight, nn.Parameter) and weight.is_leaf):
+        target = self._write_target(weight)
+        if target is None:
             return self._with_frozen(weight, self._frozen_blocks(weight.dtype))
-        data = _arranged(weight.data.view(bits), self._order)
-        units = _as_units(data)
-        for rows, free, frozen_bits, frozen_units in self._frozen_blocks(weight.dtype, bits):
+        data, units, blocks = target
+        for rows, free, frozen_bits, frozen_units in blocks:
             if free is None:  # whole rows
                 _put_rows(data, units, rows, frozen_bits, frozen_units)
             else:  # the rows, then `frozen_bits + bits * free` (integers: one term is 0): the same bits, NaN and all
@@ -561,6 +559,28 @@ class Protect(nn.Module):
                     functools.partial(_mask_accumulated_gradient, weakref.ref(self)))
                 self.__dict__["_hooked"] = weakref.ref(weight)
         return weight
+
+    def _write_target(self, weight: torch.Tensor) -> tuple | None:
+        """(the weight's bits arranged, their 16-byte units or None, the frozen blocks as `bits`) for the in-place
+        write-back; None where the weight is written out of place (not a leaf parameter: `functional_call`; no
+        integer type of its size). Kept while the parameter, its storage and strides, and the blocks stay the same:
+        a training step reads each weight once, and these views cost as much as a small weight's write-back."""
+        derived = self._derived()
+        kept = self.__dict__.get("_write_view")
+        if kept is not None and kept[0]() is weight and kept[1] is derived and \
+                kept[2] == (weight.data_ptr(), weight.stride(), weight.dtype):
+            return kept[3]
+        bits = _BITS.get(weight.element_size())
+        if bits is None or weight.is_complex() or not (isinstance(weight, nn.Parameter) and weight.is_leaf):
+            return None
+        data = _arranged(weight.data.view(bits), self._order)
+        target = (data, _as_units(data), self._frozen_blocks(weight.dtype, bits))
+        self.__dict__["_write_view"] = (weakref.ref(weight), derived, (weight.data_ptr(), weight.stride(),
+                                                                          weight.dtype), target)
+        return target
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in super().__getstate__().items() if k != "_write_view"}
 
     def _with_frozen(self, weight: torch.Tensor, blocks: list) -> torch.Tensor:
         """The effective weight out of place; differentiable, with a gradient of exactly +0 at frozen entries
