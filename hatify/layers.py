@@ -96,11 +96,19 @@ def unfreeze_parameter(module: nn.Module, name: str) -> None:
 
 class MaskBank(nn.Module):
     """One learnable embedding row per task over all mask units of the model; returns the mask vector
-    (units + 1: the trailing entry is the constant 1 that unknown inputs gather)."""
+    (units + 1: the trailing entry is the constant 1 that unknown inputs gather).
+
+    `spans`: the layers' unit ranges (start, stop). When they tile the units, a training forward also splits the
+    soft masks into them once (`_hat_pieces` on the vector): a gate that reads one layer's units takes its piece,
+    so the backward joins the gates' gradients in one `cat` instead of a zero-filled vector per gate and a sum."""
 
     def __init__(self, num_tasks: int, units: int, init: str, dense_value: float, s_max: float, clamp: float,
-                 seed: int) -> None:
+                 seed: int, spans: list[tuple[int, int]] = ()) -> None:
         super().__init__()
+        spans = sorted(spans)
+        tiled = bool(spans) and [a for a, _ in spans] == [0] + [b for _, b in spans[:-1]] and spans[-1][1] == units
+        self.spans = tuple(spans) if tiled and all(b > a for a, b in spans) else ()
+        self.sizes = [b - a for a, b in self.spans]
         gen = torch.Generator().manual_seed(seed)
         for t in range(num_tasks):
             row = torch.full((units,), dense_value) if init == "dense" else torch.randn(units, generator=gen)
@@ -111,7 +119,9 @@ class MaskBank(nn.Module):
         self.last: torch.Tensor | None = None       # soft masks of the last training forward (mask_scale + grad)
 
     def embedding(self, t: int) -> torch.Tensor:
-        return getattr(self, f"task{t}")
+        name = f"task{t}"  # (a parameter, or a finished task's buffer: Module.__getattr__'s lookup, at every forward)
+        e = self._parameters.get(name)
+        return self._buffers[name] if e is None else e
 
     def freeze(self, t: int) -> None:
         _CLAMPED.pop(id(self._parameters.get(f"task{t}")), None)  # a buffer now: no step moves it
@@ -136,28 +146,34 @@ class MaskBank(nn.Module):
 
     def forward(self, task_id: int, mask_scale: float | None) -> torch.Tensor:
         e = self.embedding(task_id)
+        binary = mask_scale is None and not self.open and self.override is None
+        if binary:  # eval inference: the vector cached per task, found before any other work
+            key = (e.data_ptr(), e._version, e.dtype)
+            cacheable = not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
+            cached = self.__dict__.get("_binary_cache", {}).get(task_id) if cacheable else None
+            if cached is not None and cached[0] == key:  # binary masks change only when the embedding does
+                return cached[1]
         if not torch.compiler.is_compiling():  # compiled: begin_task() registered it (weakrefs break graphs)
             self.register_clamp(e)
         if self.open:
             m = torch.ones_like(e)
         elif self.override is not None:
             m = self.override
-        elif mask_scale is None:
-            key = (e.data_ptr(), e._version, e.dtype)
-            cacheable = not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
-            cached = self.__dict__.get("_binary_cache", {}).get(task_id) if cacheable else None
-            if cached is not None and cached[0] == key:  # binary masks change only when the embedding does
-                return cached[1]
+        elif binary:
             m = (e > 0).to(e.dtype)
             out = torch.cat([m, m.new_ones(1)])
             if cacheable:
-                out._hat_binary = True  # gates compute where it is zero once (`Gate.eval_zeros`)
+                out._hat_binary = True  # gates compute where it is zero once (`Gate.eval_gated`)
                 self.__dict__.setdefault("_binary_cache", {})[task_id] = (key, out)
             return out
         else:
             m = compensated_sigmoid(e, float(mask_scale), self.s_max)
             if self.training or torch.is_grad_enabled():  # eval mode with gradients: frozen batch statistics
                 self.last = m
+            out = torch.cat([m, m.new_ones(1)])
+            if self.__dict__.get("spans") and not torch.compiler.is_compiling():  # (banks saved before: no spans)
+                out._hat_pieces = dict(zip(self.spans, m.split(self.sizes)))  # views of m: no reference cycle
+            return out
         return torch.cat([m, m.new_ones(1)])
 
 
@@ -180,18 +196,22 @@ class Gate(nn.Module):
 
     def gate(self, masks: torch.Tensor) -> torch.Tensor:
         if self.span is not None:
-            gate = masks[self.span[0]:self.span[1]]
+            gate = self.piece(masks)
             return gate if self.span_shape is None else gate.view(self.span_shape)
         gate = masks[self.index]
         return gate.amax(0) if self.union else gate
 
-    def eval_gated(self, x: torch.Tensor, masks: torch.Tensor, inplace: bool = False) -> torch.Tensor | None:
-        """x gated, when `masks` is the bank's cached binary vector (eval inference), else None: the bank hands every
-        such call the same tensor, so where the gate is zero is found once per vector, and the gate is one integer
-        product of x's bits by 0 / 1 (exactly +0 where the gate is zero, even where x is inf or NaN, as `_gated`;
-        x's own bits elsewhere): a `masked_fill` with a broadcast mask costs several times as much on the CPU."""
-        if not self.eval_ready(masks):
-            return None
+    def piece(self, masks: torch.Tensor) -> torch.Tensor:
+        """masks[start:stop] of the gate's span: the bank's piece of it when its training forward split the vector."""
+        pieces = None if torch.compiler.is_compiling() else getattr(masks, "_hat_pieces", None)
+        piece = None if pieces is None else pieces.get(self.span)
+        return masks[self.span[0]:self.span[1]] if piece is None else piece
+
+    def eval_gated(self, x: torch.Tensor, masks: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """x gated, where `eval_ready(masks)`: the bank hands every eval call the same cached binary vector, so where
+        the gate is zero is found once per vector, and the gate is one integer product of x's bits by 0 / 1 (exactly
+        +0 where the gate is zero, even where x is inf or NaN, as `_gated`; x's own bits elsewhere): a `masked_fill`
+        with a broadcast mask costs several times as much on the CPU."""
         cached = self.__dict__.get("_eval_zeros")
         if cached is None or cached[0] is not masks:  # the held reference keeps the identity from being reused
             cached = self.__dict__["_eval_zeros"] = (masks, self.gate(masks) == 0, {})
@@ -213,9 +233,8 @@ class Gate(nn.Module):
         return {k: v for k, v in super().__getstate__().items() if k != "_eval_zeros"}
 
     def forward(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        gated = self.eval_gated(x, masks)
-        if gated is not None:
-            return gated
+        if self.eval_ready(masks):
+            return self.eval_gated(x, masks)
         gate = self.gate(masks)
         return _gated(x, gate if gate.dtype == x.dtype else gate.to(x.dtype), not self.training)
 
@@ -303,7 +322,6 @@ class FoldedGate(Gate):
         super().__init__(index)
         self.__dict__["target"] = target  # not a submodule: it is registered at its own place
         self.target_name = target_name
-        self.units = slice(*self.span)
         module = target.copies[0] if isinstance(target, TaskIndexed) else target
         self.kind = _base_type(module)
         self.fold = _FOLDS[self.kind]
@@ -316,7 +334,7 @@ class FoldedGate(Gate):
         if self.kind is nn.Linear and x.numel() <= module.in_features ** 2 and \
                 self.eval_ready(masks):  # (long sequences: the fold scales weight rows)
             return self.eval_gated(F.linear(x, module.weight, module.bias), masks, inplace=True)  # a new tensor
-        return self.fold(module, x, masks[self.units])
+        return self.fold(module, x, self.piece(masks))
 
 
 class TaskIndexed(nn.Module):

@@ -136,8 +136,9 @@ def _mask_bank(gm: fx.GraphModule, plan: Plan) -> tuple[fx.Node, fx.Node]:
         task = graph.placeholder(TASK_ARG, default_value=0)
     with graph.inserting_after(task):
         scale = graph.placeholder(SCALE_ARG, default_value=None)
+    spans = [(layer.offset, layer.offset + layer.units) for layer in plan.masked_layers]
     gm.add_module("hat_masks", MaskBank(plan.num_tasks, plan.total_units, cfg.init, cfg.dense_value, cfg.s_max,
-                                        cfg.clamp, cfg.seed))
+                                        cfg.clamp, cfg.seed, spans))
     with graph.inserting_after(scale):
         masks = graph.call_module("hat_masks", (task, scale))
     return task, masks
