@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import weakref
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -207,21 +208,23 @@ class Gate(nn.Module):
         piece = None if pieces is None else pieces.get(self.span)
         return masks[self.span[0]:self.span[1]] if piece is None else piece
 
-    def eval_gated(self, x: torch.Tensor, masks: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    def eval_gated(self, x: torch.Tensor, masks: torch.Tensor, inplace: bool = False,
+                   shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """x gated, where `eval_ready(masks)`: the bank hands every eval call the same cached binary vector, so where
         the gate is zero is found once per vector, and the gate is one integer product of x's bits by 0 / 1 (exactly
         +0 where the gate is zero, even where x is inf or NaN, as `_gated`; x's own bits elsewhere): a `masked_fill`
-        with a broadcast mask costs several times as much on the CPU."""
+        with a broadcast mask costs several times as much on the CPU. `shape`: the gate's shape against x (folded
+        parameters: a linear layer's weight rows)."""
         cached = self.__dict__.get("_eval_zeros")
         if cached is None or cached[0] is not masks:  # the held reference keeps the identity from being reused
             cached = self.__dict__["_eval_zeros"] = (masks, self.gate(masks) == 0, {})
-        zeros, kept = cached[1], cached[2]
+        zeros, kept = cached[1] if shape is None else cached[1].reshape(shape), cached[2]
         bits = _BITS.get(x.element_size())
         if bits is None or x.is_complex():
             return x.masked_fill_(zeros, 0) if inplace else x.masked_fill(zeros, 0)
-        keep = kept.get(bits)
+        keep = kept.get((bits, shape))
         if keep is None:
-            keep = kept[bits] = (~zeros).to(bits)
+            keep = kept[bits, shape] = (~zeros).to(bits)
         view = x.view(bits)
         return (view.mul_(keep) if inplace else view * keep).view(x.dtype)
 
@@ -274,10 +277,13 @@ def _scaled(value: torch.Tensor | None, gate: torch.Tensor, shape: tuple[int, ..
     return None if value is None else _gated(value, gate.to(value.dtype).view(shape))
 
 
-def _fold_norm(module: nn.Module, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+Scale = Callable[[Optional[torch.Tensor], tuple], Optional[torch.Tensor]]  # (parameter, gate shape) -> gated
+
+
+def _fold_norm(module: nn.Module, x: torch.Tensor, gate: torch.Tensor, scale: Scale) -> torch.Tensor:
     """norm(x) * gate per channel as the norm with gated affine parameters (gamma * g, beta * g)."""
-    weight = _scaled(module.weight, gate) if module.weight is not None else gate.to(x.dtype)
-    bias = _scaled(module.bias, gate)
+    weight = scale(module.weight, (-1,)) if module.weight is not None else gate.to(x.dtype)
+    bias = scale(module.bias, (-1,))
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return _batch_norm(module, x, weight, bias)
     if isinstance(module, nn.LayerNorm):
@@ -285,12 +291,12 @@ def _fold_norm(module: nn.Module, x: torch.Tensor, gate: torch.Tensor) -> torch.
     return F.group_norm(x, module.num_groups, weight, bias, module.eps)
 
 
-def _fold_linear(module: nn.Linear, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+def _fold_linear(module: nn.Linear, x: torch.Tensor, gate: torch.Tensor, scale: Scale) -> torch.Tensor:
     """linear(x) * gate per output unit: through the weight's rows when the input has more rows than the weight
     has columns (sequences: fewer elements to scale, forward and backward), else on the output."""
     weight, bias = module.weight, module.bias
     if x.numel() > weight.shape[1] ** 2:  # rows > columns: out * in products instead of rows * out
-        return F.linear(x, _scaled(weight, gate, (-1, 1)), _scaled(bias, gate))
+        return F.linear(x, scale(weight, (-1, 1)), scale(bias, (-1,)))
     y = F.linear(x, weight, bias)
     return _gated(y, gate if gate.dtype == y.dtype else gate.to(y.dtype), not module.training)
 
@@ -331,10 +337,13 @@ class FoldedGate(Gate):
         module = target.pick(kwargs["hat_task_id"]) if kwargs else target  # only TaskIndexed takes a task id
         if not isinstance(module, self.kind) or _hooked(module) or (kwargs and _hooked(target)):
             return super().forward(target(x, **kwargs), masks)
-        if self.kind is nn.Linear and x.numel() <= module.in_features ** 2 and \
-                self.eval_ready(masks):  # (long sequences: the fold scales weight rows)
+        gate = self.piece(masks)
+        if not self.eval_ready(masks):
+            return self.fold(module, x, gate, lambda value, shape: _scaled(value, gate, shape))
+        if self.kind is nn.Linear and x.numel() <= module.in_features ** 2:  # (long sequences: weight rows scaled)
             return self.eval_gated(F.linear(x, module.weight, module.bias), masks, inplace=True)  # a new tensor
-        return self.fold(module, x, self.piece(masks))
+        return self.fold(module, x, gate, lambda value, shape: None if value is None else
+                         self.eval_gated(value, masks, shape=shape))  # the parameters' bits by 0 / 1
 
 
 class TaskIndexed(nn.Module):
