@@ -440,3 +440,48 @@ def test_training_in_eval_mode_with_frozen_batch_statistics():
     with torch.no_grad():
         assert torch.equal(hat(x, task_id=0), before)
         assert not torch.equal(hat(x, task_id=1), before)
+
+
+def test_write_back_follows_a_weight_given_new_storage():
+    """Protect keeps the weight's integer views between reads; a weight given new storage through `.data` (another
+    dtype's round trip, another layout) after a read is still written back bit for bit at the next read."""
+    model, x, classes = _data("conv")
+    hat = hatify.hatify(model, num_tasks=2, example_inputs=(x[:2],))
+    after, hat = train_tasks(hat, OPTIMIZERS["sgd"](hat.parameters()), x, classes, [0])
+    hat.train()
+    hat.begin_task(1)
+    hat(x, task_id=1, mask_scale=1.0)  # every Protect keeps its views of the current storage
+    for raw, protect in _protected_parameters(hat):  # NaN over the frozen entries, in a new transposed storage
+        junk = torch.empty(raw.shape[::-1]).permute(*reversed(range(raw.ndim)))
+        raw.data = junk.copy_(raw.detach().masked_fill(protect.protect.expand(raw.shape), float("nan")))
+    hat(x, task_id=1, mask_scale=1.0)
+    hat.end_task()
+    _assert_old_tasks_identical(after, hat, x)
+
+
+@pytest.mark.parametrize("model_name", ["conv", "tokens", "timm_resnet18"])
+def test_gates_taking_the_banks_pieces_give_the_same_gradients(model_name):
+    """A training forward splits the soft masks into the layers' spans once, and each gate of one layer's units
+    takes its piece: the mask-embedding and weight gradients are bitwise those of slicing the whole vector."""
+    if model_name == "timm_resnet18":
+        timm = pytest.importorskip("timm")
+        torch.manual_seed(0)
+        model, x, classes = timm.create_model("resnet18", num_classes=4), torch.randn(2, 3, 32, 32), 4
+    else:
+        model, x, classes = _data(model_name)
+    hat = hatify.hatify(model, num_tasks=2, example_inputs=(x[:2],))
+    _, hat = train_tasks(hat, OPTIMIZERS["sgd"](hat.parameters()), x, classes, [0])
+    hat.train()
+    hat.begin_task(1)
+    y = torch.randint(0, classes, (x.shape[0],), generator=torch.Generator().manual_seed(5))
+    bank, grads = hat.masks, []
+    assert bank.spans and len(bank.spans) == len(hat.plan.masked_layers)
+    for spans in (bank.spans, ()):
+        bank.spans = spans
+        hat.zero_grad()
+        out = hat(x, task_id=1, mask_scale=2.0)
+        assert hasattr(bank.last, "_hat_pieces") is False
+        (F.cross_entropy(out, y) + hat.regularization()).backward()
+        grads.append([p.grad.clone() for p in hat.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1])
+    assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(*grads))
