@@ -268,8 +268,13 @@ def traced_sizes(tracer: fx.Tracer) -> Iterator[None]:
             return fn(self, *args, **kwargs)
         return call
 
-    # torch._dynamo records torch.finfo and torch.iinfo as constant types when first imported: not the wrappers.
+    # torch._dynamo records torch.finfo and torch.iinfo as constant types when first imported, and torch.overrides
+    # caches its tables of torch functions and tensor methods when first asked: the originals, not the wrappers
+    # (a cached wrapper would hold the tracer, and with it the traced copy of the model, for the process's life).
     import torch._dynamo  # noqa: F401
+    for table in (torch.overrides.get_ignored_functions, torch.overrides.get_testing_overrides,
+                  torch.overrides.get_overridable_functions, torch.overrides._get_tensor_methods):
+        table()
 
     factories = {name: getattr(torch, name) for name in _FACTORIES}
     own = {name: torch.Tensor.__dict__.get(name) for name in _SIZE_METHODS}
