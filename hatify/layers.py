@@ -312,9 +312,10 @@ class TaskIndexed(TaskCopies):
     `shared`: a single copy, frozen after the first finished task. The copies of tasks not begun share their
     parameters' storage (`hatify.pending`); buffers are copied."""
 
-    def __init__(self, module: nn.Module, num_tasks: int, shared: bool = False) -> None:
+    def __init__(self, module: nn.Module, num_tasks: int, shared: bool = False, exclusive: bool = False) -> None:
+        """`exclusive`: nothing else holds `module` or shares its parameters' storage, so the copies may take it."""
         super().__init__()
-        first = detached_deepcopy(module)
+        first = module if exclusive else detached_deepcopy(module)
         self.copies = nn.ModuleList([first] + [detached_deepcopy(first, _aliases_of(first))
                                                for _ in range(1, 1 if shared else num_tasks)])
         self.names = [str(t) for t in range(len(self.copies))]

@@ -149,3 +149,36 @@ def test_copies_and_conversions_keep_the_values_and_share_nothing_they_should_no
     assert all(torch.equal(_heads(other).copies[t].weight, model.head.weight.to(x.dtype)) for t in (1, 2, 3))
     if how == "deepcopy":
         assert _pristine(model, hat, [0, 1, 2, 3])
+
+
+class TiedHeads(nn.Module):
+    """Two heads that share one weight (read per task as parameters): no pending copy may share storage with
+    anything outside its own module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(16, 32)
+        self.a = nn.Linear(32, 8)
+        self.b = nn.Linear(32, 8)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        h = F.relu(self.body(x))
+        return self.a(h), self.b(h)
+
+
+@pytest.mark.parametrize("model", [Net, TiedHeads])
+def test_pending_copies_share_storage_with_nothing_outside_their_module(model):
+    torch.manual_seed(0)
+    original = model()
+    hat = hatify.hatify(original, num_tasks=3, example_inputs=(torch.randn(2, 16),))
+    modules = [m for m in hat.modules() if getattr(m, "pending", None)]
+    assert modules
+    for module in modules:
+        inside = {id(p) for t in module.pending for _, _, p in module.task_parameters(t)}
+        pending = {p.untyped_storage().data_ptr() for t in module.pending for _, _, p in module.task_parameters(t)}
+        outside = {p.untyped_storage().data_ptr() for _, p in hat.named_parameters(remove_duplicate=False)
+                   if id(p) not in inside}
+        assert not pending & outside
+    assert not any(p.untyped_storage().data_ptr() == q.untyped_storage().data_ptr()
+                   for p in hat.parameters() for q in original.parameters())
