@@ -26,8 +26,8 @@ _LIVE: "weakref.WeakSet[TaskCopies]" = weakref.WeakSet()
 
 def _before_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     for module in list(_LIVE):
-        for t in sorted(module.pending):
-            if any(p.grad is not None for _, _, p in module.task_parameters(t)):
+        for t, params in module.__dict__.get("_pending_params", ()):  # (listed by `watch`: every step reads it)
+            if any(p.grad is not None for p in params):
                 module.materialise(t)
 
 
@@ -64,6 +64,8 @@ class TaskCopies(nn.Module):
 
     def watch(self) -> None:
         """Hook the pending parameters (once each): a gradient accumulated into one materialises its copy."""
+        self.__dict__["_pending_params"] = [(t, [p for _, _, p in self.task_parameters(t)])
+                                            for t in sorted(self.pending)]
         if not self.pending:
             _LIVE.discard(self)
             return
@@ -95,8 +97,7 @@ class TaskCopies(nn.Module):
         for _, _, p in self.task_parameters(t):
             if id(p) in shared:
                 p.data = p.data.clone()
-        if not self.pending:
-            _LIVE.discard(self)
+        self.watch()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         """Before the copies load (in place): a pending copy whose incoming values differ from the others' written
@@ -144,7 +145,7 @@ class TaskCopies(nn.Module):
         return result
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in super().__getstate__().items() if k != "_watched"}
+        return {k: v for k, v in super().__getstate__().items() if k not in ("_watched", "_pending_params")}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
