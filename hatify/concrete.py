@@ -179,8 +179,8 @@ class ConcreteProxy(fx.Proxy):
             return
         node.meta[PROXIES] -= 1
         if node.meta[PROXIES] or node.op not in ("call_function", "call_method", "call_module") or \
-                node.target is getattr or VALUE not in node.meta:  # (attribute reads: views and sizes, cheap)
-            return
+                node.target is getattr or node.meta.get(VALUE, MISSING) is MISSING:  # (getattr: views, sizes)
+            return  # (an unknown value has no spec: the shape stage runs the graph and names the failing op)
         from .shapes import SPEC, spec_of
 
         node.meta[SPEC] = spec_of(node.meta.pop(VALUE))
