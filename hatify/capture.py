@@ -17,8 +17,8 @@ from torch.utils import _pytree as pytree
 from . import methods as opaque_methods
 from .attention import DECOMPOSED_MODULES, add_attention_dropout, traced_attention
 from .checks import called_value, traced_checks
-from .concrete import (DATA, MISSING, VALUE, evaluate, is_python_value, proxy_class, reads_data, specialization,
-                       traced_sizes, value_of, wrapped_calls)
+from .concrete import (DATA, MISSING, PROXIES, VALUE, evaluate, is_python_value, proxy_class, reads_data,
+                       specialization, traced_sizes, value_of, wrapped_calls)
 from .config import HATConfig
 from .copying import detached_deepcopy
 from .einsum import linear_einsums
@@ -363,6 +363,7 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set,
                 if value is not MISSING:  # their specs do: the shape stage need not run the model again
                     node.meta[SPEC] = spec_of(value)
                 node.meta.pop(DATA, None)
+                node.meta.pop(PROXIES, None)
     if call:
         for node in graph.nodes:
             if node.op == "placeholder" and list(inputs).index(node.target) >= call[0]:
@@ -374,6 +375,7 @@ def capture(model: nn.Module, config: HATConfig, leaf_types: set,
         graph.erase_node(node)  # a read only Python looked at (`isinstance(self.wo.weight, Tensor)`): no data use
     _use_aliases(root, graph, renamed)
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    tracer.root = None  # the tracer sits in reference cycles (its proxies): the traced copy goes with its last use
     flatten_parametrization_paths(gm)
     hold_row_coupling_norms(gm)
     linear_einsums(gm)

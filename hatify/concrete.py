@@ -157,9 +157,33 @@ def _indices(args: tuple) -> list:
     return list(args[1]) if len(args) > 1 and isinstance(args[1], (list, tuple)) else [object()]
 
 
+PROXIES = "hat_proxies"  # node.meta: how many live proxies refer to the node
+
+
 class ConcreteProxy(fx.Proxy):
     """A proxy that carries its example value; the tracer answers bool() and iteration from it
-    (`HatTracer.to_bool`, `.iter`), subclasses len() or int()/float() where the value has them."""
+    (`HatTracer.to_bool`, `.iter`), subclasses len() or int()/float() where the value has them.
+
+    A node can be an argument of a later node only through a live proxy, so once the last proxy of a node is
+    gone its example value is dropped (its spec kept): the trace holds about the activations the model's own
+    forward holds at a time, not every one it made."""
+
+    def __init__(self, node: Any, tracer: Any = None) -> None:
+        super().__init__(node, tracer)
+        if isinstance(node, fx.Node):  # (a ConcreteAttribute is made from its root proxy and makes its node late)
+            node.meta[PROXIES] = node.meta.get(PROXIES, 0) + 1
+
+    def __del__(self) -> None:
+        node = self.__dict__.get("node")
+        if not isinstance(node, fx.Node) or PROXIES not in node.meta:
+            return
+        node.meta[PROXIES] -= 1
+        if node.meta[PROXIES] or node.op not in ("call_function", "call_method", "call_module") or \
+                node.target is getattr or node.meta.get(VALUE, MISSING) is MISSING:  # (getattr: views, sizes)
+            return  # (an unknown value has no spec: the shape stage runs the graph and names the failing op)
+        from .shapes import SPEC, spec_of
+
+        node.meta[SPEC] = spec_of(node.meta.pop(VALUE))
 
     def __getattr__(self, k: str) -> "ConcreteAttribute":
         own = value_of(self)
@@ -268,8 +292,13 @@ def traced_sizes(tracer: fx.Tracer) -> Iterator[None]:
             return fn(self, *args, **kwargs)
         return call
 
-    # torch._dynamo records torch.finfo and torch.iinfo as constant types when first imported: not the wrappers.
+    # torch._dynamo records torch.finfo and torch.iinfo as constant types when first imported, and torch.overrides
+    # caches its tables of torch functions and tensor methods when first asked: the originals, not the wrappers
+    # (a cached wrapper would hold the tracer, and with it the traced copy of the model, for the process's life).
     import torch._dynamo  # noqa: F401
+    for table in (torch.overrides.get_ignored_functions, torch.overrides.get_testing_overrides,
+                  torch.overrides.get_overridable_functions, torch.overrides._get_tensor_methods):
+        table()
 
     factories = {name: getattr(torch, name) for name in _FACTORIES}
     own = {name: torch.Tensor.__dict__.get(name) for name in _SIZE_METHODS}

@@ -24,15 +24,16 @@ def _cached_non_leaves(value: Any, depth: int = 0):
             yield from _cached_non_leaves(item, depth + 1)
 
 
-def detached_deepcopy(obj: T) -> T:
-    """`copy.deepcopy`, with every non-leaf tensor a module holds in a plain attribute copied detached.
+def detached_deepcopy(obj: T, memo: dict[int, Any] | None = None) -> T:
+    """`copy.deepcopy`, with every non-leaf tensor a module holds in a plain attribute copied detached. `memo`:
+    objects by id that the copy takes as they are (`copy.deepcopy`'s memo).
 
     Example:
         >>> net = nn.Linear(2, 2); net.cache = net(torch.ones(1, 2))   # a cached activation
         >>> detached_deepcopy(net).cache.requires_grad
         False
     """
-    memo: dict[int, Any] = {}
+    memo = dict(memo or {})
     modules = obj.modules() if isinstance(obj, nn.Module) else ()
     for module in modules:
         for name, value in vars(module).items():

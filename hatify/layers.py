@@ -25,6 +25,7 @@ from torch.utils import _pytree as pytree
 
 from .copying import detached_deepcopy
 from .errors import HatifyError
+from .pending import TaskCopies
 
 
 def compensated_sigmoid(e: torch.Tensor, s: float, s_max: float) -> torch.Tensor:
@@ -346,16 +347,25 @@ class FoldedGate(Gate):
                          self.eval_gated(value, masks, shape=shape))  # the parameters' bits by 0 / 1
 
 
-class TaskIndexed(nn.Module):
+class TaskIndexed(TaskCopies):
     """One copy of a module per task; a finished task's copy is frozen (buffers) and always in eval.
-    `shared`: a single copy, frozen after the first finished task."""
+    `shared`: a single copy, frozen after the first finished task. The copies of tasks not begun share their
+    parameters' storage (`hatify.pending`); buffers are copied."""
 
-    def __init__(self, module: nn.Module, num_tasks: int, shared: bool = False) -> None:
+    def __init__(self, module: nn.Module, num_tasks: int, shared: bool = False, exclusive: bool = False) -> None:
+        """`exclusive`: nothing else holds `module` or shares its parameters' storage, so the copies may take it."""
         super().__init__()
-        self.copies = nn.ModuleList(detached_deepcopy(module) for _ in range(1 if shared else num_tasks))
+        first = module if exclusive else detached_deepcopy(module)
+        self.copies = nn.ModuleList([first] + [detached_deepcopy(first, _aliases_of(first))
+                                               for _ in range(1, 1 if shared else num_tasks)])
         self.names = [str(t) for t in range(len(self.copies))]
         self.shared = shared
         self.frozen: set[int] = set()
+        self.share_pending(range(len(self.copies)))
+
+    def task_parameters(self, t: int) -> list[tuple[str, str, nn.Parameter]]:
+        return [(f"copies.{self.names[t]}.{name}", name, p)
+                for name, p in self.copies[t].named_parameters(remove_duplicate=False)]
 
     def pick(self, hat_task_id: int) -> nn.Module:
         # The ModuleList's own indexing costs as much as a small layer; a list index, not str(task id): dynamo
@@ -367,6 +377,7 @@ class TaskIndexed(nn.Module):
 
     def freeze(self, t: int) -> None:
         t = 0 if self.shared else t
+        self.materialise(t)  # (a loaded model's finished tasks) the parameter kept aside owns its storage
         for module in self.copies[t].modules():
             for name in list(module._parameters):
                 freeze_parameter(module, name)
@@ -392,26 +403,40 @@ class TaskIndexed(nn.Module):
         return self
 
 
-class TaskParameter(nn.Module):
+class TaskParameter(TaskCopies):
     """A parameter read directly by the graph, one copy per task (or shared, then frozen after the first
-    finished task when `shared`)."""
+    finished task when `shared`); the copies of tasks not begun share storage (`hatify.pending`)."""
 
     def __init__(self, value: torch.Tensor, num_tasks: int, shared: bool) -> None:
         super().__init__()
         self.shared = shared
         self.names = [str(t) for t in range(1 if shared else num_tasks)]
+        first = nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad)
         for name in self.names:
-            self.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad))
+            self.register_parameter(name, first if name == self.names[0] else
+                                    nn.Parameter(first.detach(), requires_grad=value.requires_grad))
+        self.share_pending(range(len(self.names)))
+
+    def task_parameters(self, t: int) -> list[tuple[str, str, nn.Parameter]]:
+        p = self._parameters.get(self.names[t])
+        return [] if p is None else [(self.names[t], "", p)]
 
     def forward(self, hat_task_id: int) -> torch.Tensor:
         return getattr(self, self.names[0 if self.shared else hat_task_id])  # see TaskIndexed.forward
 
     def freeze(self, t: int) -> None:
-        freeze_parameter(self, self.names[0 if self.shared else t])
+        t = 0 if self.shared else t
+        self.materialise(t)
+        freeze_parameter(self, self.names[t])
 
     def unfreeze(self, t: int) -> None:
         if not self.shared:
             unfreeze_parameter(self, self.names[t])
+
+
+def _aliases_of(module: nn.Module) -> dict[int, nn.Parameter]:
+    """A deep copy's memo that gives the copy parameters of its own sharing `module`'s storage."""
+    return {id(p): type(p)(p.detach(), p.requires_grad) for p in module.parameters()}
 
 
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -18,6 +18,7 @@ from .layers import MaskBank, Protect, TaskIndexed, TaskParameter
 from .naming import keep_user_names, user_names
 from .norm_stats import has_running_statistics, reestimate_norm_statistics
 from .parametrized import hold_norms
+from .pending import TaskCopies
 from .plan import LayerPlan, Plan
 from .rewrite import SCALE_ARG, TASK_ARG, _owner
 from .taskinf.statistics import TaskStatistics
@@ -180,6 +181,9 @@ class HATModel(nn.Module):
         # The parameter an optimizer holds (under fully_shard: the sharded one, not the unsharded copy a forward
         # sees; under torch.compile the forward does not register it).
         self.masks.register_clamp(self.masks.embedding(t))
+        for module in self.net.modules():  # task t's copies get storage of their own (`hatify.pending`)
+            if isinstance(module, TaskCopies):
+                module.materialise(t)
         self.current_task = t
         self.masks.last = None
 

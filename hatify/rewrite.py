@@ -1,8 +1,10 @@
 """Stage 5, rewrite: turn the captured graph into the HAT graph the plan describes."""
 from __future__ import annotations
 
+import collections
 import operator
 
+import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
@@ -69,6 +71,7 @@ def rewrite(capture: Capture, plan: Plan, nested: bool = False) -> fx.GraphModul
         gated.meta["hat_spec"] = node.meta.get("hat_spec")
         node.replace_all_uses_with(gated, delete_user_cb=lambda user: user is not gated)
 
+    storages = collections.Counter(_storage(p) for _, p in gm.named_parameters(remove_duplicate=False))
     for module_plan in plan.modules:
         if plan.is_nested(module_plan.name):
             continue
@@ -80,7 +83,12 @@ def rewrite(capture: Capture, plan: Plan, nested: bool = False) -> fx.GraphModul
             continue
         if module_plan.policy == "statistics_per_task":
             original.requires_grad_(False)
-        owner.add_module(attr, TaskIndexed(original, plan.num_tasks, shared=module_plan.policy == "freeze"))
+        own = collections.Counter(_storage(p) for _, p in original.named_parameters(remove_duplicate=False))
+        # nothing else holds the module or its parameters' storage: its copies may share it instead of a clone
+        exclusive = sum(m is original for _, m in gm.named_modules(remove_duplicate=False)) == 1 \
+            and 0 not in own and all(storages[address] == count for address, count in own.items())
+        owner.add_module(attr, TaskIndexed(original, plan.num_tasks, shared=module_plan.policy == "freeze",
+                                           exclusive=exclusive))
         for node in graph.nodes:
             if node.op == "call_module" and node.target == module_plan.name:
                 node.kwargs = {**node.kwargs, TASK_ARG: task}
@@ -122,6 +130,10 @@ def rewrite(capture: Capture, plan: Plan, nested: bool = False) -> fx.GraphModul
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _storage(p: torch.Tensor) -> int:
+    return p.untyped_storage().data_ptr()
 
 
 def _last_input(graph: fx.Graph) -> fx.Node:

@@ -124,10 +124,27 @@ def _graph_only() -> contextlib.AbstractContextManager:
 
 def _differences(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> tuple[dict[str, float], float]:
     with torch.no_grad():
-        diffs = {k: float((ref[k].double() - got[k].double()).abs().max()) if ref[k].numel() else 0.0 for k in ref}
-        scale = max((float(v.double().abs().max()) for v in ref.values() if v.numel() and v.is_floating_point()),
-                    default=1.0)
+        diffs = {k: _largest(ref[k], got[k]) if ref[k].numel() else 0.0 for k in ref}
+        scale = max((_largest(v) for v in ref.values() if v.numel() and v.is_floating_point()), default=1.0)
     return diffs, 1e-5 * max(1.0, scale)
+
+
+_CHUNK = 1 << 20
+
+
+def _largest(a: torch.Tensor, b: torch.Tensor | None = None) -> float:
+    """max |a - b| (or max |a|) in float64, NaN if any is, a million elements at a time: no float64 copies of a
+    whole output (an LM's logits are the model's largest activation)."""
+    if b is not None and a.shape != b.shape:  # (broadcast, as a plain difference would)
+        return float((a.double() - b.double()).abs().max())
+    a, b = a.reshape(-1), None if b is None else b.reshape(-1)
+    parts = []
+    for start in range(0, a.numel(), _CHUNK):
+        part = a[start:start + _CHUNK].double()
+        if b is not None:
+            part = part - b[start:start + _CHUNK].double()
+        parts.append(part.abs().max())
+    return float(torch.stack(parts).max())
 
 
 def compare_open(model: nn.Module, hat: HATModel, inputs: Inputs) -> tuple[dict[str, float], float]:

@@ -214,3 +214,32 @@ def test_wrapped_helper_that_mutates_its_list_argument():
     assert {layer.name for layer in hat.plan.masked_layers} == {"proj"}
     assert hatify.validate(model, hat, (x,)).passed
     assert _train_two_tasks(hat, x)
+
+
+def test_trace_leaves_no_wrapper_in_torch_caches_and_frees_the_traced_copy():
+    """torch.overrides caches its tables of torch functions the first time it is asked, which may be during a
+    trace: they must hold torch's functions, not the trace's wrappers (which would keep the tracer, and the traced
+    copy of the model, alive for the life of the process)."""
+    import gc
+    import weakref
+
+    tables = (torch.overrides.get_ignored_functions, torch.overrides.get_testing_overrides,
+              torch.overrides._get_overridable_functions, torch.overrides._get_tensor_methods)
+    for table in tables:
+        table.cache_clear()
+    traced = []
+    capture = hatify.capture.HatTracer.trace
+
+    def trace(self, root, concrete_args=None):
+        traced.append(weakref.ref(root))
+        return capture(self, root, concrete_args)
+
+    hatify.capture.HatTracer.trace = trace
+    try:
+        hatify.hatify(ShapeBranches().eval(), num_tasks=2, example_inputs=(torch.randn(2, 3, 6, 6),), validate=False)
+    finally:
+        hatify.capture.HatTracer.trace = capture
+    gc.collect()
+    assert traced and all(ref() is None for ref in traced)
+    assert torch.zeros in torch.overrides.get_ignored_functions()
+    assert torch.Tensor.view in torch.overrides._get_tensor_methods()

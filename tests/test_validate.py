@@ -157,3 +157,21 @@ def test_layer_groups_separate_every_ordered_pair(n):
     assert all(set(a) - set(b) for a in codes for b in codes if a != b)  # A zeroed while B is not, both ways
     positions = max(max(code) for code in codes) + 1
     assert positions <= 2 * max(1, n - 1).bit_length()  # never more probes than one bit each way
+
+
+def test_output_differences_are_exact_without_whole_float64_copies():
+    """The open-mask comparison reads outputs a million elements at a time: the same float64 maxima (NaN kept)."""
+    import math
+
+    from hatify.validate import _largest
+
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(), (7,), (2, 64, 32000), (3 * 2 ** 20 + 5,)]:
+        a = torch.randn(shape, generator=gen)
+        b = a + 1e-3 * torch.randn(shape, generator=gen)
+        assert _largest(a, b) == float((a.double() - b.double()).abs().max())
+        assert _largest(a) == float(a.double().abs().max())
+    b = a.clone()
+    b[2 ** 20 + 1] = float("nan")
+    assert math.isnan(_largest(a, b))
+    assert _largest(torch.ones(2, 3), torch.zeros(3)) == 1.0  # broadcast, as a plain difference
