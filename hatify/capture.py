@@ -77,7 +77,7 @@ class HatTracer(fx.Tracer):
         super().__init__(autowrap_functions=autowrap)
         self.call = call  # (number of positional inputs, constant keyword arguments): trace the call as made
         self.out_spec: pytree.TreeSpec | None = None
-        self.record_stack_traces = True
+        self.record_stack_traces = False  # `create_node` records the model's own frames instead
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
         self.inputs = inputs
@@ -107,6 +107,7 @@ class HatTracer(fx.Tracer):
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        node.stack_trace = node.stack_trace or _model_frames()
         if self.inputs is not None and kind != "output":
             self._evaluating = True  # the replay runs eagerly: no module call or attribute read is traced
             try:
@@ -244,6 +245,25 @@ class HatTracer(fx.Tracer):
         if self._attr_cache is not None:
             for key in [k for k, proxy in self._attr_cache.items() if proxy.node in erased]:
                 del self._attr_cache[key]
+
+
+def _model_frames() -> str | None:
+    """The stack trace torch.fx records for a node (the frames from the outermost `forward` in), less the frames
+    of torch and hatify, which `errors.source_line` skips: torch.fx formats every frame of the call stack, the
+    largest Python cost of a trace; this formats the model's own frames only."""
+    frames, outermost = [], None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "forward":
+            outermost = len(frames)
+        frames.append(frame)
+        frame = frame.f_back
+    if outermost is None:  # no `forward` on the stack: torch.fx records none either
+        return None
+    own = [traceback.FrameSummary(f.f_code.co_filename, f.f_lineno, f.f_code.co_name, lookup_line=False)
+           for f in reversed(frames[:outermost + 1])
+           if "/torch/" not in f.f_code.co_filename and not f.f_code.co_filename.startswith(_OWN_DIR)]
+    return "".join(traceback.StackSummary.from_list(own).format()).strip() or None
 
 
 def _attributes(module: nn.Module) -> dict[nn.Module, dict]:
