@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import functools
 import inspect
+import linecache
 import os
 import sys
 import traceback
@@ -248,9 +249,9 @@ class HatTracer(fx.Tracer):
 
 
 def _model_frames() -> str | None:
-    """The stack trace torch.fx records for a node (the frames from the outermost `forward` in), less the frames
-    of torch and hatify, which `errors.source_line` skips: torch.fx formats every frame of the call stack, the
-    largest Python cost of a trace; this formats the model's own frames only."""
+    """The stack trace torch.fx records for a node (the frames from the outermost `forward` in, in its format),
+    less the frames of torch and hatify, which `errors.source_line` skips: torch.fx formats every frame of the
+    call stack, the largest Python cost of a trace; this formats the model's own frames only."""
     frames, outermost = [], None
     frame = sys._getframe(1)
     while frame is not None:
@@ -260,10 +261,14 @@ def _model_frames() -> str | None:
         frame = frame.f_back
     if outermost is None:  # no `forward` on the stack: torch.fx records none either
         return None
-    own = [traceback.FrameSummary(f.f_code.co_filename, f.f_lineno, f.f_code.co_name, lookup_line=False)
-           for f in reversed(frames[:outermost + 1])
-           if "/torch/" not in f.f_code.co_filename and not f.f_code.co_filename.startswith(_OWN_DIR)]
-    return "".join(traceback.StackSummary.from_list(own).format()).strip() or None
+    text = []
+    for frame in reversed(frames[:outermost + 1]):
+        path = frame.f_code.co_filename
+        if "/torch/" not in path and not path.startswith(_OWN_DIR):
+            code = linecache.getline(path, frame.f_lineno).strip()
+            text.append(f'  File "{path}", line {frame.f_lineno}, in {frame.f_code.co_name}\n' +
+                        (f"    {code}\n" if code else ""))
+    return "".join(text).strip() or None
 
 
 def _attributes(module: nn.Module) -> dict[nn.Module, dict]:
