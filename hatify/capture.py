@@ -295,7 +295,8 @@ def _restore_traced_attributes(before: dict[nn.Module, dict]) -> None:
 def _holds_proxy(value: Any) -> bool:
     if isinstance(value, fx.Proxy):
         return True
-    return isinstance(value, (tuple, list, dict)) and any(isinstance(v, fx.Proxy) for v in pytree.tree_leaves(value))
+    return isinstance(value, (tuple, list, dict)) and len(value) > 0 and \
+        any(isinstance(v, fx.Proxy) for v in pytree.tree_leaves(value))  # (most are empty hook tables)
 
 
 def untraceable(exc: BaseException) -> str:
