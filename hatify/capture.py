@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import functools
 import inspect
+import linecache
 import os
 import sys
 import traceback
@@ -77,7 +78,7 @@ class HatTracer(fx.Tracer):
         super().__init__(autowrap_functions=autowrap)
         self.call = call  # (number of positional inputs, constant keyword arguments): trace the call as made
         self.out_spec: pytree.TreeSpec | None = None
-        self.record_stack_traces = True
+        self.record_stack_traces = False  # `create_node` records the model's own frames instead
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
         self.inputs = inputs
@@ -107,6 +108,7 @@ class HatTracer(fx.Tracer):
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        node.stack_trace = node.stack_trace or _model_frames()
         if self.inputs is not None and kind != "output":
             self._evaluating = True  # the replay runs eagerly: no module call or attribute read is traced
             try:
@@ -246,6 +248,29 @@ class HatTracer(fx.Tracer):
                 del self._attr_cache[key]
 
 
+def _model_frames() -> str | None:
+    """The stack trace torch.fx records for a node (the frames from the outermost `forward` in, in its format),
+    less the frames of torch and hatify, which `errors.source_line` skips: torch.fx formats every frame of the
+    call stack, the largest Python cost of a trace; this formats the model's own frames only."""
+    frames, outermost = [], None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "forward":
+            outermost = len(frames)
+        frames.append(frame)
+        frame = frame.f_back
+    if outermost is None:  # no `forward` on the stack: torch.fx records none either
+        return None
+    text = []
+    for frame in reversed(frames[:outermost + 1]):
+        path = frame.f_code.co_filename
+        if "/torch/" not in path and not path.startswith(_OWN_DIR):
+            code = linecache.getline(path, frame.f_lineno).strip()
+            text.append(f'  File "{path}", line {frame.f_lineno}, in {frame.f_code.co_name}\n' +
+                        (f"    {code}\n" if code else ""))
+    return "".join(text).strip() or None
+
+
 def _attributes(module: nn.Module) -> dict[nn.Module, dict]:
     return {m: {k: dict(v) if k in _SLOTS else v for k, v in vars(m).items()} for m in module.modules()}
 
@@ -270,7 +295,8 @@ def _restore_traced_attributes(before: dict[nn.Module, dict]) -> None:
 def _holds_proxy(value: Any) -> bool:
     if isinstance(value, fx.Proxy):
         return True
-    return isinstance(value, (tuple, list, dict)) and any(isinstance(v, fx.Proxy) for v in pytree.tree_leaves(value))
+    return isinstance(value, (tuple, list, dict)) and len(value) > 0 and \
+        any(isinstance(v, fx.Proxy) for v in pytree.tree_leaves(value))  # (most are empty hook tables)
 
 
 def untraceable(exc: BaseException) -> str:

@@ -391,10 +391,11 @@ def analyse(gm: fx.GraphModule, producers: list[Producer], config: HATConfig) ->
     flows: dict[fx.Node, Any] = {}
     remask: dict[str, UnitMap] = {}
     unknown: list[UnknownOp] = list(gm.meta.get("hat_disowned", []))
+    memo: dict = {}
     for node in gm.graph.nodes:
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
         flows[node] = _node_flow(node, module, mask_at, producer_nodes, written, flows, remask,
-                                 unknown, config)
+                                 unknown, config, memo)
         if node in group_of and writes_input(node, module):
             _merge_write(flows, group_of[node], flows[node], config.max_union_terms)
     return Flow(producers, {n.name: f for n, f in flows.items()}, remask, unknown,
@@ -403,7 +404,7 @@ def analyse(gm: fx.GraphModule, producers: list[Producer], config: HATConfig) ->
 
 def _node_flow(node: fx.Node, module: nn.Module | None, mask_at: dict[str, UnitMap], producers: set[str],
                written: dict[fx.Node, fx.Node], flows: dict, remask: dict[str, UnitMap], unknown: list[UnknownOp],
-               config: HATConfig) -> Any:
+               config: HATConfig, memo: dict) -> Any:
     """The map of one node: a mask applied there, ones where nothing is known, else its op's rule."""
     spec = node.meta.get("hat_spec")
     if node.name in mask_at and node not in written:
@@ -411,7 +412,7 @@ def _node_flow(node: fx.Node, module: nn.Module | None, mask_at: dict[str, UnitM
     if node in written and isinstance(spec, TensorSpec):
         # a stale view: report it where it loses a map it would have had
         would_be = None if node.op in ("placeholder", "get_attr", "output") or node.name in producers else \
-            _node_flow(node, module, mask_at, producers, {}, flows, {}, [], config)
+            _node_flow(node, module, mask_at, producers, {}, flows, {}, [], config, memo)
         if isinstance(would_be, UnitMap) and not would_be.is_ones:
             write = written[node]
             unknown.append(UnknownOp(node.name, op_name(node, module), f"storage written in place by '{write.name}' "
@@ -423,7 +424,7 @@ def _node_flow(node: fx.Node, module: nn.Module | None, mask_at: dict[str, UnitM
     if not _has_tensor(spec):
         return None
     rule = rule_for(node, module)
-    ctx = RuleContext(node, flows, module, config.max_union_terms)
+    ctx = RuleContext(node, flows, module, config.max_union_terms, memo)
     if rule is None:
         fallback = fallback_rule(node, module)
         result = fallback.fn(ctx) if fallback else UnitMap.ones()

@@ -52,12 +52,17 @@ def save(hat: nn.Module, path: str | os.PathLike) -> None:
     fsdp.refuse_fsdp1(hat, "save()")
     fsdp.reshard(hat)
     sharded = fsdp.is_sharded(hat)  # fully_shard: every rank calls save() (gathers), rank 0 writes
-    tensors = {}
+    tensors, written = {}, set()
     for key, value in hat.state_dict().items():
         if not isinstance(value, torch.Tensor):
             raise HatifyError(f"cannot save state entry {key!r}: it is a {type(value).__name__}, not a tensor")
-        # Own, contiguous storage per entry: safetensors refuses tensors that share memory.
-        tensors[key] = fsdp.full(value.detach()).to("cpu", copy=True).contiguous()
+        value = fsdp.full(value.detach())
+        storage = value.untyped_storage()
+        # Own, contiguous storage per entry (safetensors refuses tensors that share memory): copied where not.
+        alone = value.device.type == "cpu" and value.numel() > 0 and value.is_contiguous() and \
+            value.storage_offset() == 0 and storage.nbytes() == value.nbytes and storage.data_ptr() not in written
+        tensors[key] = value if alone else value.to("cpu", copy=True).contiguous()
+        written.add(storage.data_ptr())
     header = {METADATA_KEY: _to_json(metadata(hat), "the model's recipe")}
     if not sharded or torch.distributed.get_rank() == 0:
         write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=header))

@@ -142,7 +142,8 @@ def _couples_rows(node: fx.Node, gm: fx.GraphModule) -> bool:
 def hold_row_coupling_norms(gm: fx.GraphModule) -> None:
     """Write each `torch._weight_norm(v, g, dim)` whose norm couples rows as `v * (g / n)`, with n = a `HeldNorm`
     of v registered next to v (`conv.parametrizations_weight_original1_norm`)."""
-    for node in [n for n in gm.graph.nodes if _couples_rows(n, gm)]:
+    coupling = [n for n in gm.graph.nodes if _couples_rows(n, gm)]
+    for node in coupling:
         v, g = node.args[:2]
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
         value = gm.get_parameter(v.target)
@@ -159,7 +160,8 @@ def hold_row_coupling_norms(gm: fx.GraphModule) -> None:
         weight.meta.update(node.meta)
         node.replace_all_uses_with(weight)
         gm.graph.erase_node(node)
-    gm.recompile()
+    if coupling:
+        gm.recompile()
 
 
 def is_held(node: fx.Node, gm: fx.GraphModule) -> bool:

@@ -134,15 +134,16 @@ def stacked_index(unit_map: UnitMap, ones_index: int) -> torch.Tensor:
 
 
 def _owners(used: torch.Tensor, producers: list[Producer]) -> list[str]:
-    """Names of the producers (in their order) whose unit ranges hold any of the `used` units: one comparison of
-    every range with every unit, not a few small tensor ops per producer."""
-    masked = [p for p in producers if p.offset is not None]
+    """Names of the producers (in their order) whose unit ranges hold any of the `used` units: each unit's range
+    found by a binary search over the ranges (disjoint: `find_producers` lays them out one after another)."""
+    masked = sorted((p for p in producers if p.offset is not None), key=lambda p: p.offset)
     if not masked or not len(used):
         return []
-    starts = torch.tensor([p.offset for p in masked]).unsqueeze(1)
-    ends = torch.tensor([p.offset + p.units for p in masked]).unsqueeze(1)
-    hit = ((used >= starts) & (used < ends)).any(1).tolist()
-    return [p.name for p, holds in zip(masked, hit) if holds]
+    starts = torch.tensor([p.offset for p in masked])
+    ends = torch.tensor([p.offset + p.units for p in masked])
+    at = torch.searchsorted(starts, used, right=True) - 1
+    held = {masked[i].name for i in at[(at >= 0) & (used < ends[at.clamp(min=0)])].unique().tolist()}
+    return [p.name for p in producers if p.offset is not None and p.name in held]
 
 
 def _describe(index: torch.Tensor, producers: list[Producer]) -> tuple[list[str], str]:

@@ -95,9 +95,11 @@ def rule_for(node: fx.Node, module: nn.Module | None = None) -> Rule | None:
 class RuleContext:
     """What a rule sees: the node, the maps and specs of its inputs, and its output spec."""
 
-    def __init__(self, node: fx.Node, flows: dict, module: nn.Module | None, max_terms: int) -> None:
+    def __init__(self, node: fx.Node, flows: dict, module: nn.Module | None, max_terms: int,
+                 memo: dict | None = None) -> None:
         self.node, self._flows, self.module, self.max_terms = node, flows, module, max_terms
         self.out = node.meta.get("hat_spec")
+        self.memo = {} if memo is None else memo  # results of checks run on example tensors, shared by one analysis
 
     def arg(self, i: int, name: str | None = None, default: Any = None) -> Any:
         if i < len(self.node.args):
@@ -148,11 +150,39 @@ def _fits(unit_map: UnitMap, ctx: RuleContext, source: Any) -> UnitMap:
 
 def _keeps_zero(ctx: RuleContext, src: Any) -> bool:
     """Run the op on an all-zero input, every other tensor argument filled with +1 and then with -1: zero
-    must come out. Catches arguments that move zero (clamp(min=0.1), Hardtanh(0.1, 1), ...)."""
+    must come out. Catches arguments that move zero (clamp(min=0.1), Hardtanh(0.1, 1), ...). Ops alike in all
+    the result depends on (see `_zero_check_key`) are run once per analysis."""
     spec = ctx.spec(src)
     if not isinstance(spec, TensorSpec):
         return False
-    for fill in (1.0, -1.0):
+    key = _zero_check_key(ctx, src)
+    if key is None:
+        return _zero_kept(ctx, src)
+    if key not in ctx.memo:
+        ctx.memo[key] = _zero_kept(ctx, src)
+    return ctx.memo[key]
+
+
+def _zero_check_key(ctx: RuleContext, src: Any) -> Any:
+    """The op (a module's type and settings), and every argument's spec or value with the zero input marked;
+    None where a module holds tensors, submodules or hooks, or an argument cannot be compared."""
+    node, module = ctx.node, ctx.module
+    if module is not None and any(value for name, value in vars(module).items() if name.startswith("_")):
+        return None
+    op = (node.op, node.target) if module is None else \
+        (type(module), tuple((name, value) for name, value in vars(module).items() if not name.startswith("_")))
+    key = (op, fx.node.map_arg((node.args, node.kwargs), lambda n: (n is src, ctx.spec(n))))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _zero_kept(ctx: RuleContext, src: Any) -> bool:
+    # the fills matter only for other tensor arguments: without any, one run tells
+    others = any(n is not src and isinstance(ctx.spec(n), TensorSpec) for n in ctx.node.all_input_nodes)
+    for fill in (1.0, -1.0) if others else (1.0,):
         def value(n: fx.Node, fill: float = fill) -> Any:
             s = ctx.spec(n)
             if not isinstance(s, TensorSpec):
@@ -165,7 +195,7 @@ def _keeps_zero(ctx: RuleContext, src: Any) -> bool:
         except Exception:  # cannot be checked: not zero-preserving as far as hatify knows
             return False
         values = pytree.tree_leaves(out)[0]  # pooling with indices: the values come first
-        if not isinstance(values, torch.Tensor) or bool(values.ne(0).any()):
+        if not isinstance(values, torch.Tensor) or bool(values.any()):
             return False
     return True
 
