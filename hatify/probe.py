@@ -23,7 +23,7 @@ from .flow import producer_input
 from .inputs import Inputs
 from .maps import ONES
 from .model import HATModel
-from .nested import nested_paths, positional_call
+from .nested import call_opaque, nested_paths, positional_call
 from .per_sample import Unsupported, _PerSample, _static_reason, _TaskMasks, batch_size
 from .plan import LayerPlan, input_sites
 from .rewrite import SCALE_ARG, TASK_ARG
@@ -33,22 +33,46 @@ ROWS_BYTES = 2 ** 28  # one batched probe run holds at most this much of its lar
 
 
 class _LastWatched(Exception):
-    """Raised by a recorder once the last watched node has run: nothing after it is observed."""
+    """Raised by a recorder once the last call its run must observe has run: nothing after it is observed."""
+
+
+# Where a run of the model's graph has observed a watched call: (node, after). The model's own call is observed
+# at its node, before the node runs (its input is there); a nested subgraph's call inside the opaque call that
+# runs it, so after that node (the subgraph's own run never stops: the opaque code may call it again).
+StopPoint = tuple[fx.Node, bool]
+
+
+def stop_points(hat: HATModel, watch: dict[str, LayerPlan]) -> dict[str, StopPoint | None]:
+    """Per watched call, where a run of `hat.net` has observed it (None: not known, the run goes to the end)."""
+    nodes = {n.name: n for n in hat.net.graph.nodes}
+    opaque = {n.args[0].target: n for n in hat.net.graph.nodes if n.op == "call_function"
+              and n.target is call_opaque and isinstance(n.args[0], fx.Node)}
+    points: dict[str, StopPoint | None] = {}
+    for site in watch:
+        part = next((p for path, p in hat.plan.nested.items() if site.startswith(f"{path}.")), None)
+        points[site] = (nodes[site], False) if site in nodes else \
+            (opaque[part.opaque], True) if part is not None and part.opaque in opaque else None
+    return points
+
+
+def last_point(hat: HATModel, points: list[StopPoint | None]) -> StopPoint | None:
+    """The latest of `points` (at least one) in the graph's order: where a run that must observe them all can
+    stop (None: it runs to the end)."""
+    if any(point is None for point in points):
+        return None
+    order = {n: i for i, n in enumerate(hat.net.graph.nodes)}
+    return max(points, key=lambda p: 2 * order[p[0]] + p[1])
 
 
 def _start_recording(recorder: fx.Interpreter, watch: dict[str, LayerPlan], patterns: int, prefix: str = "",
-                     zeros: dict | None = None) -> None:
-    recorder.watch, recorder.patterns, recorder.prefix = watch, patterns, prefix
+                     zeros: dict | None = None, stop: StopPoint | None = None) -> None:
+    recorder.watch, recorder.patterns, recorder.prefix, recorder.stop = watch, patterns, prefix, stop
     recorder.zeros = {} if zeros is None else zeros
     recorder.reduced = {}  # layers reading the same tensor (same version) the same way
-    # No early stop where nested subgraphs are watched: they run inside an opaque call, the model's graph may
-    # go on after its last watched node; and a nested subgraph's own stop would end the model's run.
-    nested = prefix or any("." in name for name in watch)
-    recorder.last = [] if nested else [n for n in recorder.graph.nodes if n.name in watch][-1:]
 
 
 def _record(recorder: fx.Interpreter, n: fx.Node) -> None:
-    """At a watched layer call: per pattern, which of its input units are exactly zero; after the last one, stop."""
+    """At a watched layer call: per pattern, which of its input units are exactly zero; at the stop, stop."""
     layer = recorder.watch.get(recorder.prefix + n.name)
     if layer is not None:
         data = producer_input(n)
@@ -58,40 +82,46 @@ def _record(recorder: fx.Interpreter, n: fx.Node) -> None:
             if key not in recorder.reduced:
                 recorder.reduced[key] = _zero_units(value, layer, recorder.patterns)
             recorder.zeros.setdefault(recorder.prefix + n.name, []).append(recorder.reduced[key])
-    if recorder.last and n is recorder.last[0]:
+    if recorder.stop == (n, False):
         raise _LastWatched
+
+
+def _run_node(recorder: fx.Interpreter, n: fx.Node, run) -> Any:
+    _record(recorder, n)
+    result = run(n)
+    if recorder.stop == (n, True):
+        raise _LastWatched
+    return result
 
 
 class _ZeroRecorder(Interpreter):
     """Runs the graph and records, at each watched layer call, which of its input units are exactly zero; the
-    input itself is not kept (the interpreter frees every value after its last use), and the run stops after the
-    last watched call."""
+    input itself is not kept (the interpreter frees every value after its last use), and the run stops at `stop`."""
 
     def __init__(self, gm: fx.GraphModule, watch: dict[str, LayerPlan], prefix: str = "",
-                 zeros: dict | None = None) -> None:
+                 zeros: dict | None = None, stop: StopPoint | None = None) -> None:
         super().__init__(gm)
-        _start_recording(self, watch, 0, prefix, zeros)
+        _start_recording(self, watch, 0, prefix, zeros, stop)
 
     def run_node(self, n: fx.Node) -> Any:
-        _record(self, n)
-        return super().run_node(n)
+        return _run_node(self, n, super().run_node)
 
 
 class _RowRecorder(_PerSample, Interpreter):
     """`_ZeroRecorder` over the example batch repeated once per pattern: the rows of copy p run under mask pattern
     p (the per-sample gates), every task-indexed module as task 0, and each record is split per pattern."""
 
-    def __init__(self, gm: fx.GraphModule, watch: dict[str, LayerPlan], table: torch.Tensor, batch: int) -> None:
+    def __init__(self, gm: fx.GraphModule, watch: dict[str, LayerPlan], table: torch.Tensor, batch: int,
+                 stop: StopPoint | None) -> None:
         super().__init__(gm, torch.arange(len(table), device=table.device).repeat_interleave(batch))
         self.tasks, self.table = [0], table
-        _start_recording(self, watch, len(table))
+        _start_recording(self, watch, len(table), stop=stop)
 
     def masks(self, bank: Any) -> _TaskMasks:
         return _TaskMasks(self.table, self.ids)
 
     def run_node(self, n: fx.Node) -> Any:
-        _record(self, n)
-        return super().run_node(n)
+        return _run_node(self, n, super().run_node)
 
 
 def _positional(hat: HATModel, flat: tuple, task: Any, scale: float | None) -> list:
@@ -163,18 +193,22 @@ def watched_sites(hat: HATModel) -> dict[str, LayerPlan]:
             for site in input_sites(layer)}
 
 
-def observe_zeros(hat: HATModel, inputs: Inputs, keep: torch.Tensor, watch: dict[str, LayerPlan] | None = None
-                  ) -> dict[str, list[torch.Tensor]]:
+def observe_zeros(hat: HATModel, inputs: Inputs, keep: torch.Tensor, watch: dict[str, LayerPlan] | None = None,
+                  needed: set[str] | None = None) -> dict[str, list[torch.Tensor]]:
     """Run the converted model (eval, task 0) with the mask vector `keep` (1 = unit kept) and return, per watched
-    call (`watched_sites`), one bool vector per time it ran: which input units of its layer were exactly zero."""
+    call (`watched_sites`), one bool vector per time it ran: which input units of its layer were exactly zero.
+    The run stops once every call in `needed` (default: every watched call) has been observed; the calls before
+    that point are all recorded."""
     watch = watched_sites(hat) if watch is None else watch
-    if not watch:
+    needed = set(watch) if needed is None else needed
+    if not needed:
         return {}
+    points = stop_points(hat, watch)
     was = hat.training
     if was:  # probe_flow puts the model in eval once for all patterns
         hat.eval()
     hat.masks.override = keep
-    recorder = _ZeroRecorder(hat.net, watch)
+    recorder = _ZeroRecorder(hat.net, watch, stop=last_point(hat, [points[site] for site in needed]))
     try:
         with torch.no_grad(), _recording_nested(hat, watch, recorder.zeros):
             recorder.run(*_positional(hat, inputs.flat, 0, None))
@@ -218,19 +252,24 @@ def _patterns_per_run(net: fx.GraphModule, watch: dict[str, LayerPlan]) -> int:
     return max(1, ROWS_BYTES // largest)
 
 
-def observe_rows(hat: HATModel, inputs: Inputs, keeps: list[torch.Tensor], watch: dict[str, LayerPlan]
-                 ) -> list[dict[str, list[torch.Tensor]]]:
-    """`observe_zeros` for every mask vector in `keeps` in one run: the example batch repeated once per pattern.
-    Raises `Unsupported` where the graph or the inputs do not allow rows (the caller runs one at a time)."""
+def observe_rows(hat: HATModel, inputs: Inputs, keeps: list[torch.Tensor], watch: dict[str, LayerPlan],
+                 needed: set[str] | None = None) -> list[dict[str, list[torch.Tensor]]]:
+    """`observe_zeros` for every mask vector in `keeps` in one run: the example batch repeated once per pattern,
+    up to where every call in `needed` has been observed. Raises `Unsupported` where the graph or the inputs do
+    not allow rows (the caller runs one at a time)."""
     batch = batch_size(hat.net)
     reason = _static_reason(hat.net, one_task=True) if batch else "no tensor input leads with a batch"
     if reason:
         raise Unsupported(reason)
+    needed = set(watch) if needed is None else needed
+    if not needed:
+        return [{} for _ in keeps]
+    points = stop_points(hat, watch)
     repeat = lambda v: v.repeat(len(keeps), *([1] * (v.ndim - 1))) \
         if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch else v
     device = hat.masks.embedding(0).device
     table = torch.stack([torch.cat([keep, keep.new_ones(1)]) for keep in keeps]).to(device)
-    recorder = _RowRecorder(hat.net, watch, table, batch)
+    recorder = _RowRecorder(hat.net, watch, table, batch, last_point(hat, [points[site] for site in needed]))
     try:
         with torch.no_grad():
             recorder.run(*_positional(hat, tuple(map(repeat, inputs.flat)), recorder.ids, None))
@@ -241,17 +280,25 @@ def observe_rows(hat: HATModel, inputs: Inputs, keeps: list[torch.Tensor], watch
 
 
 def _observe_all(hat: HATModel, inputs: Inputs, keeps: list[torch.Tensor], watch: dict[str, LayerPlan],
-                 rows: bool) -> tuple[list[dict[str, list[torch.Tensor]]], bool]:
-    """Per mask vector, `observe_zeros`' result: with `rows`, as rows of a few batched runs where the graph allows
-    it, else one run per pattern. Also says whether they ran as rows."""
+                 rows: bool, needed: list[set[str]] | None = None) -> tuple[list[dict[str, list[torch.Tensor]]], bool]:
+    """Per mask vector, `observe_zeros`' result (`needed`: per mask vector, the calls it must observe; default
+    all): with `rows`, as rows of a few batched runs where the graph allows it, else one run per pattern. Also
+    says whether they ran as rows."""
+    needed = [set(watch)] * len(keeps) if needed is None else needed
     per_run = _patterns_per_run(hat.net, watch)
     try:
         if not rows:
             raise Unsupported("one pattern at a time asked for")
-        return [observed for i in range(0, len(keeps), per_run)
-                for observed in observe_rows(hat, inputs, keeps[i:i + per_run], watch)], True
+        return [observed for i in range(0, len(keeps), per_run) for observed in
+                observe_rows(hat, inputs, keeps[i:i + per_run], watch, set().union(*needed[i:i + per_run]))], True
     except Exception:  # noqa: BLE001 - repeated inputs this graph cannot take: one pattern at a time decides
-        return [observe_zeros(hat, inputs, keep, watch) for keep in keeps], False
+        return [observe_zeros(hat, inputs, keep, watch, need) for keep, need in zip(keeps, needed)], False
+
+
+def predicted_sites(keep: torch.Tensor, watch: dict[str, LayerPlan]) -> set[str]:
+    """The watched calls where the plan predicts some input unit zero under the mask vector `keep`."""
+    keep_ext = torch.cat([keep, torch.ones(1)])
+    return {site for site, layer in watch.items() if bool((keep_ext[layer.input_index] == 0).all(0).any())}
 
 
 def _counts(keep: torch.Tensor, zeros: dict[str, list[torch.Tensor]], watch: dict[str, LayerPlan]
@@ -273,32 +320,45 @@ def probe_flow(hat: HATModel, inputs: Inputs, patterns: list[tuple[str, torch.Te
     """Zero mask units (`probe_patterns`), run the model, and check that every consumer input unit the plan
     predicts to be zero is exactly zero (soundness). Also counts zeros the plan did not predict (conservatism),
     and per layer the unknown input units that the masks do zero (imprecision, see `ValidationResult`).
-    `rows`: the patterns as rows of batched runs (default: where the model is on an accelerator)."""
+    `rows`: the patterns as rows of batched runs (default: where the model is on an accelerator).
+
+    A pattern's run stops once it has passed every call where the plan predicts a zero under it (no violation
+    can come later) and every call that imprecision still needs: the patterns that close every mask run first
+    and to the end; the others also pass the calls where those found unknown units zero. So violations and
+    predicted zeros are those of full runs, and so is imprecision; a result's "layers" and "actual_zero" count
+    the calls that its run passed."""
     watch = watched_sites(hat)
     rows = hat.masks.embedding(0).device.type != "cpu" if rows is None else rows
     patterns = patterns if patterns is not None else probe_patterns(hat)
-    results, violations = [], 0
+    results: list[dict] = [{} for _ in patterns]
+    violations = 0
     zero_when_closed: dict[str, torch.Tensor] = {}   # layer -> input units zero with every mask zero
     ever_nonzero: dict[str, torch.Tensor] = {}       # layer -> input units nonzero under some pattern
     was = hat.training
     hat.eval()
     try:
-        observed, as_rows = _observe_all(hat, inputs, [keep for _, keep in patterns], watch, rows) if watch else \
-            ([{} for _ in patterns], False)
-        for (name, keep), zeros in zip(patterns, observed):
-            predicted, actual, bad = _counts(keep, zeros, watch)
-            if bad and as_rows:  # rows of other patterns may have reached these (a model that mixes rows)
-                zeros = observe_zeros(hat, inputs, keep, watch)
+        closed = [i for i, (_, keep) in enumerate(patterns) if not bool(keep.any())]
+        for batch in (closed, [i for i in range(len(patterns)) if i not in closed]):
+            pending = {site for site, layer in watch.items() if layer.name in zero_when_closed
+                       and bool(((layer.input_index == ONES).any(0) & zero_when_closed[layer.name]).any())}
+            keeps = [patterns[i][1] for i in batch]
+            needed = [predicted_sites(keep, watch) | pending if keep.any() else set(watch) for keep in keeps]
+            observed, as_rows = _observe_all(hat, inputs, keeps, watch, rows, needed) if watch and batch else \
+                ([{} for _ in batch], False)
+            for i, keep, need, zeros in zip(batch, keeps, needed, observed):
                 predicted, actual, bad = _counts(keep, zeros, watch)
-            for node, per_call in zeros.items():
-                layer = watch[node]
-                for zero in per_call:
-                    if not bool(keep.any()):
-                        zero_when_closed[layer.name] = zero_when_closed.get(layer.name, zero) & zero
-                    ever_nonzero[layer.name] = ever_nonzero.get(layer.name, ~zero) | ~zero
-            violations += bad
-            results.append({"pattern": name, "layers": len(zeros), "predicted_zero": predicted,
-                            "actual_zero": actual, "violations": bad})
+                if bad and as_rows:  # rows of other patterns may have reached these (a model that mixes rows)
+                    zeros = observe_zeros(hat, inputs, keep, watch, need)
+                    predicted, actual, bad = _counts(keep, zeros, watch)
+                for node, per_call in zeros.items():
+                    layer = watch[node]
+                    for zero in per_call:
+                        if not bool(keep.any()):
+                            zero_when_closed[layer.name] = zero_when_closed.get(layer.name, zero) & zero
+                        ever_nonzero[layer.name] = ever_nonzero.get(layer.name, ~zero) | ~zero
+                violations += bad
+                results[i] = {"pattern": patterns[i][0], "layers": len(zeros), "predicted_zero": predicted,
+                              "actual_zero": actual, "violations": bad}
     finally:
         hat.train(was)
     imprecise = {}
