@@ -155,14 +155,49 @@ def _zero_units(value: torch.Tensor, layer: LayerPlan, patterns: int = 0) -> tor
     return value.ne(0).any(dim=others).logical_not_().cpu()
 
 
-def _separating_codes(n: int) -> list[tuple[int, ...]]:
-    """n distinct sets of the same size k // 2 over k positions, k as small as that allows: for any two of them
+def _separating_codes(n: int, ends: list[int] | None = None) -> list[tuple[int, ...]]:
+    """n distinct sets of one size over k positions, k as small as sets of size k // 2 allow: for any two of them
     each has a position the other lacks (neither contains the other), with about log2(n) + log2(log2(n)) / 2
-    positions where one bit per position and both polarities per bit take 2 log2(n)."""
+    positions where one bit per position and both polarities per bit take 2 log2(n).
+
+    `ends` (descending): per set, how far a run that zeroes its layer must go. Then the sets are the first n of
+    one size w in colex order, where the first C(j, w) use only the first j positions: the latest layers share a
+    few groups and the other groups stop early. w is the size (k // 2 or less, k positions still needed) whose
+    groups stop earliest in sum."""
     k = 1
     while math.comb(k, k // 2) < n:
         k += 1
-    return list(itertools.islice(itertools.combinations(range(k), k // 2), n))
+    if ends is None:
+        return list(itertools.islice(itertools.combinations(range(k), k // 2), n))
+    best: tuple[int, list] | None = None
+    for w in range(k // 2, 0, -1):
+        if math.comb(k, w) < n:
+            break
+        codes = sorted(itertools.combinations(range(k), w), key=lambda code: code[::-1])[:n]
+        cost = sum(max((end for code, end in zip(codes, ends) if g in code), default=0) for g in range(k))
+        if best is None or cost < best[0]:
+            best = (cost, codes)
+    return best[1] if best else []
+
+
+def _layer_ends(hat: HATModel, layers: list[LayerPlan]) -> list[int]:
+    """Per layer, the graph position where a run that zeroes only it can stop: after the last watched call whose
+    input the plan maps to its units (-1: none; the length of the graph where not known)."""
+    watch = watched_sites(hat)
+    points = stop_points(hat, watch)
+    order = {n: i for i, n in enumerate(hat.net.graph.nodes)}
+    owner = torch.full((hat.plan.total_units + 1,), -1)
+    for i, layer in enumerate(layers):
+        owner[layer.offset: layer.offset + layer.units] = i
+    ends = [-1] * len(layers)
+    for site, layer in watch.items():
+        index = layer.input_index[layer.input_index != ONES]
+        point = points[site]
+        position = 2 * len(order) if point is None else 2 * order[point[0]] + point[1]
+        for i in owner[index].unique().tolist():
+            if i >= 0:
+                ends[i] = max(ends[i], position)
+    return ends
 
 
 def probe_patterns(hat: HATModel, random_draws: int = 2) -> list[tuple[str, torch.Tensor]]:
@@ -170,14 +205,16 @@ def probe_patterns(hat: HATModel, random_draws: int = 2) -> list[tuple[str, torc
     draws zeroing half the units (a wrong map within a layer, an offset, a permutation, shows where one unit is
     zero and the unit it really depends on is not); and layer groups from `_separating_codes`: for every ordered
     pair of layers (A, B), one group has A zeroed and B not (a map that names the wrong layer, or misses an
-    operand, shows)."""
+    operand, shows). The latest-read layers share a few groups, so that the other groups' runs stop early."""
     units = hat.plan.total_units
     patterns = [("all zero", torch.zeros(units))]
     for seed in range(random_draws):
         gen = torch.Generator().manual_seed(seed)
         patterns.append((f"random half, seed {seed}", (torch.rand(units, generator=gen) >= 0.5).float()))
     layers = [layer for layer in hat.plan.masked_layers if layer.offset is not None]
-    codes = _separating_codes(len(layers)) if len(layers) > 1 else []
+    ends = _layer_ends(hat, layers)
+    layers = [layer for _, layer in sorted(zip(ends, layers), key=lambda pair: -pair[0])]
+    codes = _separating_codes(len(layers), sorted(ends, reverse=True)) if len(layers) > 1 else []
     for group in range(max((max(code) + 1 for code in codes if code), default=0)):
         keep = torch.ones(units)
         for layer, code in zip(layers, codes):
