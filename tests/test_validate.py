@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import timm
 import torch
 
 import hatify
@@ -150,10 +151,60 @@ def test_open_mask_comparison_finds_a_changed_computation():
     assert result.missing_gradients == [] and result.probe_violations == 0
 
 
+@pytest.mark.parametrize("ordered", [False, True])
 @pytest.mark.parametrize("n", [2, 3, 5, 20, 53, 300])
-def test_layer_groups_separate_every_ordered_pair(n):
-    codes = probe._separating_codes(n)
+def test_layer_groups_separate_every_ordered_pair(n, ordered):
+    ends = sorted(torch.randint(-1, 400, (n,), generator=torch.Generator().manual_seed(n)).tolist(), reverse=True)
+    codes = probe._separating_codes(n, ends if ordered else None)
     assert len(set(codes)) == n
     assert all(set(a) - set(b) for a in codes for b in codes if a != b)  # A zeroed while B is not, both ways
     positions = max(max(code) for code in codes) + 1
     assert positions <= 2 * max(1, n - 1).bit_length()  # never more probes than one bit each way
+    assert positions == max(max(code) for code in probe._separating_codes(n)) + 1  # ordering adds no probe
+
+
+def _only_zero(hat, name):
+    keep = torch.ones(hat.plan.total_units)
+    keep[_layer(hat, name).offset:][:_layer(hat, name).units] = 0
+    return keep
+
+
+def test_a_violation_past_the_zeroed_layers_readers_is_found():
+    """A pattern's run stops after the last call where the plan predicts a zero under it, wherever the zeroed
+    layers' real readers are: conv1 is read by conv2 only, but a plan that says conv3 (the last call) reads it
+    sends conv1's pattern through conv3, where the violation shows."""
+    model, hat = _converted()
+    inputs = hatify.inputs.Inputs.of((X,))
+    patterns = [("conv1 zero", _only_zero(hat, "conv1"))]
+    results, violations, _ = probe.probe_flow(hat, inputs, patterns)
+    assert violations == 0 and results[0]["layers"] == 3  # stem, conv1, conv2: the run stopped before conv3
+    conv3 = _layer(hat, "conv3")
+    conv3.input_index = torch.arange(conv3.input_units).unsqueeze(0) + _layer(hat, "conv1").offset
+    results, violations, _ = probe.probe_flow(hat, inputs, patterns)
+    assert violations > 0 and results[0]["layers"] == 4
+    assert not hatify.validate(model, hat, (X,)).passed
+
+
+def early_runs_record_what_full_runs_record(hat, inputs):
+    """Every probe pattern, run up to its stop: each call where the plan predicts a zero is recorded, and every
+    recorded call as the full run records it."""
+    watch = probe.watched_sites(hat)
+    hat.eval()
+    stopped_early = 0
+    for _, keep in probe.probe_patterns(hat):
+        needed = probe.predicted_sites(keep, watch)
+        early = probe.observe_zeros(hat, inputs, keep, watch, needed)
+        full = probe.observe_zeros(hat, inputs, keep, watch)
+        assert needed <= early.keys() <= full.keys()
+        assert all(torch.equal(a, b) for node in early for a, b in zip(early[node], full[node], strict=True))
+        stopped_early += early.keys() != full.keys()
+    return stopped_early
+
+
+def test_early_stopped_runs_record_what_full_runs_record():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=4)
+    x = torch.randn(2, 3, 32, 32)
+    hat = hatify.hatify(model, 2, (x,))
+    assert hat.report.validation["passed"]
+    assert early_runs_record_what_full_runs_record(hat, hatify.inputs.Inputs.of((x,))) >= 3
