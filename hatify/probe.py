@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
 from .flow import producer_input
 from .inputs import Inputs
@@ -28,7 +29,9 @@ from .per_sample import Unsupported, _PerSample, _static_reason, _TaskMasks, bat
 from .plan import LayerPlan, input_sites
 from .rewrite import SCALE_ARG, TASK_ARG
 from .shapes import SPEC, Interpreter, TensorSpec
+from .layers import Gate
 
+MASK_BANK = "hat_masks"  # the mask vector's module (`rewrite._mask_bank`)
 ROWS_BYTES = 2 ** 28  # one batched probe run holds at most this much of its largest activation (all patterns)
 
 
@@ -67,6 +70,7 @@ def last_point(hat: HATModel, points: list[StopPoint | None]) -> StopPoint | Non
 def _start_recording(recorder: fx.Interpreter, watch: dict[str, LayerPlan], patterns: int, prefix: str = "",
                      zeros: dict | None = None, stop: StopPoint | None = None) -> None:
     recorder.watch, recorder.patterns, recorder.prefix, recorder.stop = watch, patterns, prefix, stop
+    recorder.before = set()
     recorder.zeros = {} if zeros is None else zeros
     recorder.reduced = {}  # layers reading the same tensor (same version) the same way
 
@@ -87,6 +91,8 @@ def _record(recorder: fx.Interpreter, n: fx.Node) -> None:
 
 
 def _run_node(recorder: fx.Interpreter, n: fx.Node, run) -> Any:
+    if n in recorder.before:  # a forked run (`observe_forked`): this node ran in the open run, or is not needed
+        return None
     _record(recorder, n)
     result = run(n)
     if recorder.stop == (n, True):
@@ -200,12 +206,14 @@ def _layer_ends(hat: HATModel, layers: list[LayerPlan]) -> list[int]:
     return ends
 
 
-def probe_patterns(hat: HATModel, random_draws: int = 2) -> list[tuple[str, torch.Tensor]]:
+def probe_patterns(hat: HATModel, random_draws: int = 2, alone: bool = False) -> list[tuple[str, torch.Tensor]]:
     """Deterministic mask patterns (1 = unit kept) for the mask-flow probe: every unit zero; `random_draws` seeded
     draws zeroing half the units (a wrong map within a layer, an offset, a permutation, shows where one unit is
     zero and the unit it really depends on is not); and layer groups from `_separating_codes`: for every ordered
     pair of layers (A, B), one group has A zeroed and B not (a map that names the wrong layer, or misses an
-    operand, shows). The latest-read layers share a few groups, so that the other groups' runs stop early."""
+    operand, shows). The latest-read layers share a few groups, so that the other groups' runs stop early.
+    `alone`: every layer is a group of its own (the same pairs, and more: for runs that start where they first
+    differ from the open run, `observe_forked`, each costs little more than the run from its gate to its readers)."""
     units = hat.plan.total_units
     patterns = [("all zero", torch.zeros(units))]
     for seed in range(random_draws):
@@ -214,7 +222,8 @@ def probe_patterns(hat: HATModel, random_draws: int = 2) -> list[tuple[str, torc
     layers = [layer for layer in hat.plan.masked_layers if layer.offset is not None]
     ends = _layer_ends(hat, layers)
     layers = [layer for _, layer in sorted(zip(ends, layers), key=lambda pair: -pair[0])]
-    codes = _separating_codes(len(layers), sorted(ends, reverse=True)) if len(layers) > 1 else []
+    codes = [] if len(layers) < 2 else [(i,) for i in range(len(layers))] if alone else \
+        _separating_codes(len(layers), sorted(ends, reverse=True))
     for group in range(max((max(code) + 1 for code in codes if code), default=0)):
         keep = torch.ones(units)
         for layer, code in zip(layers, codes):
@@ -259,19 +268,115 @@ def observe_zeros(hat: HATModel, inputs: Inputs, keep: torch.Tensor, watch: dict
 
 
 @contextlib.contextmanager
-def _recording_nested(hat: HATModel, watch: dict[str, LayerPlan], zeros: dict) -> Iterator[None]:
+def _recording_nested(hat: HATModel, watch: dict[str, LayerPlan], zeros: dict | list[dict]) -> Iterator[None]:
     """Every nested subgraph (`hatify.nested`) runs through its own `_ZeroRecorder` writing into `zeros` under
-    its full names, so that the probe sees its layers' inputs as the model's."""
+    its full names (a list: into its first dict at the time of the call), so that the probe sees its layers'
+    inputs as the model's."""
+    sink = zeros if isinstance(zeros, list) else [zeros]
     subgraphs = [(path, hat.net.get_submodule(path)) for path in nested_paths(hat.plan)]
     for path, sub in subgraphs:
         def run(*args, _sub=sub, _prefix=f"{path}.", **kwargs):
-            return _ZeroRecorder(_sub, watch, _prefix, zeros).run(*positional_call(_sub, args, kwargs))
+            return _ZeroRecorder(_sub, watch, _prefix, sink[0]).run(*positional_call(_sub, args, kwargs))
         sub.forward = run
     try:
         yield
     finally:
         for _, sub in subgraphs:
             del sub.forward
+
+
+def _mask_readers(hat: HATModel) -> list[tuple[fx.Node, torch.Tensor | None]]:
+    """Each node of the model's graph that reads the mask vector, in order, with the units it reads (None: any;
+    the constant 1 is the index `total_units`)."""
+    bank = [n for n in hat.net.graph.nodes if n.op == "call_module" and n.target == MASK_BANK]
+    readers = []
+    for n in hat.net.graph.nodes:
+        if bank and bank[0] in n.all_input_nodes:
+            module = hat.net.get_submodule(n.target) if n.op == "call_module" else None
+            readers.append((n, module.index if isinstance(module, Gate) else None))
+    return readers
+
+
+def _start(hat: HATModel, keep: torch.Tensor, readers: list, first_needed: fx.Node, order: dict) -> fx.Node:
+    """Where a run under `keep` first differs from the open run: the first node that reads a zeroed mask unit;
+    earlier if a call it must observe (`first_needed`) comes first."""
+    keep_ext = torch.cat([keep, torch.ones(1)])
+    for n, units in readers:
+        if order[n] >= order[first_needed]:
+            break
+        if bool((keep_ext == 0).any() if units is None else (keep_ext[units.cpu()] == 0).any()):
+            return n
+    return first_needed
+
+
+def _copy_live(env: dict, shared: set[int]) -> dict:
+    """The open run's live values for a forked run, which may write into them in place: every tensor storage
+    copied once, so that views still alias as they did (parameters and buffers, `shared`, stay themselves)."""
+    storages: dict[int, Any] = {}
+
+    def copy(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor) or v.untyped_storage().data_ptr() in shared or v.layout != torch.strided:
+            return v
+        key = v.untyped_storage().data_ptr()
+        if key not in storages:
+            storages[key] = v.untyped_storage().clone()
+        return v.new_empty(0).set_(storages[key], v.storage_offset(), v.size(), v.stride())
+    return {node: pytree.tree_map(copy, value) for node, value in env.items()}
+
+
+def observe_forked(hat: HATModel, inputs: Inputs, keeps: list[torch.Tensor], watch: dict[str, LayerPlan],
+                   needed: list[set[str]]) -> list[dict[str, list[torch.Tensor]]]:
+    """`observe_zeros(hat, inputs, keep, watch, need)` for each mask vector, restricted to the calls from where
+    the run under it first differs from the open run (`_start`) on: one run with every mask open goes up to the
+    last start, and at each start the pattern's own run takes over from a copy of the open run's live values,
+    with its mask vector in place of the open one, and stops where `observe_zeros` stops. Values before the start
+    are the open run's (no mask read there differs), so the calls from the start on see what a full run sees."""
+    points, readers = stop_points(hat, watch), _mask_readers(hat)
+    order = {n: i for i, n in enumerate(hat.net.graph.nodes)}
+    bank = next(n for n in hat.net.graph.nodes if n.op == "call_module" and n.target == MASK_BANK)
+    shared = {t.untyped_storage().data_ptr() for t in itertools.chain(hat.net.parameters(), hat.net.buffers())}
+    results: list[dict] = [{} for _ in keeps]
+    forks: dict[fx.Node, list[int]] = {}
+    for i, (keep, need) in enumerate(zip(keeps, needed)):
+        if need:
+            first = min((points[site][0] if points[site] else bank for site in need), key=order.get)
+            forks.setdefault(_start(hat, keep, readers, first, order), []).append(i)
+    sink: list[dict] = [{}]
+    args = _positional(hat, inputs.flat, 0, None)
+
+    def fork(env: dict, start: fx.Node) -> None:
+        for i in forks.pop(start):
+            recorder = _ZeroRecorder(hat.net, watch, zeros=results[i], stop=last_point(
+                hat, [points[site] for site in needed[i]]))
+            recorder.before = {n for n in order if order[n] < order[start]}
+            live = _copy_live(env, shared)
+            if bank in live:
+                live[bank] = torch.cat([keeps[i], keeps[i].new_ones(1)])
+            sink[0] = results[i]
+            try:
+                recorder.run(*args, initial_env=live)
+            except _LastWatched:
+                pass
+        sink[0] = {}
+
+    class OpenRun(Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            if n in forks:
+                fork(self.env, n)
+            if not forks:
+                raise _LastWatched
+            return super().run_node(n)
+
+    hat.masks.override = torch.ones(hat.plan.total_units)
+    try:
+        with torch.no_grad(), _recording_nested(hat, watch, sink):
+            if forks:
+                OpenRun(hat.net).run(*args)
+    except _LastWatched:
+        pass
+    finally:
+        hat.masks.override = None
+    return results
 
 
 def _patterns_per_run(net: fx.GraphModule, watch: dict[str, LayerPlan]) -> int:
@@ -329,7 +434,7 @@ def _observe_all(hat: HATModel, inputs: Inputs, keeps: list[torch.Tensor], watch
         return [observed for i in range(0, len(keeps), per_run) for observed in
                 observe_rows(hat, inputs, keeps[i:i + per_run], watch, set().union(*needed[i:i + per_run]))], True
     except Exception:  # noqa: BLE001 - repeated inputs this graph cannot take: one pattern at a time decides
-        return [observe_zeros(hat, inputs, keep, watch, need) for keep, need in zip(keeps, needed)], False
+        return observe_forked(hat, inputs, keeps, watch, needed), False
 
 
 def predicted_sites(keep: torch.Tensor, watch: dict[str, LayerPlan]) -> set[str]:
@@ -366,7 +471,7 @@ def probe_flow(hat: HATModel, inputs: Inputs, patterns: list[tuple[str, torch.Te
     the calls that its run passed."""
     watch = watched_sites(hat)
     rows = hat.masks.embedding(0).device.type != "cpu" if rows is None else rows
-    patterns = patterns if patterns is not None else probe_patterns(hat)
+    patterns = patterns if patterns is not None else probe_patterns(hat, alone=not rows)
     results: list[dict] = [{} for _ in patterns]
     violations = 0
     zero_when_closed: dict[str, torch.Tensor] = {}   # layer -> input units zero with every mask zero
@@ -384,7 +489,7 @@ def probe_flow(hat: HATModel, inputs: Inputs, patterns: list[tuple[str, torch.Te
                 ([{} for _ in batch], False)
             for i, keep, need, zeros in zip(batch, keeps, needed, observed):
                 predicted, actual, bad = _counts(keep, zeros, watch)
-                if bad and as_rows:  # rows of other patterns may have reached these (a model that mixes rows)
+                if bad:  # decided by the pattern's own full run (rows of other patterns may have reached these)
                     zeros = observe_zeros(hat, inputs, keep, watch, need)
                     predicted, actual, bad = _counts(keep, zeros, watch)
                 for node, per_call in zeros.items():
