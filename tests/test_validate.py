@@ -191,12 +191,17 @@ def early_runs_record_what_full_runs_record(hat, inputs):
     watch = probe.watched_sites(hat)
     hat.eval()
     stopped_early = 0
-    for _, keep in probe.probe_patterns(hat):
-        needed = probe.predicted_sites(keep, watch)
+    keeps = [keep for alone in (False, True) for _, keep in probe.probe_patterns(hat, alone=alone)]
+    needs = [probe.predicted_sites(keep, watch) for keep in keeps]
+    forked = probe.observe_forked(hat, inputs, keeps, watch, needs)  # each from where it leaves the open run
+    for keep, needed, late in zip(keeps, needs, forked):
         early = probe.observe_zeros(hat, inputs, keep, watch, needed)
         full = probe.observe_zeros(hat, inputs, keep, watch)
-        assert needed <= early.keys() <= full.keys()
-        assert all(torch.equal(a, b) for node in early for a, b in zip(early[node], full[node], strict=True))
+        assert needed <= late.keys() <= early.keys() <= full.keys()
+        for node in early:
+            assert all(torch.equal(a, b) for a, b in zip(early[node], full[node], strict=True))
+        for node in late:
+            assert all(torch.equal(a, b) for a, b in zip(late[node], full[node], strict=True))
         stopped_early += early.keys() != full.keys()
     return stopped_early
 
