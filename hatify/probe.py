@@ -274,6 +274,7 @@ def _recording_nested(hat: HATModel, watch: dict[str, LayerPlan], zeros: dict | 
     inputs as the model's."""
     sink = zeros if isinstance(zeros, list) else [zeros]
     subgraphs = [(path, hat.net.get_submodule(path)) for path in nested_paths(hat.plan)]
+    previous = [sub.__dict__.get("forward") for _, sub in subgraphs]  # an enclosing recording's (a forked run's)
     for path, sub in subgraphs:
         def run(*args, _sub=sub, _prefix=f"{path}.", **kwargs):
             return _ZeroRecorder(_sub, watch, _prefix, sink[0]).run(*positional_call(_sub, args, kwargs))
@@ -281,8 +282,11 @@ def _recording_nested(hat: HATModel, watch: dict[str, LayerPlan], zeros: dict | 
     try:
         yield
     finally:
-        for _, sub in subgraphs:
-            del sub.forward
+        for (_, sub), forward in zip(subgraphs, previous):
+            if forward is None:
+                del sub.forward
+            else:
+                sub.forward = forward
 
 
 def _mask_readers(hat: HATModel) -> list[tuple[fx.Node, torch.Tensor | None]]:
@@ -309,13 +313,23 @@ def _start(hat: HATModel, keep: torch.Tensor, readers: list, first_needed: fx.No
     return first_needed
 
 
-def _copy_live(env: dict, shared: set[int]) -> dict:
+_IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, slice, type(Ellipsis), torch.dtype, torch.device,
+              torch.Size, torch.layout, torch.memory_format)
+
+
+def _copy_live(env: dict, shared: set[int]) -> dict | None:
     """The open run's live values for a forked run, which may write into them in place: every tensor storage
-    copied once, so that views still alias as they did (parameters and buffers, `shared`, stay themselves)."""
+    copied once, so that views still alias as they did (parameters and buffers, `shared`, stay themselves).
+    None where a live value is an object that is neither a tensor nor immutable (a cache a layer appends to):
+    the pattern then runs from the start."""
     storages: dict[int, Any] = {}
+    leaves = pytree.tree_leaves(list(env.values()))
+    if not all(isinstance(v, _IMMUTABLE) or (isinstance(v, torch.Tensor) and v.layout == torch.strided)
+               for v in leaves):
+        return None
 
     def copy(v: Any) -> Any:
-        if not isinstance(v, torch.Tensor) or v.untyped_storage().data_ptr() in shared or v.layout != torch.strided:
+        if not isinstance(v, torch.Tensor) or v.untyped_storage().data_ptr() in shared:
             return v
         key = v.untyped_storage().data_ptr()
         if key not in storages:
@@ -333,7 +347,9 @@ def observe_forked(hat: HATModel, inputs: Inputs, keeps: list[torch.Tensor], wat
     are the open run's (no mask read there differs), so the calls from the start on see what a full run sees."""
     points, readers = stop_points(hat, watch), _mask_readers(hat)
     order = {n: i for i, n in enumerate(hat.net.graph.nodes)}
-    bank = next(n for n in hat.net.graph.nodes if n.op == "call_module" and n.target == MASK_BANK)
+    bank = next((n for n in hat.net.graph.nodes if n.op == "call_module" and n.target == MASK_BANK), None)
+    if bank is None:
+        return [observe_zeros(hat, inputs, keep, watch, need) for keep, need in zip(keeps, needed)]
     shared = {t.untyped_storage().data_ptr() for t in itertools.chain(hat.net.parameters(), hat.net.buffers())}
     results: list[dict] = [{} for _ in keeps]
     forks: dict[fx.Node, list[int]] = {}
@@ -348,16 +364,19 @@ def observe_forked(hat: HATModel, inputs: Inputs, keeps: list[torch.Tensor], wat
         for i in forks.pop(start):
             recorder = _ZeroRecorder(hat.net, watch, zeros=results[i], stop=last_point(
                 hat, [points[site] for site in needed[i]]))
-            recorder.before = {n for n in order if order[n] < order[start]}
             live = _copy_live(env, shared)
+            if live is None:
+                results[i].update(observe_zeros(hat, inputs, keeps[i], watch, needed[i]))
+                continue
+            recorder.before = {n for n in order if order[n] < order[start]}
             if bank in live:
                 live[bank] = torch.cat([keeps[i], keeps[i].new_ones(1)])
-            sink[0] = results[i]
+            sink[0], hat.masks.override = results[i], keeps[i]  # (the bank runs again where the fork precedes it)
             try:
                 recorder.run(*args, initial_env=live)
             except _LastWatched:
                 pass
-        sink[0] = {}
+        sink[0], hat.masks.override = {}, open_masks
 
     class OpenRun(Interpreter):
         def run_node(self, n: fx.Node) -> Any:
@@ -367,7 +386,7 @@ def observe_forked(hat: HATModel, inputs: Inputs, keeps: list[torch.Tensor], wat
                 raise _LastWatched
             return super().run_node(n)
 
-    hat.masks.override = torch.ones(hat.plan.total_units)
+    hat.masks.override = open_masks = torch.ones(hat.plan.total_units)
     try:
         with torch.no_grad(), _recording_nested(hat, watch, sink):
             if forks:
