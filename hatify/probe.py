@@ -6,7 +6,9 @@ once per pattern, each copy under its own pattern through the per-sample mask pa
 model runs once for several patterns (fewer, larger kernels; one interpreter walk) instead of once per pattern. On
 the CPU one pattern at a time stays the default, as for mixed-task batches (`HATModel._mixed`): the rows measured
 slower there (timm resnet50, one thread: the per-row gates cannot fold into the norms, and large batches leave the
-cache). One pattern at a time (`observe_zeros`) is the definition: it runs where rows cannot (a gated activation
+cache); there each pattern's run starts where it first differs from one shared open run and stops after the
+last call where the plan predicts a zero (`observe_forked`). One pattern at a time (`observe_zeros`) is the
+definition: it runs where rows cannot (a gated activation
 that does not lead with the batch, inputs that do not repeat), and it decides every pattern whose rows report a
 violation, so that a model which mixes rows in eval (batch statistics) cannot fail a sound plan."""
 from __future__ import annotations
@@ -485,9 +487,12 @@ def probe_flow(hat: HATModel, inputs: Inputs, patterns: list[tuple[str, torch.Te
 
     A pattern's run stops once it has passed every call where the plan predicts a zero under it (no violation
     can come later) and every call that imprecision still needs: the patterns that close every mask run first
-    and to the end; the others also pass the calls where those found unknown units zero. So violations and
-    predicted zeros are those of full runs, and so is imprecision; a result's "layers" and "actual_zero" count
-    the calls that its run passed."""
+    and to the end; the others also pass the calls where those found unknown units zero. One pattern at a time,
+    a run also starts late, where it first differs from one shared open run (`observe_forked`), and the layer
+    groups are single layers (`probe_patterns(alone=True)`: the same ordered pairs separated, each run short).
+    So violations and predicted zeros are those of full runs (a pattern with a violation is decided by a full
+    run of its own), and so is imprecision; a result's "layers" and "actual_zero" count the calls its run
+    passed."""
     watch = watched_sites(hat)
     rows = hat.masks.embedding(0).device.type != "cpu" if rows is None else rows
     patterns = patterns if patterns is not None else probe_patterns(hat, alone=not rows)
