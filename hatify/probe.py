@@ -8,9 +8,9 @@ the CPU one pattern at a time stays the default, as for mixed-task batches (`HAT
 slower there (timm resnet50, one thread: the per-row gates cannot fold into the norms, and large batches leave the
 cache); there each pattern's run starts where it first differs from one shared open run and stops after the
 last call where the plan predicts a zero (`observe_forked`). One pattern at a time (`observe_zeros`) is the
-definition: it runs where rows cannot (a gated activation
-that does not lead with the batch, inputs that do not repeat), and it decides every pattern whose rows report a
-violation, so that a model which mixes rows in eval (batch statistics) cannot fail a sound plan."""
+definition: it runs where rows cannot (a gated activation that does not lead with the batch, inputs that do not
+repeat), and it decides every pattern whose rows or forked run report a violation, so that a model which mixes
+rows in eval (batch statistics) cannot fail a sound plan."""
 from __future__ import annotations
 
 import contextlib
