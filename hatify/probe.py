@@ -14,6 +14,7 @@ rows in eval (batch statistics) cannot fail a sound plan."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import math
 from typing import Any, Iterator
@@ -319,25 +320,31 @@ _IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, slice, type(Ell
               torch.Size, torch.layout, torch.memory_format)
 
 
-def _copy_live(env: dict, shared: set[int]) -> dict | None:
+def _copy_live(env: dict, shared: dict[int, Any]) -> dict | None:
     """The open run's live values for a forked run, which may write into them in place: every tensor storage
-    copied once, so that views still alias as they did (parameters and buffers, `shared`, stay themselves).
-    None where a live value is an object that is neither a tensor nor immutable (a cache a layer appends to):
-    the pattern then runs from the start."""
+    copied once, so that views still alias as they did; other objects (an `ImageList`, a cache a layer appends
+    to) deep-copied with those copies, the model's modules, parameters and buffers (`shared`: id -> itself) kept
+    as they are. None where an object cannot be copied: the pattern then runs from the start."""
     storages: dict[int, Any] = {}
-    leaves = pytree.tree_leaves(list(env.values()))
-    if not all(isinstance(v, _IMMUTABLE) or (isinstance(v, torch.Tensor) and v.layout == torch.strided)
-               for v in leaves):
-        return None
+    memo = dict(shared)
 
-    def copy(v: Any) -> Any:
-        if not isinstance(v, torch.Tensor) or v.untyped_storage().data_ptr() in shared:
-            return v
+    def copy_tensor(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor) or id(v) in memo or v.layout != torch.strided:
+            return memo.get(id(v), v)
         key = v.untyped_storage().data_ptr()
         if key not in storages:
             storages[key] = v.untyped_storage().clone()
-        return v.new_empty(0).set_(storages[key], v.storage_offset(), v.size(), v.stride())
-    return {node: pytree.tree_map(copy, value) for node, value in env.items()}
+        memo[id(v)] = v.new_empty(0).set_(storages[key], v.storage_offset(), v.size(), v.stride())
+        return memo[id(v)]
+
+    def copy_object(v: Any) -> Any:
+        return v if isinstance(v, (torch.Tensor, *_IMMUTABLE)) else copy.deepcopy(v, memo)
+
+    try:
+        tensors = {node: pytree.tree_map(copy_tensor, value) for node, value in env.items()}
+        return {node: pytree.tree_map(copy_object, value) for node, value in tensors.items()}
+    except Exception:  # noqa: BLE001 - an object deepcopy cannot take
+        return None
 
 
 def observe_forked(hat: HATModel, inputs: Inputs, keeps: list[torch.Tensor], watch: dict[str, LayerPlan],
@@ -352,7 +359,7 @@ def observe_forked(hat: HATModel, inputs: Inputs, keeps: list[torch.Tensor], wat
     bank = next((n for n in hat.net.graph.nodes if n.op == "call_module" and n.target == MASK_BANK), None)
     if bank is None:
         return [observe_zeros(hat, inputs, keep, watch, need) for keep, need in zip(keeps, needed)]
-    shared = {t.untyped_storage().data_ptr() for t in itertools.chain(hat.net.parameters(), hat.net.buffers())}
+    shared = {id(v): v for v in itertools.chain(hat.net.modules(), hat.net.parameters(), hat.net.buffers())}
     results: list[dict] = [{} for _ in keeps]
     forks: dict[fx.Node, list[int]] = {}
     for i, (keep, need) in enumerate(zip(keeps, needed)):

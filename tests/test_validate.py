@@ -3,6 +3,8 @@ that computes something else each fail validation (the probe, the gradient check
 from __future__ import annotations
 
 import sys
+import threading
+import types
 
 import pytest
 import timm
@@ -217,14 +219,18 @@ def test_early_stopped_runs_record_what_full_runs_record():
 
 def test_a_forked_run_gets_its_own_copy_of_the_live_values():
     """A forked probe run may write in place: it gets copies in which views still alias their base; parameters
-    stay themselves; an object it could change (a cache) makes the pattern run from the start instead."""
+    stay themselves; other objects are deep-copied with those copies; one that cannot be copied makes the pattern
+    run from the start instead."""
     weight = torch.nn.Parameter(torch.randn(3))
     base = torch.randn(4, 3)
     before = base.clone()
     env = {"base": base, "row": base[1], "pair": (base[2:], weight), "n": 3}
-    live = probe._copy_live(env, {weight.untyped_storage().data_ptr()})
+    live = probe._copy_live(env, {id(weight): weight})
     live["row"].add_(1.0)  # in place, as relu_ or += would
     assert torch.equal(live["base"][1], live["row"]) and torch.equal(live["pair"][0], live["base"][2:])
     assert torch.equal(base, before) and not torch.equal(live["base"], before)
     assert live["pair"][1] is weight and live["n"] == 3
-    assert probe._copy_live({**env, "cache": object()}, set()) is None
+    holder = types.SimpleNamespace(images=base, sizes=[(4, 3)])  # an object holding a live tensor (ImageList)
+    live = probe._copy_live({**env, "holder": holder}, {})
+    assert live["holder"] is not holder and live["holder"].images is live["base"]
+    assert probe._copy_live({**env, "lock": threading.Lock()}, {}) is None  # cannot be copied: run from the start
