@@ -348,25 +348,27 @@ def _copy_live(env: dict, shared: dict[int, Any]) -> dict | None:
 
 
 def observe_forked(hat: HATModel, inputs: Inputs, keeps: list[torch.Tensor], watch: dict[str, LayerPlan],
-                   needed: list[set[str]]) -> list[dict[str, list[torch.Tensor]]]:
+                   needed: list[set[str]], open_needed: set[str] = frozenset()) -> list[dict[str, list[torch.Tensor]]]:
     """`observe_zeros(hat, inputs, keep, watch, need)` for each mask vector, restricted to the calls from where
     the run under it first differs from the open run (`_start`) on: one run with every mask open goes up to the
     last start, and at each start the pattern's own run takes over from a copy of the open run's live values,
     with its mask vector in place of the open one, and stops where `observe_zeros` stops. Values before the start
-    are the open run's (no mask read there differs), so the calls from the start on see what a full run sees."""
+    are the open run's (no mask read there differs), so the calls from the start on see what a full run sees.
+    The open run's own record (every mask kept) comes last; it passes at least the calls in `open_needed`."""
     points, readers = stop_points(hat, watch), _mask_readers(hat)
     order = {n: i for i, n in enumerate(hat.net.graph.nodes)}
     bank = next((n for n in hat.net.graph.nodes if n.op == "call_module" and n.target == MASK_BANK), None)
     if bank is None:
-        return [observe_zeros(hat, inputs, keep, watch, need) for keep, need in zip(keeps, needed)]
+        return [observe_zeros(hat, inputs, keep, watch, need) for keep, need in zip(keeps, needed)] + \
+            [observe_zeros(hat, inputs, torch.ones(hat.plan.total_units), watch, set(open_needed))]
     shared = {id(v): v for v in itertools.chain(hat.net.modules(), hat.net.parameters(), hat.net.buffers())}
-    results: list[dict] = [{} for _ in keeps]
+    results: list[dict] = [{} for _ in keeps] + [{}]
     forks: dict[fx.Node, list[int]] = {}
     for i, (keep, need) in enumerate(zip(keeps, needed)):
         if need:
             first = min((points[site][0] if points[site] else bank for site in need), key=order.get)
             forks.setdefault(_start(hat, keep, readers, first, order), []).append(i)
-    sink: list[dict] = [{}]
+    sink: list[dict] = [results[-1]]
     args = _positional(hat, inputs.flat, 0, None)
 
     def fork(env: dict, start: fx.Node) -> None:
@@ -385,21 +387,20 @@ def observe_forked(hat: HATModel, inputs: Inputs, keeps: list[torch.Tensor], wat
                 recorder.run(*args, initial_env=live)
             except _LastWatched:
                 pass
-        sink[0], hat.masks.override = {}, open_masks
+        sink[0], hat.masks.override = results[-1], open_masks
 
-    class OpenRun(Interpreter):
+    class OpenRun(_ZeroRecorder):
         def run_node(self, n: fx.Node) -> Any:
             if n in forks:
                 fork(self.env, n)
-            if not forks:
-                raise _LastWatched
             return super().run_node(n)
 
     hat.masks.override = open_masks = torch.ones(hat.plan.total_units)
     try:
         with torch.no_grad(), _recording_nested(hat, watch, sink):
-            if forks:
-                OpenRun(hat.net).run(*args)
+            ends = [points[site] for site in open_needed] + [(n, False) for n in forks]
+            if ends:
+                OpenRun(hat.net, watch, zeros=results[-1], stop=last_point(hat, ends)).run(*args)
     except _LastWatched:
         pass
     finally:
@@ -450,19 +451,22 @@ def observe_rows(hat: HATModel, inputs: Inputs, keeps: list[torch.Tensor], watch
 
 
 def _observe_all(hat: HATModel, inputs: Inputs, keeps: list[torch.Tensor], watch: dict[str, LayerPlan],
-                 rows: bool, needed: list[set[str]] | None = None) -> tuple[list[dict[str, list[torch.Tensor]]], bool]:
+                 rows: bool, needed: list[set[str]] | None = None, open_needed: set[str] = frozenset()
+                 ) -> tuple[list[dict[str, list[torch.Tensor]]], bool, dict[str, list[torch.Tensor]]]:
     """Per mask vector, `observe_zeros`' result (`needed`: per mask vector, the calls it must observe; default
-    all): with `rows`, as rows of a few batched runs where the graph allows it, else one run per pattern. Also
-    says whether they ran as rows."""
+    all): with `rows`, as rows of a few batched runs where the graph allows it, else one run per pattern, forked
+    from one open run (`observe_forked`). Also says whether they ran as rows, and gives the open run's record
+    (passing `open_needed`; with rows, each pattern passes those calls instead)."""
     needed = [set(watch)] * len(keeps) if needed is None else needed
     per_run = _patterns_per_run(hat.net, watch)
     try:
         if not rows:
             raise Unsupported("one pattern at a time asked for")
-        return [observed for i in range(0, len(keeps), per_run) for observed in
-                observe_rows(hat, inputs, keeps[i:i + per_run], watch, set().union(*needed[i:i + per_run]))], True
+        return [observed for i in range(0, len(keeps), per_run) for observed in observe_rows(
+            hat, inputs, keeps[i:i + per_run], watch, set(open_needed).union(*needed[i:i + per_run]))], True, {}
     except Exception:  # noqa: BLE001 - repeated inputs this graph cannot take: one pattern at a time decides
-        return observe_forked(hat, inputs, keeps, watch, needed), False
+        observed = observe_forked(hat, inputs, keeps, watch, needed, open_needed)
+        return observed[:-1], False, observed[-1]
 
 
 def predicted_sites(keep: torch.Tensor, watch: dict[str, LayerPlan]) -> set[str]:
@@ -494,7 +498,8 @@ def probe_flow(hat: HATModel, inputs: Inputs, patterns: list[tuple[str, torch.Te
 
     A pattern's run stops once it has passed every call where the plan predicts a zero under it (no violation
     can come later) and every call that imprecision still needs: the patterns that close every mask run first
-    and to the end; the others also pass the calls where those found unknown units zero. One pattern at a time,
+    and to the end; where those found unknown units zero, the others pass the call (rows) or the shared open run
+    does (every mask kept: also a pattern under which such units show nonzero). One pattern at a time,
     a run also starts late, where it first differs from one shared open run (`observe_forked`), and the layer
     groups are single layers (`probe_patterns(alone=True)`: the same ordered pairs separated, each run short).
     So violations and predicted zeros are those of full runs (a pattern with a violation is decided by a full
@@ -515,9 +520,12 @@ def probe_flow(hat: HATModel, inputs: Inputs, patterns: list[tuple[str, torch.Te
             pending = {site for site, layer in watch.items() if layer.name in zero_when_closed
                        and bool(((layer.input_index == ONES).any(0) & zero_when_closed[layer.name]).any())}
             keeps = [patterns[i][1] for i in batch]
-            needed = [predicted_sites(keep, watch) | pending if keep.any() else set(watch) for keep in keeps]
-            observed, as_rows = _observe_all(hat, inputs, keeps, watch, rows, needed) if watch and batch else \
-                ([{} for _ in batch], False)
+            needed = [predicted_sites(keep, watch) if keep.any() else set(watch) for keep in keeps]
+            observed, as_rows, opened = _observe_all(hat, inputs, keeps, watch, rows, needed, pending) \
+                if watch and batch else ([{} for _ in batch], False, {})
+            for node, per_call in opened.items():  # every mask kept: a pattern that shows what masks zero
+                for zero in per_call:
+                    ever_nonzero[watch[node].name] = ever_nonzero.get(watch[node].name, ~zero) | ~zero
             for i, keep, need, zeros in zip(batch, keeps, needed, observed):
                 predicted, actual, bad = _counts(keep, zeros, watch)
                 if bad:  # decided by the pattern's own full run (rows of other patterns may have reached these)

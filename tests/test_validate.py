@@ -86,7 +86,7 @@ def test_probe_rows_record_what_one_pattern_at_a_time_records():
     watch, inputs = probe.watched_sites(hat), hatify.inputs.Inputs.of((X,))
     keeps = [keep for _, keep in probe.probe_patterns(hat)]
     hat.eval()
-    rows, as_rows = probe._observe_all(hat, inputs, keeps, watch, rows=True)
+    rows, as_rows, _ = probe._observe_all(hat, inputs, keeps, watch, rows=True)
     assert as_rows and len(rows) == len(keeps) > 3
     for keep, observed in zip(keeps, rows):
         alone = probe.observe_zeros(hat, inputs, keep, watch)
@@ -113,7 +113,7 @@ def test_a_model_that_mixes_rows_is_probed_one_pattern_at_a_time():
     watch, inputs = probe.watched_sites(hat), hatify.inputs.Inputs.of((X,))
     patterns = probe.probe_patterns(hat)
     hat.eval()
-    rows, as_rows = probe._observe_all(hat, inputs, [keep for _, keep in patterns], watch, rows=True)
+    rows, as_rows, _ = probe._observe_all(hat, inputs, [keep for _, keep in patterns], watch, rows=True)
     assert as_rows and any(probe._counts(keep, zeros, watch)[2] for (_, keep), zeros in zip(patterns, rows))
     _, violations, _ = probe.probe_flow(hat, inputs, rows=True)
     assert violations == 0 and hatify.validate(model, hat, (X,)).passed
