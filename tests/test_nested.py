@@ -14,6 +14,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
 import hatify
 from hatify.inputs import Inputs
+from hatify import probe
 from hatify.probe import observe_zeros, probe_flow
 
 SMALL = {"min_size": 64, "max_size": 64, "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50,
@@ -88,6 +89,23 @@ def test_probe_reaches_nested_layers(converted):
     finally:
         layer.input_index = saved
     assert violations > 0
+
+
+def test_probe_runs_stop_after_the_opaque_call_that_runs_their_last_layer(converted):
+    """A pattern that zeroes only backbone layers stops before the opaque calls; one that predicts a zero inside
+    a nested subgraph runs through the opaque call that runs it; both record what a full run records."""
+    from test_validate import early_runs_record_what_full_runs_record
+
+    _, _, hat = converted
+    inputs = Inputs.of((_images(),))
+    assert early_runs_record_what_full_runs_record(hat, inputs) >= 1
+    watch = probe.watched_sites(hat)
+    nested = [site for site in watch if site.startswith("roi_heads.")]
+    seen = observe_zeros(hat, inputs, torch.zeros(hat.plan.total_units), watch, set(nested[:1]))
+    assert set(nested) <= seen.keys()  # the opaque call ran to its end
+    own = [site for site in watch if "." not in site]
+    seen = observe_zeros(hat, inputs, torch.zeros(hat.plan.total_units), watch, set(own[:1]))
+    assert seen.keys() == set(own[:1])
 
 
 def test_task0_bit_identical_after_task1(converted):

@@ -186,8 +186,9 @@ def test_random_architecture_validates(spec: dict) -> None:
     assert result.probe_violations == 0
     assert result.missing_gradients == []
     watched = [layer for layer in hat.plan.masked_layers if layer.input_index is not None]
-    if watched:
-        assert all(probe["layers"] > 0 for probe in result.probes)
+    if watched:  # a pattern's run passes the calls where it predicts a zero (others may stop before any call)
+        assert all(probe["layers"] > 0 for probe in result.probes if probe["pattern"] == "all zero")
+        assert all(probe["layers"] > 0 for probe in result.probes if probe["predicted_zero"])
     if any(layer.input_producers for layer in watched):  # all masks closed: the probe is not vacuous
         assert all(probe["predicted_zero"] > 0 for probe in result.probes if probe["pattern"] == "all zero")
 

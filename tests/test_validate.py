@@ -3,8 +3,11 @@ that computes something else each fail validation (the probe, the gradient check
 from __future__ import annotations
 
 import sys
+import threading
+import types
 
 import pytest
+import timm
 import torch
 
 import hatify
@@ -83,7 +86,7 @@ def test_probe_rows_record_what_one_pattern_at_a_time_records():
     watch, inputs = probe.watched_sites(hat), hatify.inputs.Inputs.of((X,))
     keeps = [keep for _, keep in probe.probe_patterns(hat)]
     hat.eval()
-    rows, as_rows = probe._observe_all(hat, inputs, keeps, watch, rows=True)
+    rows, as_rows, _ = probe._observe_all(hat, inputs, keeps, watch, rows=True)
     assert as_rows and len(rows) == len(keeps) > 3
     for keep, observed in zip(keeps, rows):
         alone = probe.observe_zeros(hat, inputs, keep, watch)
@@ -110,7 +113,7 @@ def test_a_model_that_mixes_rows_is_probed_one_pattern_at_a_time():
     watch, inputs = probe.watched_sites(hat), hatify.inputs.Inputs.of((X,))
     patterns = probe.probe_patterns(hat)
     hat.eval()
-    rows, as_rows = probe._observe_all(hat, inputs, [keep for _, keep in patterns], watch, rows=True)
+    rows, as_rows, _ = probe._observe_all(hat, inputs, [keep for _, keep in patterns], watch, rows=True)
     assert as_rows and any(probe._counts(keep, zeros, watch)[2] for (_, keep), zeros in zip(patterns, rows))
     _, violations, _ = probe.probe_flow(hat, inputs, rows=True)
     assert violations == 0 and hatify.validate(model, hat, (X,)).passed
@@ -150,13 +153,16 @@ def test_open_mask_comparison_finds_a_changed_computation():
     assert result.missing_gradients == [] and result.probe_violations == 0
 
 
+@pytest.mark.parametrize("ordered", [False, True])
 @pytest.mark.parametrize("n", [2, 3, 5, 20, 53, 300])
-def test_layer_groups_separate_every_ordered_pair(n):
-    codes = probe._separating_codes(n)
+def test_layer_groups_separate_every_ordered_pair(n, ordered):
+    ends = sorted(torch.randint(-1, 400, (n,), generator=torch.Generator().manual_seed(n)).tolist(), reverse=True)
+    codes = probe._separating_codes(n, ends if ordered else None)
     assert len(set(codes)) == n
     assert all(set(a) - set(b) for a in codes for b in codes if a != b)  # A zeroed while B is not, both ways
     positions = max(max(code) for code in codes) + 1
     assert positions <= 2 * max(1, n - 1).bit_length()  # never more probes than one bit each way
+    assert positions == max(max(code) for code in probe._separating_codes(n)) + 1  # ordering adds no probe
 
 
 def test_output_differences_are_exact_without_whole_float64_copies():
@@ -175,3 +181,74 @@ def test_output_differences_are_exact_without_whole_float64_copies():
     b[2 ** 20 + 1] = float("nan")
     assert math.isnan(_largest(a, b))
     assert _largest(torch.ones(2, 3), torch.zeros(3)) == 1.0  # broadcast, as a plain difference
+
+
+def _only_zero(hat, name):
+    keep = torch.ones(hat.plan.total_units)
+    keep[_layer(hat, name).offset:][:_layer(hat, name).units] = 0
+    return keep
+
+
+def test_a_violation_past_the_zeroed_layers_readers_is_found():
+    """A pattern's run stops after the last call where the plan predicts a zero under it, wherever the zeroed
+    layers' real readers are: conv1 is read by conv2 only, but a plan that says conv3 (the last call) reads it
+    sends conv1's pattern through conv3, where the violation shows."""
+    model, hat = _converted()
+    inputs = hatify.inputs.Inputs.of((X,))
+    patterns = [("conv1 zero", _only_zero(hat, "conv1"))]
+    results, violations, _ = probe.probe_flow(hat, inputs, patterns)
+    assert violations == 0 and results[0]["layers"] == 1  # conv2: from conv1's gate on, stopped before conv3
+    conv3 = _layer(hat, "conv3")
+    conv3.input_index = torch.arange(conv3.input_units).unsqueeze(0) + _layer(hat, "conv1").offset
+    results, violations, _ = probe.probe_flow(hat, inputs, patterns)
+    assert violations > 0 and results[0]["layers"] == 4  # decided by the pattern's own full run
+    assert not hatify.validate(model, hat, (X,)).passed
+
+
+def early_runs_record_what_full_runs_record(hat, inputs):
+    """Every probe pattern, run up to its stop: each call where the plan predicts a zero is recorded, and every
+    recorded call as the full run records it."""
+    watch = probe.watched_sites(hat)
+    hat.eval()
+    stopped_early = 0
+    keeps = [keep for alone in (False, True) for _, keep in probe.probe_patterns(hat, alone=alone)]
+    needs = [probe.predicted_sites(keep, watch) for keep in keeps]
+    forked = probe.observe_forked(hat, inputs, keeps, watch, needs)  # each from where it leaves the open run
+    for keep, needed, late in zip(keeps, needs, forked):
+        early = probe.observe_zeros(hat, inputs, keep, watch, needed)
+        full = probe.observe_zeros(hat, inputs, keep, watch)
+        assert needed <= late.keys() <= early.keys() <= full.keys()
+        for node in early:
+            assert all(torch.equal(a, b) for a, b in zip(early[node], full[node], strict=True))
+        for node in late:
+            assert all(torch.equal(a, b) for a, b in zip(late[node], full[node], strict=True))
+        stopped_early += early.keys() != full.keys()
+    return stopped_early
+
+
+def test_early_stopped_runs_record_what_full_runs_record():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=4)
+    x = torch.randn(2, 3, 32, 32)
+    hat = hatify.hatify(model, 2, (x,))
+    assert hat.report.validation["passed"]
+    assert early_runs_record_what_full_runs_record(hat, hatify.inputs.Inputs.of((x,))) >= 3
+
+
+def test_a_forked_run_gets_its_own_copy_of_the_live_values():
+    """A forked probe run may write in place: it gets copies in which views still alias their base; parameters
+    stay themselves; other objects are deep-copied with those copies; one that cannot be copied makes the pattern
+    run from the start instead."""
+    weight = torch.nn.Parameter(torch.randn(3))
+    base = torch.randn(4, 3)
+    before = base.clone()
+    env = {"base": base, "row": base[1], "pair": (base[2:], weight), "n": 3}
+    live = probe._copy_live(env, {id(weight): weight})
+    live["row"].add_(1.0)  # in place, as relu_ or += would
+    assert torch.equal(live["base"][1], live["row"]) and torch.equal(live["pair"][0], live["base"][2:])
+    assert torch.equal(base, before) and not torch.equal(live["base"], before)
+    assert live["pair"][1] is weight and live["n"] == 3
+    holder = types.SimpleNamespace(images=base, sizes=[(4, 3)])  # an object holding a live tensor (ImageList)
+    live = probe._copy_live({**env, "holder": holder}, {})
+    assert live["holder"] is not holder and live["holder"].images is live["base"]
+    assert probe._copy_live({**env, "lock": threading.Lock()}, {}) is None  # cannot be copied: run from the start
