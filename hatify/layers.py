@@ -414,7 +414,7 @@ class TaskParameter(TaskCopies):
         first = nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad)
         for name in self.names:
             self.register_parameter(name, first if name == self.names[0] else
-                                    nn.Parameter(first.detach(), requires_grad=value.requires_grad))
+                                    nn.Parameter(alias(first), requires_grad=value.requires_grad))
         self.share_pending(range(len(self.names)))
 
     def task_parameters(self, t: int) -> list[tuple[str, str, nn.Parameter]]:
@@ -436,7 +436,14 @@ class TaskParameter(TaskCopies):
 
 def _aliases_of(module: nn.Module) -> dict[int, nn.Parameter]:
     """A deep copy's memo that gives the copy parameters of its own sharing `module`'s storage."""
-    return {id(p): type(p)(p.detach(), p.requires_grad) for p in module.parameters()}
+    return {id(p): type(p)(alias(p), p.requires_grad) for p in module.parameters()}
+
+
+def alias(t: torch.Tensor) -> torch.Tensor:
+    """A tensor on `t`'s storage with a version counter of its own (`detach()` shares `t`'s): an in-place write
+    through one pending copy shows in its version only (`TaskCopies._check_unwritten`)."""
+    with torch.no_grad():
+        return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
 
 
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from .errors import HatifyError
+
 # Modules with pending copies, materialised before any optimizer step where one holds a gradient.
 _LIVE: "weakref.WeakSet[TaskCopies]" = weakref.WeakSet()
 
@@ -66,6 +68,7 @@ class TaskCopies(nn.Module):
         """Hook the pending parameters (once each): a gradient accumulated into one materialises its copy."""
         self.__dict__["_pending_params"] = [(t, [p for _, _, p in self.task_parameters(t)])
                                             for t in sorted(self.pending)]
+        self.__dict__["_versions"] = {id(p): p._version for _, params in self._pending_params for p in params}
         if not self.pending:
             _LIVE.discard(self)
             return
@@ -92,12 +95,28 @@ class TaskCopies(nn.Module):
         """Copy t gets storage of its own (the same values), unless no other pending copy shares it."""
         if t not in self.pending:
             return
+        self._check_unwritten()
         shared = {id(p) for members in self.aliases() for u, _, p in members if u == t}
         self.pending.discard(t)
         for _, _, p in self.task_parameters(t):
             if id(p) in shared:
                 p.data = p.data.clone()
         self.watch()
+
+    def _check_unwritten(self) -> None:
+        """An in-place write by hand into one pending copy (`nn.init`, `p.mul_(...)`) also wrote the copies that
+        share its storage: it bumped that parameter's version and not theirs. Writes into every copy alike (DDP's
+        broadcast of rank 0's values) bump them all and pass; no step, gradient or load of ours bumps any."""
+        versions = self.__dict__.get("_versions", {})
+        for members in self.aliases():
+            moved = {t: p._version - versions[id(p)] for t, _, p in members if id(p) in versions}
+            if len(set(moved.values())) > 1:
+                t, key = max(((t, key) for t, key, _ in members if t in moved), key=lambda m: moved[m[0]])
+                others = sorted(u for u, _, _ in members if u != t)
+                raise HatifyError(
+                    f"task {t}'s copy `{key}` was written in place before begin_task({t}); its storage is shared "
+                    f"with the copies of tasks {others} (not begun), whose starting values changed with it. "
+                    f"Convert the model again and write a task's copy only after begin_task(t).")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         """Before the copies load (in place): a pending copy whose incoming values differ from the others' written

@@ -183,3 +183,37 @@ def test_pending_copies_share_storage_with_nothing_outside_their_module(model):
         assert not pending & outside
     assert not any(p.untyped_storage().data_ptr() == q.untyped_storage().data_ptr()
                    for p in hat.parameters() for q in original.parameters())
+
+
+def test_a_hand_write_into_a_waiting_copy_is_refused_at_the_next_begin_task():
+    """A write by hand into a copy whose task has not begun reached the other waiting copies (one storage): the next
+    materialisation says so instead of starting a task from values nobody set for it."""
+    model, hat, x = _convert()
+    with torch.no_grad():
+        _heads(hat).copies[2].weight.mul_(2.0)
+    with pytest.raises(hatify.HatifyError, match=r"task 2's copy .*written in place before begin_task\(2\)"):
+        hat.begin_task(0)
+
+
+def test_steps_loads_and_moves_are_no_hand_writes():
+    model, hat, x = _convert()
+    opt = torch.optim.AdamW(hat.parameters(), lr=1e-2, weight_decay=0.1)
+    _train(hat, 0, x, opt)
+    hat.load_state_dict(hat.state_dict())
+    hat.to(torch.float64).to(torch.float32)
+    _train(hat, 1, x, opt)
+    assert _pristine(model, hat, [2, 3])
+    _train(hat, 2, x, opt)  # task 1's steps after the move did not count as writes into the waiting copies
+    assert _pristine(model, hat, [3])
+
+
+def test_a_loaded_model_trains_on_without_false_alarms(tmp_path):
+    model, hat, x = _convert()
+    opt = torch.optim.SGD(hat.parameters(), lr=0.1, momentum=0.9)
+    _train(hat, 0, x, opt)
+    hatify.save(hat, tmp_path / "m.hat")
+    loaded = hatify.load(tmp_path / "m.hat", model=Net())
+    opt = torch.optim.SGD(loaded.parameters(), lr=0.1, momentum=0.9)
+    _train(loaded, 1, x, opt)
+    _train(loaded, 2, x, opt)
+    assert _pristine(model, loaded, [3])
