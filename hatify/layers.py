@@ -361,6 +361,9 @@ class TaskIndexed(TaskCopies):
         self.names = [str(t) for t in range(len(self.copies))]
         self.shared = shared
         self.frozen: set[int] = set()
+        # A module that writes its own parameters in its forward (`max_norm` renormalises embedding rows in place):
+        # a pending copy gets storage of its own before its first call, or the write would reach the other copies.
+        self.writes_itself = any(getattr(m, "max_norm", None) is not None for m in module.modules())
         self.share_pending(range(len(self.copies)))
 
     def task_parameters(self, t: int) -> list[tuple[str, str, nn.Parameter]]:
@@ -373,6 +376,8 @@ class TaskIndexed(TaskCopies):
         return self.copies._modules[self.names[0 if self.shared else hat_task_id]]
 
     def forward(self, *args, hat_task_id: int, **kwargs):
+        if self.writes_itself and self.pending:
+            self.materialise(0 if self.shared else hat_task_id)
         return self.pick(hat_task_id)(*args, **kwargs)
 
     def freeze(self, t: int) -> None:

@@ -217,3 +217,21 @@ def test_a_loaded_model_trains_on_without_false_alarms(tmp_path):
     _train(loaded, 1, x, opt)
     _train(loaded, 2, x, opt)
     assert _pristine(model, loaded, [3])
+
+
+def test_a_module_that_renormalises_itself_writes_only_its_own_copy():
+    """`Embedding(max_norm=...)` renormalises the rows it reads in place, in every forward: the copy that runs gets
+    storage of its own first, so the other tasks' copies keep their rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 8, max_norm=0.5), nn.Flatten(), nn.Linear(24, 4))
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)  # every row above max_norm
+    hat = hatify.hatify(model, num_tasks=3, example_inputs=(torch.tensor([[0, 1, 2], [3, 4, 5]]),))
+    copies = [m for m in hat.modules() if isinstance(m, TaskIndexed)][0].copies
+    waiting = copies[1].weight.detach().clone()
+    hat.eval()
+    with torch.no_grad():
+        hat(torch.tensor([[10, 11, 12], [13, 14, 15]]), task_id=0)  # rows 10-15 renormalised in task 0's copy
+    assert not torch.equal(copies[0].weight, waiting)
+    assert torch.equal(copies[1].weight, waiting) and torch.equal(copies[2].weight, waiting)
+    hat.begin_task(1)  # no hand write was seen
