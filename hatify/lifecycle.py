@@ -13,7 +13,7 @@ from .copying import detached_deepcopy
 from .errors import HatifyError
 from .layers import FoldedGate, Gate, Protect, TaskIndexed, TaskParameter
 from .nested import BOUND, call_opaque, nested_paths
-from .rewrite import SCALE_ARG, TASK_ARG, _owner
+from .rewrite import MASK_BANK, SCALE_ARG, TASK_ARG, _owner
 
 
 def forget_task(hat, t: int) -> None:
@@ -102,7 +102,7 @@ def extract(hat, t: int, prune: bool = False) -> fx.GraphModule:
             node.op, node.target, node.args = "call_module", module.target, node.args[3:]
             net.graph.erase_node(module)
     for node in list(net.graph.nodes):
-        if node.op == "call_module" and node.target == "hat_masks":
+        if node.op == "call_module" and node.target == MASK_BANK:
             net.graph.erase_node(node)
     del net.hat_masks
     _plain(net)

@@ -30,11 +30,10 @@ from .model import HATModel
 from .nested import call_opaque, nested_paths, positional_call
 from .per_sample import Unsupported, _PerSample, _static_reason, _TaskMasks, batch_size
 from .plan import LayerPlan, input_sites
-from .rewrite import SCALE_ARG, TASK_ARG
+from .rewrite import MASK_BANK, SCALE_ARG, TASK_ARG
 from .shapes import SPEC, Interpreter, TensorSpec
 from .layers import Gate
 
-MASK_BANK = "hat_masks"  # the mask vector's module (`rewrite._mask_bank`)
 ROWS_BYTES = 2 ** 28  # one batched probe run holds at most this much of its largest activation (all patterns)
 
 
@@ -292,13 +291,17 @@ def _recording_nested(hat: HATModel, watch: dict[str, LayerPlan], zeros: dict | 
                 sub.forward = forward
 
 
+def _bank_node(hat: HATModel) -> fx.Node | None:
+    return next((n for n in hat.net.graph.nodes if n.op == "call_module" and n.target == MASK_BANK), None)
+
+
 def _mask_readers(hat: HATModel) -> list[tuple[fx.Node, torch.Tensor | None]]:
     """Each node of the model's graph that reads the mask vector, in order, with the units it reads (None: any;
     the constant 1 is the index `total_units`)."""
-    bank = [n for n in hat.net.graph.nodes if n.op == "call_module" and n.target == MASK_BANK]
+    bank = _bank_node(hat)
     readers = []
     for n in hat.net.graph.nodes:
-        if bank and bank[0] in n.all_input_nodes:
+        if bank is not None and bank in n.all_input_nodes:
             module = hat.net.get_submodule(n.target) if n.op == "call_module" else None
             readers.append((n, module.index if isinstance(module, Gate) else None))
     return readers
@@ -357,7 +360,7 @@ def observe_forked(hat: HATModel, inputs: Inputs, keeps: list[torch.Tensor], wat
     The open run's own record (every mask kept) comes last; it passes at least the calls in `open_needed`."""
     points, readers = stop_points(hat, watch), _mask_readers(hat)
     order = {n: i for i, n in enumerate(hat.net.graph.nodes)}
-    bank = next((n for n in hat.net.graph.nodes if n.op == "call_module" and n.target == MASK_BANK), None)
+    bank = _bank_node(hat)
     if bank is None:
         return [observe_zeros(hat, inputs, keep, watch, need) for keep, need in zip(keeps, needed)] + \
             [observe_zeros(hat, inputs, torch.ones(hat.plan.total_units), watch, set(open_needed))]

@@ -4,17 +4,18 @@ from __future__ import annotations
 import collections
 import operator
 
-import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from .capture import Capture
 from .layers import FoldedGate, Gate, MaskBank, Protect, TaskIndexed, TaskParameter, fold_site, read_through_protect
 from .nested import BOUND, Bound, call_opaque
+from .pending import _storage
 from .plan import LayerPlan, Plan
 from .shapes import TensorSpec
 
 TASK_ARG, SCALE_ARG = "hat_task_id", "hat_mask_scale"
+MASK_BANK = "hat_masks"  # the module that gives the mask vector
 
 
 ROOT_HOLDER = "hat_root_params"
@@ -132,10 +133,6 @@ def rewrite(capture: Capture, plan: Plan, nested: bool = False) -> fx.GraphModul
     return gm
 
 
-def _storage(p: torch.Tensor) -> int:
-    return p.untyped_storage().data_ptr()
-
-
 def _last_input(graph: fx.Graph) -> fx.Node:
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     return placeholders[-1] if placeholders else next(iter(graph.nodes))
@@ -149,10 +146,10 @@ def _mask_bank(gm: fx.GraphModule, plan: Plan) -> tuple[fx.Node, fx.Node]:
     with graph.inserting_after(task):
         scale = graph.placeholder(SCALE_ARG, default_value=None)
     spans = [(layer.offset, layer.offset + layer.units) for layer in plan.masked_layers]
-    gm.add_module("hat_masks", MaskBank(plan.num_tasks, plan.total_units, cfg.init, cfg.dense_value, cfg.s_max,
+    gm.add_module(MASK_BANK, MaskBank(plan.num_tasks, plan.total_units, cfg.init, cfg.dense_value, cfg.s_max,
                                         cfg.clamp, cfg.seed, spans))
     with graph.inserting_after(scale):
-        masks = graph.call_module("hat_masks", (task, scale))
+        masks = graph.call_module(MASK_BANK, (task, scale))
     return task, masks
 
 
